@@ -1,0 +1,1 @@
+"""edgefleet agent: built by a later issue (see shared/ARCHITECTURE.md)."""

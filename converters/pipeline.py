@@ -1,0 +1,294 @@
+"""The per-profile pipeline: quantize, measure, gate; below the floor, buy fidelity back with mixed precision.
+
+Profiles with the same quantization scheme share their attempts (two Jetsons quantize identically); each profile
+then applies its own floor. Artifacts land in ``OUTDIR/<profile>/model.int8.onnx`` with ``onnx-int8.report.json``
+beside them; a refused artifact is not written at all, only its report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from converters import onnx_int8, runtime
+from converters.calibration import DataSet
+from converters.errors import QuantizationError
+from converters.fidelity import OutputFidelity, OutputKind, output_fidelity
+from converters.gate import Check, Measured, failed, fixable, judge
+from converters.report import (
+    ArtifactReport,
+    DataInfo,
+    LatencyInfo,
+    MixedPrecision,
+    QuantizationInfo,
+    SizeInfo,
+    SourceInfo,
+    Status,
+)
+from converters.sensitivity import rank_tensors
+from converters.source import SourceModel, model_files, save_model, sha256_file
+from firmware_profiles import ArtifactFormat, ArtifactTarget, Profile, QuantizationScheme
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx"}
+# Tensors whose median slice SQNR is below this are candidates for float; above it, quantization is harmless.
+DAMAGE_CANDIDATE_DB = 30.0
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    latency_runs: int = 30
+    threads: int = 2
+    max_rounds: int = 6  # mixed-precision attempts per scheme, beyond the all-INT8 one
+    sensitivity_samples: int = 16
+    output_kinds: dict[str, OutputKind] = field(default_factory=dict)
+
+
+@dataclass
+class Attempt:
+    """One quantization of the prepared model with a set of nodes kept in float, and what it measured."""
+
+    quantized: onnx_int8.Quantized
+    stats: onnx_int8.WeightStats
+    size_bytes: int
+    outputs: list[OutputFidelity]
+    latency: runtime.Latency | None = None
+
+
+ProgressFn = Callable[[str], None]
+
+
+class Converter:
+    """Converts one source model for any number of profiles, sharing the work that profiles have in common."""
+
+    def __init__(self, source: SourceModel, calibration: DataSet, evaluation: DataSet, workdir: Path,
+                 options: ConvertOptions | None = None, progress: ProgressFn | None = None):
+        self.source, self.calibration, self.evaluation = source, calibration, evaluation
+        self.workdir, self.options = workdir, options or ConvertOptions()
+        self._progress = progress or (lambda _msg: None)
+        self._prepared: onnx_int8.Prepared | None = None
+        self._fp32: dict[str, np.ndarray] | None = None
+        self._fp32_session = None
+        self._attempts: dict[tuple[str, frozenset[str]], Attempt] = {}
+        self._rankings: dict[str, list[str]] = {}
+        self.kinds = onnx_int8.output_kinds(source.path, self.options.output_kinds)
+
+    # ------------------------------------------------------------------ shared work
+
+    @property
+    def prepared(self) -> onnx_int8.Prepared:
+        if self._prepared is None:
+            self._progress("pre-processing (shape inference, graph optimization)")
+            self._prepared = onnx_int8.prepare(self.source, self.workdir)
+        return self._prepared
+
+    @property
+    def fp32_outputs(self) -> dict[str, np.ndarray]:
+        if self._fp32 is None:
+            self._fp32_session = runtime.session(self.source.path, threads=self.options.threads)
+            self._fp32 = runtime.run_all(self._fp32_session, self.evaluation.samples)
+        return self._fp32
+
+    def attempt(self, scheme: QuantizationScheme, exclude: frozenset[str]) -> Attempt:
+        key = (_scheme_key(scheme), exclude)
+        if key not in self._attempts:
+            n = len(self._attempts)
+            out = self.workdir / _scheme_key(scheme) / f"attempt{n}.onnx"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._progress(f"quantizing ({len(exclude)} nodes in float)")
+            q = onnx_int8.quantize(self.prepared, self.calibration.samples, scheme, out, exclude=exclude,
+                                   external_data=self.source.external_data)
+            sess = runtime.session(out, threads=self.options.threads)
+            int8 = runtime.run_all(sess, self.evaluation.samples)
+            outputs = [output_fidelity(name, self.kinds[name], ref, int8[name])
+                       for name, ref in self.fp32_outputs.items()]
+            size = sum(p.stat().st_size for p in model_files(out))
+            self._attempts[key] = Attempt(q, onnx_int8.weight_stats(out), size, outputs)
+        return self._attempts[key]
+
+    def measure_latency(self, attempt: Attempt) -> runtime.Latency:
+        if attempt.latency is None:
+            self._progress("timing FP32 vs INT8")
+            _ = self.fp32_outputs
+            int8 = runtime.session(attempt.quantized.path, threads=self.options.threads)
+            attempt.latency = runtime.compare_latency(self._fp32_session, int8, self.evaluation.samples[0],
+                                                      runs=self.options.latency_runs)
+        return attempt.latency
+
+    def ranking(self, scheme: QuantizationScheme, full: Attempt) -> list[str]:
+        """Quantized tensors, most damaged first (measured once per scheme)."""
+        key = _scheme_key(scheme)
+        if key not in self._rankings:
+            self._progress("measuring per-tensor quantization damage")
+            samples = self.calibration.samples[: self.options.sensitivity_samples]
+            damage = rank_tensors(self.prepared.path, full.quantized.path, samples)
+            self._rankings[key] = [d.tensor for d in damage if d.median_slice_sqnr_db < DAMAGE_CANDIDATE_DB]
+        return self._rankings[key]
+
+    # ------------------------------------------------------------------ per profile
+
+    def convert(self, profile: Profile, outdir: Path) -> list[ArtifactReport]:
+        reports = []
+        for target in profile.artifacts:
+            if target.format is not ArtifactFormat.ONNX_INT8:
+                report = ArtifactReport(
+                    profile=profile.id, profile_version=profile.version, format=target.format.value,
+                    status=Status.NOT_BUILT, shippable=False,
+                    reasons=[f"{target.format.value} is not built by this converter yet "
+                             f"(runtime {target.runtime} {target.runtime_versions})"])
+            else:
+                try:
+                    report = self._convert_onnx(profile, target, outdir / profile.id)
+                except QuantizationError as e:
+                    report = ArtifactReport(profile=profile.id, profile_version=profile.version,
+                                            format=target.format.value, status=Status.FAILED, shippable=False,
+                                            reasons=[str(e)], source=self._source_info())
+            report.write(outdir / profile.id / f"{target.format.value}.report.json")
+            reports.append(report)
+        return reports
+
+    def _judge(self, profile: Profile, a: Attempt, *, with_latency: bool) -> list[Check]:
+        latency = self.measure_latency(a).ratio if with_latency else None
+        measured = Measured(outputs=a.outputs, artifact_bytes=a.size_bytes, source_bytes=self.source.size_bytes,
+                            quantized_tensors=a.stats.quantized_tensors,
+                            source_has_weights=a.stats.quantized_elements + a.stats.float_elements
+                            + a.stats.subgraph_float_elements > 0, latency_ratio=latency)
+        return judge(measured, profile.fidelity, max_artifact_bytes=int(profile.memory.max_artifact_mb * 1e6))
+
+    def _convert_onnx(self, profile: Profile, target: ArtifactTarget, outdir: Path) -> ArtifactReport:
+        scheme = target.quantization
+        self._progress(f"{profile.id}: quantizing")
+        full = self.attempt(scheme, frozenset())
+        checks = self._judge(profile, full, with_latency=False)
+        if not failed(checks):  # timing is only worth its cost for a candidate that is otherwise good
+            checks = self._judge(profile, full, with_latency=True)
+        chosen, mixed = full, None
+        if failed(checks) and fixable(checks):
+            chosen, checks, mixed = self._mixed_precision(profile, scheme, full, checks)
+        return self._finish(profile, target, chosen, checks, mixed, outdir)
+
+    def _mixed_precision(self, profile: Profile, scheme: QuantizationScheme, full: Attempt,
+                         full_checks: list[Check]) -> tuple[Attempt, list[Check], MixedPrecision | None]:
+        """Keep the most damaging nodes in float until the floor is met, within the profile's budget."""
+        budget = max(1, int(profile.fidelity.max_float_node_fraction * self.prepared.compute_nodes))
+        plans: list[tuple[str, frozenset[str]]] = []
+        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(self.prepared.path, o.name)}
+        if tails:
+            plans.append(("mixed-range output: its assembling tail kept in float", frozenset(tails)))
+        ranked = self.ranking(scheme, full)
+        k = 1
+        while k <= len(ranked) and len(plans) < self.options.max_rounds:
+            nodes = frozenset(onnx_int8.neighbours(self.prepared.path, ranked[:k])) | frozenset(tails)
+            plans.append((f"{k} most damaged tensor(s) kept in float (measured per-slice SQNR)", nodes))
+            k *= 2
+        rounds = 0
+        last: tuple[Attempt, list[Check]] = (full, full_checks)
+        for why, nodes in plans:
+            cost = onnx_int8.compute_nodes(self.prepared.path, nodes)
+            if cost > budget:
+                log.info("%s: %d float compute nodes exceed the budget of %d", profile.id, cost, budget)
+                break
+            rounds += 1
+            a = self.attempt(scheme, nodes)
+            checks = self._judge(profile, a, with_latency=False)
+            if not failed(checks):
+                checks = self._judge(profile, a, with_latency=True)
+            last = (a, checks)
+            if not failed(checks):
+                full_lat = self.measure_latency(full)
+                mixed = MixedPrecision(
+                    float_nodes=sorted(nodes), float_node_fraction=cost / self.prepared.compute_nodes,
+                    rounds=rounds, why=why, full_int8_failed=[c.line() for c in failed(full_checks)],
+                    size_cost_bytes=a.size_bytes - full.size_bytes,
+                    latency_cost_ms=self.measure_latency(a).int8_ms - full_lat.int8_ms)
+                return a, checks, mixed
+            if not fixable(checks):
+                break
+        attempt, checks = last
+        if attempt is not full:
+            checks = [*checks, Check(name="mixed precision", value=None, bound=None, passed=False,
+                                     detail=f"{rounds} round(s) keeping up to {len(attempt.quantized.excluded)} "
+                                            f"nodes in float (budget: {budget} compute nodes) did not reach "
+                                            "the floor")]
+        return attempt, checks, None
+
+    def _finish(self, profile: Profile, target: ArtifactTarget, a: Attempt, checks: list[Check],
+                mixed: MixedPrecision | None, outdir: Path) -> ArtifactReport:
+        bad = failed(checks)
+        status = Status.REFUSED if bad else Status.SHIPPABLE
+        scheme = target.quantization
+        lat = a.latency
+        report = ArtifactReport(
+            profile=profile.id, profile_version=profile.version, format=target.format.value, status=status,
+            shippable=not bad, reasons=[c.line() for c in bad],
+            source=self._source_info(),
+            calibration=_data_info(self.calibration), evaluation=_data_info(self.evaluation),
+            quantization=QuantizationInfo(
+                format=scheme.format.value, per_channel_requested=scheme.per_channel,
+                per_channel_used=a.quantized.per_channel, activation_type=scheme.activation_type.value,
+                weight_type=scheme.weight_type.value, activation_symmetric=scheme.activation_symmetric,
+                weight_symmetric=scheme.weight_symmetric, calibration_method=scheme.calibration_method.value,
+                quantized_weight_tensors=a.stats.quantized_tensors, float_weight_tensors=a.stats.float_tensors,
+                quantized_weight_fraction=a.stats.quantized_fraction,
+                subgraph_float_weights=a.stats.subgraph_float_elements, qdq_nodes=a.stats.qdq_nodes),
+            size=SizeInfo(fp32_bytes=self.source.size_bytes, int8_bytes=a.size_bytes,
+                          ratio=a.size_bytes / self.source.size_bytes),
+            latency=LatencyInfo(fp32_ms=lat.fp32_ms, int8_ms=lat.int8_ms, ratio=lat.ratio, runs=lat.runs,
+                                threads=self.options.threads, regression=lat.ratio > 1.0) if lat else None,
+            fidelity=a.outputs, mixed_precision=mixed, checks=checks,
+            notes=[*self.source.notes, *self.prepared.notes, *a.quantized.notes, *self.calibration.notes,
+                   *self._fallback_notes(scheme)])
+        if a.stats.subgraph_float_elements:
+            report.notes.append(f"{a.stats.subgraph_float_elements} weights inside If/Loop/Scan subgraphs stay "
+                                "float (the quantizer does not enter control flow)")
+        if lat and lat.ratio > 1.0:
+            report.notes.append(f"latency regression: INT8 {lat.int8_ms:.2f} ms vs FP32 {lat.fp32_ms:.2f} ms on this "
+                                f"CPU; profile policy '{profile.fidelity.latency_regression.value}'")
+        if not bad:
+            dest = outdir / ARTIFACT_NAMES[target.format]
+            _copy_model(a.quantized.path, dest)
+            report.artifact = dest.name
+            report.artifact_sha256 = sha256_file(dest)
+        else:
+            stale = outdir / ARTIFACT_NAMES[target.format]
+            if stale.exists():  # never leave an earlier run's artifact beside a refusal
+                stale.unlink()
+        return report
+
+    def _fallback_notes(self, scheme: QuantizationScheme) -> list[str]:
+        if scheme.fallback_precision.value == "fp16":
+            return ["nodes kept in float run in FP16 on the device (the profile's fallback precision)"]
+        return []
+
+    def _source_info(self) -> SourceInfo:
+        s = self.source
+        return SourceInfo(path=str(s.original), sha256=s.sha256, size_bytes=s.size_bytes, opset=s.opset,
+                          original_opset=s.original_opset, inputs=[i.describe() for i in s.inputs],
+                          outputs=[o.describe() for o in s.outputs])
+
+
+def _scheme_key(scheme: QuantizationScheme) -> str:
+    return hashlib.sha256(scheme.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _data_info(d: DataSet) -> DataInfo:
+    return DataInfo(origin=d.origin, samples=len(d), sha256=d.sha256(), synthetic=d.synthetic)
+
+
+def _copy_model(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    files = model_files(src)
+    if len(files) == 1:
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    else:
+        save_model(onnx.load(str(src)), dest)

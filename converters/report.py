@@ -1,0 +1,136 @@
+"""The per-artifact report: JSON next to the artifact, a table for people."""
+
+from __future__ import annotations
+
+import platform
+from enum import StrEnum
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from converters.fidelity import OutputFidelity
+from converters.gate import Check
+
+
+class Status(StrEnum):
+    SHIPPABLE = "shippable"
+    REFUSED = "refused"  # measured and below the floor (or nothing quantized, or too big): not shipped
+    NOT_BUILT = "not_built"  # a format the profile declares that this converter cannot produce yet
+    FAILED = "failed"  # the quantizer itself failed on this profile
+
+
+class DataInfo(BaseModel):
+    origin: str
+    samples: int
+    sha256: str
+    synthetic: bool
+
+
+class SourceInfo(BaseModel):
+    path: str
+    sha256: str
+    size_bytes: int
+    opset: int
+    original_opset: int
+    inputs: list[str]
+    outputs: list[str]
+
+
+class QuantizationInfo(BaseModel):
+    format: str
+    per_channel_requested: bool
+    per_channel_used: bool
+    activation_type: str
+    weight_type: str
+    activation_symmetric: bool
+    weight_symmetric: bool
+    calibration_method: str
+    quantized_weight_tensors: int
+    float_weight_tensors: int
+    quantized_weight_fraction: float
+    subgraph_float_weights: int
+    qdq_nodes: int
+
+
+class SizeInfo(BaseModel):
+    fp32_bytes: int
+    int8_bytes: int
+    ratio: float
+
+
+class LatencyInfo(BaseModel):
+    fp32_ms: float
+    int8_ms: float
+    ratio: float
+    runs: int
+    threads: int
+    regression: bool
+    where: str = Field(default_factory=lambda: f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1")
+
+
+class MixedPrecision(BaseModel):
+    float_nodes: list[str]
+    float_node_fraction: float
+    rounds: int
+    why: str
+    full_int8_failed: list[str]
+    size_cost_bytes: int | None = None  # vs the all-INT8 attempt
+    latency_cost_ms: float | None = None
+
+
+class ArtifactReport(BaseModel):
+    profile: str
+    profile_version: str
+    format: str
+    status: Status
+    shippable: bool
+    reasons: list[str] = []
+    artifact: str | None = None
+    artifact_sha256: str | None = None
+    source: SourceInfo | None = None
+    calibration: DataInfo | None = None
+    evaluation: DataInfo | None = None
+    quantization: QuantizationInfo | None = None
+    size: SizeInfo | None = None
+    latency: LatencyInfo | None = None
+    fidelity: list[OutputFidelity] = []
+    mixed_precision: MixedPrecision | None = None
+    checks: list[Check] = []
+    notes: list[str] = []
+    versions: dict[str, str] = Field(default_factory=lambda: library_versions())
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("edgefleet", "onnx", "onnxruntime", "numpy", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def summary_rows(reports: list[ArtifactReport]) -> list[dict[str, str]]:
+    """One row per artifact with the figures a person scans first."""
+    rows = []
+    for r in reports:
+        top1 = [o.top1_agreement for o in r.fidelity if o.top1_agreement is not None and o.kind != "regression"]
+        rows.append({
+            "profile": r.profile,
+            "format": r.format,
+            "status": r.status.value,
+            "size": f"{r.size.int8_bytes / 1e6:.2f} MB ({r.size.ratio:.3f}×)" if r.size else "-",
+            "cosine": f"{min(o.cosine for o in r.fidelity):.5f}" if r.fidelity else "-",
+            "top-1": f"{min(top1):.2%}" if top1 else "-",
+            "latency": f"{r.latency.fp32_ms:.2f}→{r.latency.int8_ms:.2f} ms ({r.latency.ratio:.2f}×)"
+            if r.latency else "-",
+            "float nodes": str(len(r.mixed_precision.float_nodes)) if r.mixed_precision else "0",
+        })
+    return rows

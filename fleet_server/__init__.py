@@ -1,0 +1,1 @@
+"""edgefleet fleet_server: built by a later issue (see shared/ARCHITECTURE.md)."""
