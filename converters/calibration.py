@@ -141,7 +141,7 @@ def check_sample(sample: Sample, inputs: list[TensorSpec], where: str) -> None:
         if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape,
                                                                                        strict=True)):
             raise CalibrationError(f"{where}: input {spec.name!r} expects shape {_dims(spec.shape)}, "
-                                   f"got {list(a.shape)}")
+                                   f"got {_dims(a.shape)}")
         if a.dtype != spec.dtype:
             raise CalibrationError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {a.dtype}")
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
@@ -168,10 +168,11 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _coerce(a: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
-    """Accept a same-kind dtype (float64 data for a float32 input); refuse lossy kinds (float for an int input)."""
+    """Accept another width of the same kind (float64 data for a float32 input, int32 ids for int64); refuse a
+    change of kind: uint8 pixels fed to a float input would calibrate on unnormalized values."""
     if a.dtype == spec.dtype:
         return a
-    if np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
+    if a.dtype.kind == spec.dtype.kind and np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
         return a.astype(spec.dtype)
     raise CalibrationError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {a.dtype}")
 

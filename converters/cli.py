@@ -48,7 +48,7 @@ def profiles(as_json: Annotated[bool, typer.Option("--json", help="Machine-reada
     table = Table(title="hardware profiles")
     for col in ("id", "device", "arch", "accelerator", "RAM", "formats (preferred first)", "INT8 scheme",
                 "floor (top-1 / cosine)"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for p in loaded:
         q = p.artifacts[0].quantization
         scheme = (f"{q.format.value} {'per-channel' if q.per_channel else 'per-tensor'} "

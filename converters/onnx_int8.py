@@ -102,8 +102,11 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
         if note:
             notes.append(note.format(error))
         try:
-            quant_pre_process(str(source.path), str(out), save_as_external_data=source.external_data,
-                              all_tensors_to_one_file=True, **kwargs)
+            with _captured_errors("onnxruntime.quantization") as swallowed:
+                quant_pre_process(str(source.path), str(out), save_as_external_data=source.external_data,
+                                  all_tensors_to_one_file=True, **kwargs)
+            # The pre-processor logs some failures (graph optimization) instead of raising them.
+            notes += [f"pre-processing: {m}" for m in swallowed]
             break
         except Exception as e:  # the pre-processor raises anything from AssertionError to ORT's Fail
             error = _first_line(e)
@@ -118,6 +121,26 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
         save_model(model, out)
     compute = sum(1 for n in model.graph.node if n.op_type not in PASSTHROUGH_OPS)
     return Prepared(out, len(model.graph.node), compute, notes)
+
+
+@contextlib.contextmanager
+def _captured_errors(logger_name: str):
+    """Collect the first line of every ERROR record a library logs while the block runs."""
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage().strip()
+            if text and not text.startswith("Traceback"):
+                messages.append(text.splitlines()[0][:300])
+
+    handler = _Collect(level=logging.ERROR)
+    target = logging.getLogger(logger_name)
+    target.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        target.removeHandler(handler)
 
 
 def name_nodes(model: onnx.ModelProto) -> int:

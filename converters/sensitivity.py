@@ -2,9 +2,9 @@
 
 Each activation is recorded just before its QuantizeLinear and just after its DequantizeLinear (weights through
 ONNX Runtime's ``qdq_loss_debug.create_weight_matching``). The local damage of quantizing a tensor is the noise
-between the two. Whole-tensor SQNR hides the failures we care about (one outlier channel or one large-range slice dominates the signal and the
-rest rounds to zero), so damage is scored per slice — per channel and per feature — and a tensor is ranked by its
-median slice SQNR.
+between the two. Whole-tensor SQNR hides the failures we care about (one outlier channel or one large-range slice
+dominates the signal and the rest rounds to zero), so damage is scored per slice — per channel and per feature — and
+a tensor is ranked by its median slice SQNR.
 """
 
 from __future__ import annotations

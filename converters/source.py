@@ -69,9 +69,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_files(path: Path, model: onnx.ModelProto | None = None) -> list[Path]:
-    """The model file and every external data file it references, in a stable order."""
-    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+def model_files(path: Path) -> list[Path]:
+    """The model file and every external data file it references, in a stable order.
+
+    Read from the file itself: once ``onnx.load`` has pulled external data in, the tensors forget where it came from.
+    """
+    model = onnx.load(str(path), load_external_data=False)
     locations = set()
     for init in _all_initializers(model.graph):
         if init.data_location == TensorProto.EXTERNAL:
@@ -151,10 +154,10 @@ def load_source(path: Path, workdir: Path, *, input_shapes: dict[str, tuple[int,
         onnx_path = path
         original_files = []
     model = _read_onnx(onnx_path)
-    original_files = original_files or model_files(onnx_path, model)
+    original_files = original_files or model_files(onnx_path)
     size_bytes = sum(p.stat().st_size for p in original_files)
     sha = files_sha256(original_files)
-    external = len(model_files(onnx_path, model)) > 1
+    external = len(model_files(onnx_path)) > 1
 
     _check_ops(model, onnx_path)
     original_opset = default_opset(model)
@@ -211,15 +214,15 @@ def _read_onnx(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=True)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InvalidModelError(f"{path}: not an ONNX model or truncated ({_first_line(e)})") from e
-    except FileNotFoundError as e:
-        raise InvalidModelError(f"{path}: external data file missing ({e.filename or e})") from e
+    except (FileNotFoundError, onnx.checker.ValidationError) as e:
+        raise InvalidModelError(f"{path}: external data file missing or unreadable ({_first_line(e)})") from e
     except OSError as e:
         raise InvalidModelError(f"{path}: cannot read model ({_first_line(e)})") from e
     if not model.graph.node or not model.graph.output:
         raise InvalidModelError(f"{path}: not an ONNX model or truncated (no graph nodes or outputs)")
     try:
         # Path-based check works for > 2 GiB models too; the in-memory one for the rest.
-        if len(model_files(path, model)) > 1:
+        if len(model_files(path)) > 1:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)

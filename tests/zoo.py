@@ -140,11 +140,11 @@ def recurrent(path: Path, *, steps: int = 20, features: int = 16, seed: int = 0)
 class TwoInTwoOut(nn.Module):
     def __init__(self):
         super().__init__()
-        self.img = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2),
+        self.img = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2),
                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.meta = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
-        self.cls = nn.Linear(64, 5)
-        self.reg = nn.Linear(64, 3)
+        self.meta = nn.Sequential(nn.Linear(8, 64), nn.ReLU())
+        self.cls = nn.Linear(128, 5)
+        self.reg = nn.Linear(128, 3)
 
     def forward(self, image, meta):
         z = torch.cat([self.img(image), self.meta(meta)], dim=1)
@@ -370,5 +370,25 @@ def unsupported_op(path: Path) -> Path:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.example.custom", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def scaler_mlp(path: Path, *, seed: int = 0) -> Path:
+    """A scikit-learn-style pipeline (ai.onnx.ml Scaler → MLP), as skl2onnx exports it. ONNX Runtime runs it, but
+    its symbolic shape inference stops at the Scaler ("Incomplete symbolic shape inference")."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Scaler", ["x"], ["s"], domain="ai.onnx.ml", offset=[0.5] * 16, scale=[2.0] * 16),
+        helper.make_node("MatMul", ["s", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "sklearn_pipeline", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                              [1, 16])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+                              [_weight(rng, "w1", 16, 64), _weight(rng, "w2", 64, 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
