@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +30,18 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert a model to INT8 artifacts per hardware profile, with a fidelity gate.")
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A terminal gets its own width; a file or CI log gets a wide one, so tables are not squeezed to 80 columns."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=int(os.environ.get("COLUMNS", "160")))
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -1,0 +1,130 @@
+"""Converter benchmark: our per-profile pipeline side by side with ONNX Runtime's plain `quantize_static` defaults.
+
+Same models, same calibration and evaluation data, same run. Prints a Markdown table and writes JSON to
+bench/results/convert_bench.json. Usage: python bench/convert_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from onnxruntime.quantization import quantize_static
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from converters import runtime  # noqa: E402
+from converters.calibration import DataSet, split, synthetic_dataset  # noqa: E402
+from converters.fidelity import OutputFidelity, output_fidelity  # noqa: E402
+from converters.onnx_int8 import SampleReader, output_kinds  # noqa: E402
+from converters.pipeline import Converter, ConvertOptions  # noqa: E402
+from converters.source import load_source  # noqa: E402
+from firmware_profiles import load_profile  # noqa: E402
+from tests import zoo  # noqa: E402
+
+PROFILES = ["rpi5", "jetson-orin-nano"]
+
+
+def task_metric(outputs: list[OutputFidelity]) -> tuple[str, float | None]:
+    """The figure that says whether the model still does its job."""
+    o = outputs[0]
+    if o.ranges:
+        scores = [r for r in o.ranges if r.top1_agreement is not None]
+        return "score-range cosine", min(r.cosine for r in scores) if scores else None
+    if o.sequence_agreement is not None:
+        return "sequence agreement", o.sequence_agreement
+    return "top-1 agreement", o.top1_agreement
+
+
+def models(work: Path, quick: bool) -> list[tuple[str, Path, DataSet]]:
+    out = []
+    size, width, blocks = (96, 32, 3) if quick else (128, 64, 4)
+    m = zoo.mobilenet_like(work / "mobilenet.onnx", size=size, width=width, blocks=blocks)
+    out.append((f"MobileNet-like ({size}px)", m, synthetic_dataset(load_source(m, work / "i1").inputs, 64)))
+    d, _ = zoo.trained_digits_classifier(work / "digits.onnx")
+    _, _, x, _ = zoo.digits_data()
+    out.append(("digits CNN (real data)", d, DataSet([{"image": x[i:i + 1]} for i in range(len(x))], "digits")))
+    t = zoo.transformer_block(work / "transformer.onnx")
+    out.append(("transformer block", t, synthetic_dataset(load_source(t, work / "i2").inputs, 64)))
+    det = zoo.mixed_range_detector(work / "detector.onnx")
+    out.append(("YOLO-style mixed-range head", det, synthetic_dataset(load_source(det, work / "i3").inputs, 64)))
+    rec = zoo.recognizer(work / "recognizer.onnx")
+    images, _ = zoo.digit_strings(240, seed=7)
+    out.append(("text recognizer (outlier channel)", rec,
+                DataSet([{"image": images[i:i + 1]} for i in range(len(images))], "digit lines")))
+    return out
+
+
+def plain_row(name: str, model: Path, cal: DataSet, ev: DataSet, work: Path, runs: int) -> dict:
+    out = work / f"{model.stem}.plain.onnx"
+    t0 = time.perf_counter()
+    quantize_static(str(model), str(out), SampleReader(cal.samples))
+    seconds = time.perf_counter() - t0
+    fp32, int8 = runtime.session(model), runtime.session(out)
+    ref, got = runtime.run_all(fp32, ev.samples), runtime.run_all(int8, ev.samples)
+    kinds = output_kinds(model)
+    fid = [output_fidelity(k, kinds[k], ref[k], got[k]) for k in ref]
+    lat = runtime.compare_latency(fp32, int8, ev.samples[0], runs=runs)
+    metric, value = task_metric(fid)
+    return dict(model=name, pipeline="ORT quantize_static defaults", status="(no gate)",
+                fp32_bytes=model.stat().st_size, int8_bytes=out.stat().st_size,
+                size_ratio=out.stat().st_size / model.stat().st_size, metric=metric, task_value=value,
+                cosine=min(f.cosine for f in fid), fp32_ms=lat.fp32_ms, int8_ms=lat.int8_ms,
+                latency_ratio=lat.ratio, float_nodes=0, convert_s=seconds)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller MobileNet, fewer timing runs")
+    args = ap.parse_args()
+    runs = 15 if args.quick else 50
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ef-bench-") as tmp:
+        work = Path(tmp)
+        for name, model, data in models(work, args.quick):
+            cal, ev = split(data, 0.3)
+            rows.append(plain_row(name, model, cal, ev, work, runs))
+            source = load_source(model, work / f"{model.stem}-work")
+            conv = Converter(source, cal, ev, work / f"{model.stem}-work", ConvertOptions(latency_runs=runs))
+            for pid in PROFILES:
+                t0 = time.perf_counter()
+                r = next(r for r in conv.convert(load_profile(pid), work / "out") if r.format == "onnx-int8")
+                metric, value = task_metric(r.fidelity)
+                if r.latency is None and r.status.value == "refused":
+                    lat = (None, None, None)
+                else:
+                    lat = (r.latency.fp32_ms, r.latency.int8_ms, r.latency.ratio)
+                rows.append(dict(model=name, pipeline=f"edgefleet {pid}", status=r.status.value,
+                                 fp32_bytes=r.size.fp32_bytes, int8_bytes=r.size.int8_bytes,
+                                 size_ratio=r.size.ratio, metric=metric, task_value=value,
+                                 cosine=min(f.cosine for f in r.fidelity), fp32_ms=lat[0], int8_ms=lat[1],
+                                 latency_ratio=lat[2],
+                                 float_nodes=len(r.mixed_precision.float_nodes) if r.mixed_precision else 0,
+                                 convert_s=time.perf_counter() - t0))
+            print(f"  done: {name}", file=sys.stderr, flush=True)
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print("| model | pipeline | status | FP32 → INT8 size | ratio | task metric | value | cosine | "
+          "latency FP32 → INT8 (ms) | ratio | float nodes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['pipeline']} | {r['status']} | {r['fp32_bytes'] / 1e6:.2f} → "
+              f"{r['int8_bytes'] / 1e6:.2f} MB | {r['size_ratio']:.3f} | {r['metric']} | {f(r['task_value'], '.4f')} | "
+              f"{r['cosine']:.5f} | {f(r['fp32_ms'], '.2f')} → {f(r['int8_ms'], '.2f')} | "
+              f"{f(r['latency_ratio'], '.2f')} | {r['float_nodes']} |")
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "convert_bench.json").write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
+    print(f"\nJSON: {results / 'convert_bench.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
