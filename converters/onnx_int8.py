@@ -81,9 +81,13 @@ class Prepared:
     """The float model the quantizer starts from: pre-processed, every node named."""
 
     path: Path
-    node_count: int
-    compute_nodes: int  # nodes that are not pure data movement
+    graph: onnx.ModelProto  # its structure (weights not loaded), read once for every graph walk below
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_nodes(self) -> int:
+        """Nodes that do real work; data-movement ops are free to keep in float."""
+        return sum(1 for n in self.graph.graph.node if n.op_type not in PASSTHROUGH_OPS)
 
 
 def prepare(source: SourceModel, workdir: Path) -> Prepared:
@@ -119,8 +123,7 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
     named = name_nodes(model)
     if named:
         save_model(model, out)
-    compute = sum(1 for n in model.graph.node if n.op_type not in PASSTHROUGH_OPS)
-    return Prepared(out, len(model.graph.node), compute, notes)
+    return Prepared(out, onnx.load(str(out), load_external_data=False), notes)
 
 
 @contextlib.contextmanager
@@ -168,7 +171,7 @@ class Quantized:
 
 def quantize(prepared: Prepared, calibration: list[Sample], scheme: QuantizationScheme, out: Path, *,
              exclude: Iterable[str] = (), external_data: bool = False) -> Quantized:
-    model = onnx.load(str(prepared.path), load_external_data=False)
+    model = prepared.graph
     float_op_nodes = [n.name for n in model.graph.node if n.op_type in scheme.float_ops]
     excluded = sorted(set(exclude) | set(float_op_nodes))
     notes = []
@@ -304,12 +307,11 @@ def output_kinds(path: Path, overrides: dict[str, OutputKind] | None = None) -> 
     return kinds
 
 
-def output_tail(path: Path, output: str) -> list[str]:
+def output_tail(model: onnx.ModelProto, output: str) -> list[str]:
     """Nodes that assemble ``output`` from parts (Concat and the reshapes after it), nearest first.
 
     Keeping these in float lets each part keep its own INT8 scale instead of sharing one across the whole range.
     """
-    model = onnx.load(str(path), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
     tail, frontier, seen = [], [output], set()
     while frontier:
@@ -324,11 +326,10 @@ def output_tail(path: Path, output: str) -> list[str]:
     return tail
 
 
-def neighbours(path: Path, tensors: Iterable[str]) -> list[str]:
+def neighbours(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
     """The nodes to keep in float so that each tensor stays float: its producer and its consumers, following
     data-movement ops (a Reshape between an outlier tensor and a Gemm would otherwise carry it into the Gemm's
     quantized input)."""
-    model = onnx.load(str(path), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
@@ -350,8 +351,7 @@ def neighbours(path: Path, tensors: Iterable[str]) -> list[str]:
     return sorted(chosen)
 
 
-def compute_nodes(path: Path, names: Iterable[str]) -> int:
+def compute_nodes(model: onnx.ModelProto, names: Iterable[str]) -> int:
     """How many of the named nodes do real work (data-movement ops cost nothing to keep in float)."""
-    model = onnx.load(str(path), load_external_data=False)
     wanted = set(names)
     return sum(1 for n in model.graph.node if n.name in wanted and n.op_type not in PASSTHROUGH_OPS)

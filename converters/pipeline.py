@@ -180,19 +180,19 @@ class Converter:
         """Keep the most damaging nodes in float until the floor is met, within the profile's budget."""
         budget = max(1, int(profile.fidelity.max_float_node_fraction * self.prepared.compute_nodes))
         plans: list[tuple[str, frozenset[str]]] = []
-        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(self.prepared.path, o.name)}
+        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(self.prepared.graph, o.name)}
         if tails:
             plans.append(("mixed-range output: its assembling tail kept in float", frozenset(tails)))
         ranked = self.ranking(scheme, full)
         k = 1
         while k <= len(ranked) and len(plans) < self.options.max_rounds:
-            nodes = frozenset(onnx_int8.neighbours(self.prepared.path, ranked[:k])) | frozenset(tails)
+            nodes = frozenset(onnx_int8.neighbours(self.prepared.graph, ranked[:k])) | frozenset(tails)
             plans.append((f"{k} most damaged tensor(s) kept in float (measured per-slice SQNR)", nodes))
             k *= 2
         rounds = 0
         last: tuple[Attempt, list[Check]] = (full, full_checks)
         for why, nodes in plans:
-            cost = onnx_int8.compute_nodes(self.prepared.path, nodes)
+            cost = onnx_int8.compute_nodes(self.prepared.graph, nodes)
             if cost > budget:
                 log.info("%s: %d float compute nodes exceed the budget of %d", profile.id, cost, budget)
                 break

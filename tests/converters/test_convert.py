@@ -191,8 +191,7 @@ def test_old_opset_model_is_upgraded_and_quantized_per_channel(tmp_path):
 
 def test_without_an_opset_upgrade_per_channel_falls_back_to_per_tensor(tmp_path):
     model = zoo.mlp_opset(tmp_path / "old.onnx", opset=11)
-    n = len(onnx.load(str(model)).graph.node)
-    prepared = onnx_int8.Prepared(model, n, n)
+    prepared = onnx_int8.Prepared(model, onnx.load(str(model)))
     samples = synthetic_dataset(load_source(model, tmp_path / "w").inputs, 8).samples
     scheme = load_profile("rpi5").artifacts[0].quantization
     q = onnx_int8.quantize(prepared, samples, scheme, tmp_path / "q.onnx")
