@@ -121,7 +121,7 @@ def _box_iou_cxcywh(a: np.ndarray, b: np.ndarray) -> float:
 
 def range_fidelity(ref: np.ndarray, test: np.ndarray, axis: int,
                    groups: list[tuple[int, int, float]]) -> list[RangeFidelity]:
-    out = []
+    out: list[RangeFidelity] = []
     score_groups = []
     for start, stop, magnitude in groups:
         r = np.take(ref, range(start, stop), axis=axis)
