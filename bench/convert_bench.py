@@ -27,7 +27,7 @@ from converters.source import load_source  # noqa: E402
 from firmware_profiles import load_profile  # noqa: E402
 from tests import zoo  # noqa: E402
 
-PROFILES = ["rpi5", "jetson-orin-nano"]
+PROFILES = ["rpi4", "rpi5", "jetson-orin-nano"]
 
 
 def task_metric(outputs: list[OutputFidelity]) -> tuple[str, float | None]:
@@ -49,6 +49,8 @@ def models(work: Path, quick: bool) -> list[tuple[str, Path, DataSet]]:
     d, _ = zoo.trained_digits_classifier(work / "digits.onnx")
     _, _, x, _ = zoo.digits_data()
     out.append(("digits CNN (real data)", d, DataSet([{"image": x[i:i + 1]} for i in range(len(x))], "digits")))
+    g = zoo.grouped_conv_net(work / "grouped.onnx", size=48)
+    out.append(("grouped-conv net (no fast INT8 kernel)", g, synthetic_dataset(load_source(g, work / "i4").inputs, 32)))
     t = zoo.transformer_block(work / "transformer.onnx")
     out.append(("transformer block", t, synthetic_dataset(load_source(t, work / "i2").inputs, 64)))
     det = zoo.mixed_range_detector(work / "detector.onnx")

@@ -86,6 +86,7 @@ def judge(m: Measured, floor: FidelityFloor, *, max_artifact_bytes: int,
         checks.append(Check(
             name="latency ratio INT8/FP32", value=m.latency_ratio, bound=floor.max_latency_ratio, upper=True,
             passed=not slow or policy is LatencyPolicy.WARN, warning=slow and policy is LatencyPolicy.WARN,
+            fixable=True,  # by keeping the slowest INT8 kernels in float
             detail=("INT8 is slower than allowed on this CPU (no fast INT8 kernels?)" if slow else "")
             + (f"; the profile's policy is '{policy.value}'" if slow else "")))
     return checks

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx"}
 # Tensors whose median slice SQNR is below this are candidates for float; above it, quantization is harmless.
 DAMAGE_CANDIDATE_DB = 30.0
+# Latency rescue: float the fewest slow INT8 kernels covering these shares of the integer-kernel time.
+LATENCY_SHARES = (0.5, 0.75, 0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -179,16 +181,10 @@ class Converter:
                          full_checks: list[Check]) -> tuple[Attempt, list[Check], MixedPrecision | None]:
         """Keep the most damaging nodes in float until the floor is met, within the profile's budget."""
         budget = max(1, int(profile.fidelity.max_float_node_fraction * self.prepared.compute_nodes))
-        plans: list[tuple[str, frozenset[str]]] = []
-        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(self.prepared.graph, o.name)}
-        if tails:
-            plans.append(("mixed-range output: its assembling tail kept in float", frozenset(tails)))
-        ranked = self.ranking(scheme, full)
-        k = 1
-        while k <= len(ranked) and len(plans) < self.options.max_rounds:
-            nodes = frozenset(onnx_int8.neighbours(self.prepared.graph, ranked[:k])) | frozenset(tails)
-            plans.append((f"{k} most damaged tensor(s) kept in float (measured per-slice SQNR)", nodes))
-            k *= 2
+        if any(c.name.startswith("latency") for c in failed(full_checks)):
+            plans = self._latency_plans(full)
+        else:
+            plans = self._fidelity_plans(scheme, full)
         rounds = 0
         last: tuple[Attempt, list[Check]] = (full, full_checks)
         for why, nodes in plans:
@@ -219,6 +215,44 @@ class Converter:
                                             f"nodes in float (budget: {budget} compute nodes) did not reach "
                                             "the floor")]
         return attempt, checks, None
+
+    def _fidelity_plans(self, scheme: QuantizationScheme, full: Attempt) -> list[tuple[str, frozenset[str]]]:
+        """Mixed-range output tails first, then the most damaged tensors: 1, 2, 4, ... of them."""
+        plans: list[tuple[str, frozenset[str]]] = []
+        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(self.prepared.graph, o.name)}
+        if tails:
+            plans.append(("mixed-range output: its assembling tail kept in float", frozenset(tails)))
+        ranked = self.ranking(scheme, full)
+        k = 1
+        while k <= len(ranked) and len(plans) < self.options.max_rounds:
+            nodes = frozenset(onnx_int8.neighbours(self.prepared.graph, ranked[:k])) | frozenset(tails)
+            plans.append((f"{k} most damaged tensor(s) kept in float (measured per-slice SQNR)", nodes))
+            k *= 2
+        return plans
+
+    def _latency_plans(self, full: Attempt) -> list[tuple[str, frozenset[str]]]:
+        """INT8 slower than the profile allows: the slowest integer kernels (measured) go back to float.
+
+        Each plan floats the fewest kernels that together took 50%, 75%, 90% or 95% of the integer-kernel time;
+        at least one kernel always stays INT8 (floating them all would ship a float model as INT8).
+        """
+        self._progress("profiling INT8 kernels")
+        times = runtime.integer_node_times(full.quantized.path, self.evaluation.samples[0],
+                                           threads=self.options.threads)
+        known = {n.name for n in self.prepared.graph.graph.node}
+        ranked = [n for n in sorted(times, key=times.__getitem__, reverse=True) if n in known]
+        total = sum(times[n] for n in ranked)
+        plans: list[tuple[str, frozenset[str]]] = []
+        for share in LATENCY_SHARES:
+            k, covered = 0, 0.0
+            while k < len(ranked) - 1 and covered < share * total:
+                covered += times[ranked[k]]
+                k += 1
+            nodes = frozenset(ranked[:k])
+            if k and all(nodes != p for _, p in plans):
+                plans.append((f"{k} slowest INT8 kernel(s), {covered / total:.0%} of integer-kernel time, kept in "
+                              "float (measured per node)", nodes))
+        return plans[: self.options.max_rounds]
 
     def _finish(self, profile: Profile, target: ArtifactTarget, a: Attempt, checks: list[Check],
                 mixed: MixedPrecision | None, outdir: Path) -> ArtifactReport:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +65,33 @@ def compare_latency(fp32: ort.InferenceSession, int8: ort.InferenceSession, samp
         if time.perf_counter() > deadline:
             break
     return Latency(float(np.median(t_fp32) * 1e3), float(np.median(t_int8) * 1e3), len(t_fp32))
+
+
+# Kernels that run in integer arithmetic: the candidates when INT8 turns out slower than float.
+INTEGER_KERNELS = re.compile(r"^(QLinear|QGemm|QAttention|ConvInteger|MatMulInteger|DynamicQuantize)")
+
+
+def integer_node_times(path: Path, sample: Sample, *, runs: int = 10, threads: int = 2) -> dict[str, float]:
+    """Mean kernel time (ms) of each integer-arithmetic node, keyed by the source node it was fused from.
+
+    ONNX Runtime names a fused QLinearConv after its Conv plus a ``_token_N`` suffix; the suffix is dropped so the
+    name matches the node in the graph that was quantized.
+    """
+    with tempfile.TemporaryDirectory(prefix="ef-prof-") as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "profile")
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, sample)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[str, float] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") == "Node" and name.endswith("_kernel_time") and \
+                INTEGER_KERNELS.match(e.get("args", {}).get("op_name", "")):
+            node = re.sub(r"_token_\d+$", "", name[: -len("_kernel_time")])
+            times[node] = times.get(node, 0.0) + e["dur"] / 1e3 / runs
+    return times

@@ -27,23 +27,28 @@ def export(model: nn.Module, args: tuple, path: Path, *, input_names: list[str],
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, c: int, expand: int = 4):
+    """MobileNetV2's block: 1x1 expand → 3x3 depthwise (stride 1 or 2) → 1x1 project, residual when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int | None = None, *, stride: int = 1, expand: int = 4):
         super().__init__()
-        h = c * expand
+        c_out = c_out or c_in
+        h = c_in * expand
+        self.residual = stride == 1 and c_in == c_out
         self.body = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c),
+            nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, h, 3, stride=stride, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
         )
 
     def forward(self, x):
-        return x + self.body(x)
+        return x + self.body(x) if self.residual else self.body(x)
 
 
 class MobileNetLike(nn.Module):
-    """conv + depthwise conv + BN + ReLU6 + residual add + global pool + Gemm."""
+    """conv + depthwise conv + BN + ReLU6 + residual add + global pool + Gemm, downsampling like MobileNetV2
+    (stride-2 depthwise inside an inverted residual)."""
 
-    def __init__(self, width: int = 32, blocks: int = 3, classes: int = 10):
+    def __init__(self, width: int = 32, blocks: int = 3, classes: int = 10, grouped_downsample: bool = False):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
                                    nn.BatchNorm2d(width), nn.ReLU6()]
@@ -51,8 +56,11 @@ class MobileNetLike(nn.Module):
         for i in range(blocks):
             layers.append(InvertedResidual(c))
             if i < blocks - 1:
-                layers += [nn.Conv2d(c, c * 2, 3, stride=2, padding=1, groups=c, bias=False),
-                           nn.BatchNorm2d(c * 2), nn.ReLU6()]
+                if grouped_downsample:  # grouped conv, 2 outputs per input channel: no fast INT8 kernel on CPU
+                    layers += [nn.Conv2d(c, c * 2, 3, stride=2, padding=1, groups=c, bias=False),
+                               nn.BatchNorm2d(c * 2), nn.ReLU6()]
+                else:
+                    layers.append(InvertedResidual(c, c * 2, stride=2))
                 c *= 2
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c, classes)
@@ -73,9 +81,9 @@ def _settle_bn(model: nn.Module, shape: tuple[int, ...], seed: int) -> None:
 
 
 def mobilenet_like(path: Path, *, size: int = 64, width: int = 32, blocks: int = 3, seed: int = 0,
-                   dynamic_batch: bool = False, opset: int = 17) -> Path:
+                   dynamic_batch: bool = False, opset: int = 17, grouped_downsample: bool = False) -> Path:
     torch.manual_seed(seed)
-    m = MobileNetLike(width=width, blocks=blocks)
+    m = MobileNetLike(width=width, blocks=blocks, grouped_downsample=grouped_downsample)
     _settle_bn(m, (1, 3, size, size), seed)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     return export(m, (torch.randn(1, 3, size, size),), path, input_names=["input"], output_names=["logits"],
@@ -392,3 +400,27 @@ def scaler_mlp(path: Path, *, seed: int = 0) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+class GroupedConvNet(nn.Module):
+    """Grouped convolutions with two outputs per input channel (as in some exported detectors' necks).
+    ONNX Runtime's x86 CPU has no fast INT8 kernel for them, so INT8 runs slower than FP32."""
+
+    def __init__(self, width: int = 32, layers: int = 3, classes: int = 10):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+        c = width
+        for _ in range(layers):
+            mods += [nn.Conv2d(c, 2 * c, 3, padding=1, groups=c), nn.ReLU()]
+            c *= 2
+        self.features = nn.Sequential(*mods)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def grouped_conv_net(path: Path, *, size: int = 48, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    return export(GroupedConvNet(), (torch.randn(1, 3, size, size),), path, input_names=["input"],
+                  output_names=["logits"])

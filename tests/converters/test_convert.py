@@ -144,7 +144,7 @@ def test_recognizer_collapses_under_plain_int8_and_mixed_precision_rescues_it(re
     assert np.mean([a == b for a, b in zip(ours, fp32_text, strict=True)]) >= 0.95
 
 
-def strict_profile(tmp_path: Path, base: str, **fidelity) -> object:
+def strict_profile(tmp_path: Path, base: str, **fidelity):
     text = (Path(__file__).parents[2] / "firmware_profiles" / "profiles" / f"{base}.toml").read_text()
     for key, value in fidelity.items():
         text = "\n".join(f"{key} = {value}" if line.startswith(f"{key} =") else line for line in text.splitlines())
@@ -207,19 +207,41 @@ def test_symbolic_shape_inference_failure_falls_back_and_says_so(tmp_path):
     assert any("symbolic shape inference failed" in n for n in r.notes)
 
 
-def test_latency_regression_is_flagged_and_the_profile_decides(tmp_path):
-    model = zoo.mobilenet_like(tmp_path / "m.onnx", blocks=1)
-    data = samples_for(model, 12)
-    refusing = strict_profile(tmp_path, "rpi4", max_latency_ratio=0.01)
-    reports, _ = convert(model, data, tmp_path, [refusing])
+@pytest.mark.slow
+def test_int8_slower_than_fp32_is_flagged_and_the_profile_decides(tmp_path):
+    """Grouped convolutions have no fast INT8 kernel on this CPU: INT8 runs several times slower than FP32."""
+    model = zoo.grouped_conv_net(tmp_path / "grouped.onnx", size=32)
+    data = samples_for(model, 16)
+    reports, _ = convert(model, data, tmp_path, ["rpi5"])
+    rpi5 = reports[0]
+    assert rpi5.latency.ratio > 1.5 and rpi5.latency.regression  # measured, FP32 and INT8 in the same run
+    assert rpi5.status is Status.SHIPPABLE  # rpi5's policy: warn
+    assert any(c.warning for c in rpi5.checks if c.name.startswith("latency"))
+    assert any("latency regression" in n for n in rpi5.notes)
+
+    # A profile that refuses slow INT8 but allows no float nodes: refused, nothing written.
+    no_budget = strict_profile(tmp_path, "rpi4", max_latency_ratio=1.0, max_float_node_fraction=0.0)
+    reports, _ = convert(model, data, tmp_path / "a", [no_budget])
+    refused = reports[0]
+    assert refused.status is Status.REFUSED and any("latency ratio" in x and "'refuse'" in x for x in refused.reasons)
+    assert not (tmp_path / "a" / "out" / "strict" / "model.int8.onnx").exists()
+
+
+@pytest.mark.slow
+def test_slowest_int8_kernels_measured_and_kept_in_float_until_int8_is_faster(tmp_path):
+    model = zoo.grouped_conv_net(tmp_path / "grouped.onnx", size=32)
+    profile = strict_profile(tmp_path, "rpi4", max_float_node_fraction=0.5)  # rpi4 refuses INT8 > 1.25x FP32
+    reports, ev = convert(model, samples_for(model, 16), tmp_path, [profile])
     r = reports[0]
-    assert r.status is Status.REFUSED and r.latency.ratio > 0.01
-    assert any("latency ratio" in x and "refuse" in x for x in r.reasons)
-    warn = load_profile("rpi5")
-    reports, _ = convert(model, data, tmp_path / "w", [warn])
-    lat = reports[0].latency
-    assert reports[0].status is Status.SHIPPABLE
-    assert lat.regression == (lat.ratio > 1.0)
+    assert r.status is Status.SHIPPABLE, r.reasons
+    mp = r.mixed_precision
+    assert "slowest INT8 kernel" in mp.why and any("latency ratio" in f for f in mp.full_int8_failed)
+    assert "/features/features.6/Conv" in mp.float_nodes  # the widest grouped conv: the slowest kernel
+    assert r.latency.ratio <= 1.25 and mp.latency_cost_ms < 0  # faster than the all-INT8 attempt
+    assert r.quantization.quantized_weight_tensors >= 1  # never every kernel: that would be a float model
+    fp32 = run(model, ev.samples)["logits"]
+    int8 = run(tmp_path / "out" / "strict" / "model.int8.onnx", ev.samples)["logits"]
+    assert cosine_per_sample(fp32, int8).mean() >= 0.99
 
 
 def test_external_data_model_converts(mobilenet, tmp_path):
