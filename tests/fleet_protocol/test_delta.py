@@ -1,0 +1,133 @@
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from fleet_protocol import delta
+from fleet_protocol.errors import DeltaError
+from tests import zoo
+
+
+def retrained(model_bytes: bytes, *, which: str, seed: int = 1) -> bytes:
+    """The same architecture with the head retrained (``head``) or every weight fine-tuned (``all``)."""
+    m = onnx.load_from_string(model_bytes)
+    rng = np.random.default_rng(seed)
+    head = {i for n in m.graph.node if n.op_type == "Gemm" for i in n.input[1:]}
+    chosen = [i for i in m.graph.initializer if which == "all" or i.name in head]
+    for init in chosen:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array((a + rng.normal(0, 0.01, a.shape)).astype(np.float32), init.name))
+    return m.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> bytes:
+    return zoo.mobilenet_like(tmp_path_factory.mktemp("d") / "m.onnx", width=32, blocks=3).read_bytes()
+
+
+def test_identical_artifact_patch_is_tiny(base):
+    p = delta.encode(base, base)
+    assert len(p.data) <= 1024 and delta.apply(base, p.data) == base
+
+
+def test_retrained_head_patch_is_small_and_tensor_aware_beats_bsdiff(base):
+    target = retrained(base, which="head")
+    p = delta.encode(base, target)
+    assert delta.apply(base, p.data) == target
+    assert len(p.data) <= 0.05 * len(target)
+    assert p.tried["onnx-tensors"] <= p.tried["bsdiff4"]
+    assert len(delta.read_header(p.data)[1]) == min(p.tried.values())  # the smallest candidate was chosen
+
+
+def test_full_fine_tune_falls_back_to_the_smallest_and_still_rebuilds_exactly(base):
+    target = retrained(base, which="all")
+    p = delta.encode(base, target)
+    assert delta.apply(base, p.data) == target
+    # fine-tuned floats keep their high bytes: the plane-split tensor delta beats every byte-level algorithm
+    assert p.algorithm == "onnx-tensors" and p.tried["onnx-tensors"] < 0.9 * p.tried["full"]
+    assert p.tried["onnx-tensors"] <= p.tried["bsdiff4"]
+
+
+def test_unrelated_bytes_fall_back_to_full_compression():
+    rng = np.random.default_rng(0)
+    a, b = rng.bytes(50_000), rng.bytes(50_000)
+    p = delta.encode(a, b)
+    assert p.algorithm == "full" and "onnx-tensors" not in p.tried  # not ONNX: that encoder stepped aside
+    assert delta.apply(None, p.data) == b
+
+
+def test_tensor_spans_find_every_raw_initializer(base):
+    m = onnx.load_from_string(base)
+    spans = delta.tensor_spans(base)
+    raw = {i.name for i in m.graph.initializer if i.raw_data}
+    assert set(spans) == raw
+    for init in m.graph.initializer:
+        if init.name in spans:
+            s, e = spans[init.name]
+            assert base[s:e] == init.raw_data
+
+
+def test_wrong_base_is_a_clear_error_never_a_wrong_model(base):
+    target = retrained(base, which="head")
+    p = delta.encode(base, target)
+    other = retrained(base, which="head", seed=9)
+    with pytest.raises(DeltaError, match="wrong base"):
+        delta.apply(other, p.data)
+    with pytest.raises(DeltaError, match="wrong base"):
+        delta.apply(None, p.data)
+
+
+@pytest.mark.parametrize("alg", ["bsdiff4", "zstd-patch", "onnx-tensors"])
+def test_each_algorithm_round_trips_and_detects_a_corrupt_payload(base, alg):
+    target = retrained(base, which="head")
+    p = delta.encode(base, target, delta.EncodeOptions(algorithms=(alg,)))
+    if p.algorithm != alg:  # the fallback was smaller; force this algorithm's bytes through a second encoder
+        pytest.skip(f"{alg} not smaller than full compression here")
+    assert delta.apply(base, p.data) == target
+    bad = bytearray(p.data)
+    bad[-20] ^= 0xFF
+    with pytest.raises(DeltaError):
+        delta.apply(base, bytes(bad))
+
+
+@pytest.mark.parametrize("patch", [b"", b"EFD1", b"XXXX\x00\x00\x00\x02{}", b"EFD1\xff\xff\xff\xff{}",
+                                   b'EFD1\x00\x00\x00\x02{}', b'EFD1\x00\x00\x00\x10{"alg": "magic"}'])
+def test_malformed_patch_headers(patch):
+    with pytest.raises(DeltaError):
+        delta.apply(b"base", patch)
+
+
+def test_truncated_patch(base):
+    target = retrained(base, which="head")
+    p = delta.encode(base, target)
+    for cut in (10, len(p.data) // 2, len(p.data) - 1):
+        with pytest.raises(DeltaError):
+            delta.apply(base, p.data[:cut])
+
+
+BASE = bytes(range(256)) * 40
+TARGET = BASE[:5000] + b"new bytes" + BASE[5000:]
+PATCHES = {alg: delta.encode(BASE, TARGET, delta.EncodeOptions(algorithms=(alg,))).data
+           for alg in ("bsdiff4", "zstd-patch")}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(PATCHES)), st.data())
+def test_fuzzed_patches_end_in_delta_error_or_the_exact_target(alg, data):
+    blob = bytearray(PATCHES[alg])
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        if data.draw(st.booleans()):
+            blob[i] ^= data.draw(st.integers(1, 255))
+        else:
+            del blob[i:]
+            if not blob:
+                break
+    try:
+        out = delta.apply(BASE, bytes(blob))
+    except DeltaError:
+        return
+    assert out == TARGET  # anything that is not an error is the exact, hash-checked target
