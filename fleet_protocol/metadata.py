@@ -22,6 +22,7 @@ from tuf.api.metadata import Metadata, Role, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from fleet_protocol.chunks import ChunkManifest
 from fleet_protocol.errors import (
     ExpiredError,
     MalformedError,
@@ -53,6 +54,7 @@ class ArtifactInfo(_Model):
     profile: str
     model: str
     model_version: str
+    chunks: ChunkManifest | None = None  # per-chunk hashes for transfer over MQTT
 
 
 class DeltaInfo(_Model):
@@ -61,6 +63,7 @@ class DeltaInfo(_Model):
     base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     length: int = Field(ge=0)
+    chunks: ChunkManifest | None = None
 
 
 class Probe(_Model):
@@ -271,11 +274,12 @@ class UpdateVerifier:
     @staticmethod
     def _check_consistent(signed: Targets, spec: UpdateSpec) -> None:
         """The TUF target entries and our section must describe the same bytes."""
-        for path, sha, length in [(spec.artifact.path, spec.artifact.sha256, spec.artifact.length),
-                                  *((d.path, d.sha256, d.length) for d in spec.deltas)]:
-            tf = signed.targets.get(path)
-            if tf is None or tf.hashes.get("sha256") != sha or tf.length != length:
-                raise MalformedError(f"update metadata lists {path!r} inconsistently")
+        for item in (spec.artifact, *spec.deltas):
+            tf = signed.targets.get(item.path)
+            if tf is None or tf.hashes.get("sha256") != item.sha256 or tf.length != item.length:
+                raise MalformedError(f"update metadata lists {item.path!r} inconsistently")
+            if item.chunks is not None and (item.chunks.sha256 != item.sha256 or item.chunks.length != item.length):
+                raise MalformedError(f"the chunk list of {item.path!r} describes other bytes")
 
 
 def verify_bytes(data: bytes, *, sha256: str, length: int, what: str = "artifact") -> None:

@@ -221,3 +221,19 @@ def test_fuzzed_metadata_always_ends_in_a_typed_error(data):
         return
     # a mutation inside insignificant JSON whitespace can leave the metadata valid; then it must be unchanged
     assert json.loads(bytes(blob))["signed"] == json.loads(GOOD)["signed"]
+
+
+def test_signed_chunk_list_travels_with_the_artifact():
+    from fleet_protocol.chunks import ChunkAssembler, chunks, manifest_for
+
+    payload = bytes(range(256)) * 100
+    m = manifest_for(payload, 4096)
+    s = spec()
+    artifact = s.artifact.model_copy(update={"sha256": m.sha256, "length": m.length, "chunks": m})
+    data = build_update(s.model_copy(update={"artifact": artifact}), [ONLINE], version=1, expires=LATER)
+    got = verifier().verify_update(data).spec.artifact.chunks
+    assert got == m
+    bad = s.model_copy(update={"artifact": artifact.model_copy(update={"chunks": manifest_for(b"other", 4096)})})
+    with pytest.raises(errors.MalformedError, match="chunk list"):
+        verifier().verify_update(build_update(bad, [ONLINE], version=1, expires=LATER))
+    assert all(len(c) <= 4096 for _, c in chunks(payload, got)) and ChunkAssembler
