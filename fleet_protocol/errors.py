@@ -70,3 +70,7 @@ class TransportError(ProtocolError):
     """Bytes did not arrive (timeout, disconnect): worth retrying."""
 
     retryable = True
+
+
+class DecryptError(VerificationError):
+    """An encrypted artifact that does not decrypt: tampered, truncated, or for another device's key."""
