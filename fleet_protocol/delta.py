@@ -36,7 +36,9 @@ MAX_PLAN = 16 * 1024 * 1024
 @dataclass(frozen=True)
 class EncodeOptions:
     algorithms: tuple[str, ...] = ("bsdiff4", "zstd-patch", "onnx-tensors")
-    bsdiff_max_bytes: int = 16 * 1024 * 1024  # above this bsdiff4 takes minutes and ~18x the file in memory
+    # bsdiff4 measured 45 s to encode a 16 MB all-weights-changed update here, and FACTS saw 191 s and 911 MB RSS
+    # at 50 MB; above this size it is not tried, so the server is never blocked for minutes.
+    bsdiff_max_bytes: int = 8 * 1024 * 1024
     zstd_level: int = 19
     zstd_fast_level: int = 3  # for targets above zstd_fast_above, to bound encode time
     zstd_fast_above: int = 32 * 1024 * 1024
@@ -144,37 +146,49 @@ def _fields(buf: bytes, start: int, end: int):
         i = j
 
 
-def tensor_spans(model: bytes) -> dict[str, tuple[int, int]]:
-    """Byte span of each top-level initializer's raw_data in a serialized ModelProto, by tensor name."""
-    spans: dict[str, tuple[int, int]] = {}
+# TensorProto.data_type → bytes per element (FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL, FLOAT16,
+# DOUBLE, UINT32, UINT64, BFLOAT16); others are treated as bytes.
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def tensor_layout(model: bytes) -> dict[str, tuple[int, int, int]]:
+    """(start, end, bytes per element) of each top-level initializer's raw_data in a serialized ModelProto."""
+    spans: dict[str, tuple[int, int, int]] = {}
     for number, wire, s, e in _fields(model, 0, len(model)):
         if number != 7 or wire != 2:  # ModelProto.graph
             continue
         for gnum, gwire, gs, ge in _fields(model, s, e):
             if gnum != 5 or gwire != 2:  # GraphProto.initializer
                 continue
-            name, raw = None, None
+            name, raw, dtype = None, None, 0
             for tnum, twire, ts, te in _fields(model, gs, ge):
                 if tnum == 8 and twire == 2:  # TensorProto.name
                     name = model[ts:te].decode("utf-8", "replace")
                 elif tnum == 9 and twire == 2:  # TensorProto.raw_data
                     raw = (ts, te)
+                elif tnum == 2 and twire == 0:  # TensorProto.data_type
+                    dtype = _varint(model, ts)[0]
             if name is not None and raw is not None and raw[1] > raw[0]:
-                spans[name] = raw
+                spans[name] = (raw[0], raw[1], _ITEMSIZE.get(dtype, 1))
     return spans
 
 
-def _delta_planes(base: bytes, target: bytes) -> bytes:
-    """Byte-wise difference, split into 4 byte planes: a fine-tuned float keeps its sign and exponent bytes, so the
-    high planes become runs of zeros that compress to almost nothing."""
+def tensor_spans(model: bytes) -> dict[str, tuple[int, int]]:
+    """Byte span of each top-level initializer's raw_data, by tensor name."""
+    return {k: (s, e) for k, (s, e, _) in tensor_layout(model).items()}
+
+
+def _delta_planes(base: bytes, target: bytes, itemsize: int) -> bytes:
+    """Byte-wise difference split into one plane per byte of the element: a fine-tuned float keeps its sign and
+    exponent bytes, so those planes become runs of zeros that compress to almost nothing."""
     d = (np.frombuffer(target, np.uint8) - np.frombuffer(base, np.uint8)).astype(np.uint8)
-    return d.reshape(-1, 4).T.tobytes() if len(d) % 4 == 0 else d.tobytes()
+    return d.reshape(-1, itemsize).T.tobytes() if itemsize > 1 and len(d) % itemsize == 0 else d.tobytes()
 
 
-def _undelta_planes(base: bytes, planes: bytes) -> bytes:
+def _undelta_planes(base: bytes, planes: bytes, itemsize: int) -> bytes:
     d = np.frombuffer(planes, np.uint8)
-    if len(d) % 4 == 0:
-        d = d.reshape(4, -1).T.reshape(-1)
+    if itemsize > 1 and len(d) % itemsize == 0:
+        d = d.reshape(itemsize, -1).T.reshape(-1)
     return (np.frombuffer(base, np.uint8) + d).astype(np.uint8).tobytes()
 
 
@@ -183,8 +197,51 @@ def _undelta_planes(base: bytes, planes: bytes) -> bytes:
 _LITERAL, _COPY, _DIFF = 0, 1, 2
 
 
+def _structure(model: bytes, spans: dict[str, tuple[int, int]]) -> bytes:
+    """Everything but the tensor payloads, in file order: the graph, names, shapes, attributes."""
+    out, pos = bytearray(), 0
+    for s, e in sorted(spans.values()):
+        out += model[pos:s]
+        pos = e
+    return bytes(out + model[pos:])
+
+
+def _encode_plan(ops: list[list[int]]) -> bytes:
+    """Ops as three int64 columns (kind, base offset, length); offsets are stored relative to where the previous
+    base read ended, so an unchanged layout turns into runs of equal small numbers that compress to almost nothing."""
+    kinds, offs, lens, end = [], [], [], 0
+    for op in ops:
+        kinds.append(op[0])
+        lens.append(op[-1])
+        if op[0] == _LITERAL:
+            offs.append(0)
+        else:
+            offs.append(op[1] - end)
+            end = op[1] + op[2]
+    return np.array([kinds, offs, lens], dtype="<i8").tobytes()
+
+
+def _decode_plan(raw: bytes) -> list[list[int]]:
+    cols = np.frombuffer(raw, dtype="<i8")
+    if len(cols) % 3:
+        raise ValueError("plan is not three equal columns")
+    kinds, offs, lens = cols.reshape(3, -1).tolist()
+    ops, end = [], 0
+    for kind, off, n in zip(kinds, offs, lens, strict=True):
+        if kind == _LITERAL:
+            ops.append([kind, n])
+        elif kind in (_COPY, _DIFF):
+            ops.append([kind, end + off, n])
+            end = end + off + n
+        else:
+            raise ValueError(f"unknown plan op {kind}")
+    return ops
+
+
 def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
-    base_spans, target_spans = tensor_spans(base), tensor_spans(target)
+    base_layout, target_spans = tensor_layout(base), tensor_spans(target)
+    base_spans = {k: (s, e) for k, (s, e, _) in base_layout.items()}
+    itemsize = {s: size for s, _, size in base_layout.values()}  # by base offset, which the plan records
     if not target_spans:
         raise ValueError("no raw_data initializers in the target")
     ops: list[list[int]] = []
@@ -200,7 +257,7 @@ def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
                 ops.append([_COPY, b[0], e - s])
             else:
                 ops.append([_DIFF, b[0], e - s])
-                literals += _delta_planes(base[b[0] : b[1]], target[s:e])
+                literals += _delta_planes(base[b[0] : b[1]], target[s:e], itemsize[b[0]])
         else:
             ops.append([_LITERAL, e - s])
             literals += target[s:e]
@@ -208,8 +265,9 @@ def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
     if pos < len(target):
         ops.append([_LITERAL, len(target) - pos])
         literals += target[pos:]
-    plan = zstd.ZstdCompressor(level=19).compress(json.dumps(ops, separators=(",", ":")).encode())
-    packed = _zstd_patch(base, bytes(literals), level)
+    plan = zstd.ZstdCompressor(level=19).compress(_encode_plan(ops))
+    # The base's graph bytes, contiguous, are the dictionary: an unchanged graph becomes one long match.
+    packed = _zstd_patch(_structure(base, base_spans) or base, bytes(literals), level)
     return struct.pack(">II", len(plan), len(literals)) + plan + packed
 
 
@@ -217,8 +275,11 @@ def _onnx_unpatch(base: bytes, payload: bytes, length: int) -> bytes:
     n_plan, n_lit = struct.unpack(">II", payload[:8])
     if n_plan > len(payload) or n_lit > length:
         raise ValueError("plan or literal length out of range")
-    ops = json.loads(zstd.ZstdDecompressor().decompress(payload[8 : 8 + n_plan], max_output_size=MAX_PLAN))
-    literals = _zstd_unpatch(base, payload[8 + n_plan :], n_lit)
+    ops = _decode_plan(zstd.ZstdDecompressor().decompress(payload[8 : 8 + n_plan], max_output_size=MAX_PLAN))
+    layout = tensor_layout(base)
+    itemsize = {s: size for s, _, size in layout.values()}
+    spans = {k: (s, e) for k, (s, e, _) in layout.items()}
+    literals = _zstd_unpatch(_structure(base, spans) or base, payload[8 + n_plan :], n_lit)
     out = bytearray()
     li = 0
     for op in ops:
@@ -232,7 +293,7 @@ def _onnx_unpatch(base: bytes, payload: bytes, length: int) -> bytes:
             if op[0] == _COPY:
                 out += base[off : off + n]
             else:
-                out += _undelta_planes(base[off : off + n], literals[li : li + n])
+                out += _undelta_planes(base[off : off + n], literals[li : li + n], itemsize.get(off, 1))
                 li += n
         if len(out) > length:
             raise ValueError("patch produces more bytes than the target length")
@@ -242,33 +303,45 @@ def _onnx_unpatch(base: bytes, payload: bytes, length: int) -> bytes:
 # ----------------------------------------------------------------------------- encode / apply
 
 
+def _payload(algorithm: str, base: bytes, target: bytes, level: int) -> bytes:
+    if algorithm == "full":
+        return zstd.ZstdCompressor(level=level).compress(target)
+    if algorithm == "zstd-patch":
+        return _zstd_patch(base, target, level)
+    if algorithm == "bsdiff4":
+        return bsdiff4.diff(base, target)
+    if algorithm == "onnx-tensors":
+        return _onnx_patch(base, target, level)
+    raise ValueError(f"unknown delta algorithm {algorithm!r}")
+
+
+def encode_as(algorithm: str, base: bytes, target: bytes, options: EncodeOptions | None = None) -> bytes:
+    """One algorithm's self-describing patch. ValueError when it does not apply (onnx-tensors on non-ONNX bytes)."""
+    o = options or EncodeOptions()
+    level = o.zstd_level if len(target) <= o.zstd_fast_above else o.zstd_fast_level
+    return _pack(algorithm, sha256(base), sha256(target), len(target), _payload(algorithm, base, target, level))
+
+
 def encode(base: bytes, target: bytes, options: EncodeOptions | None = None) -> Patch:
     """The smallest of the enabled deltas, or the compressed target when no delta is smaller."""
     o = options or EncodeOptions()
-    level = o.zstd_level if len(target) <= o.zstd_fast_above else o.zstd_fast_level
+    algorithms = ["full", *(a for a in o.algorithms if a != "full")]
+    if max(len(base), len(target)) > o.bsdiff_max_bytes and "bsdiff4" in algorithms:
+        algorithms.remove("bsdiff4")
     candidates: dict[str, bytes] = {}
     seconds: dict[str, float] = {}
-
-    def timed(name: str, fn) -> None:
+    for alg in algorithms:
         t0 = time.perf_counter()
         try:
-            candidates[name] = fn()
+            candidates[alg] = encode_as(alg, base, target, o)
         except ValueError:  # e.g. onnx-tensors on something that is not an ONNX file
-            return
+            continue
         finally:
-            seconds[name] = time.perf_counter() - t0
-
-    timed("full", lambda: zstd.ZstdCompressor(level=level).compress(target))
-    if "zstd-patch" in o.algorithms:
-        timed("zstd-patch", lambda: _zstd_patch(base, target, level))
-    if "bsdiff4" in o.algorithms and max(len(base), len(target)) <= o.bsdiff_max_bytes:
-        timed("bsdiff4", lambda: bsdiff4.diff(base, target))
-    if "onnx-tensors" in o.algorithms:
-        timed("onnx-tensors", lambda: _onnx_patch(base, target, level))
+            seconds[alg] = time.perf_counter() - t0
     best = min(candidates, key=lambda k: (len(candidates[k]), k != "full"))
-    b, t = sha256(base), sha256(target)
-    return Patch(best, b, t, len(target), _pack(best, b, t, len(target), candidates[best]),
-                 tried={k: len(v) for k, v in candidates.items()}, encode_seconds=seconds)
+    header, _ = read_header(candidates[best])
+    return Patch(best, header["base"], header["target"], len(target), candidates[best],
+                 tried={k: len(read_header(v)[1]) for k, v in candidates.items()}, encode_seconds=seconds)
 
 
 def apply(base: bytes | None, patch: bytes) -> bytes:

@@ -131,3 +131,12 @@ def test_fuzzed_patches_end_in_delta_error_or_the_exact_target(alg, data):
     except DeltaError:
         return
     assert out == TARGET  # anything that is not an error is the exact, hash-checked target
+
+
+def test_bsdiff4_is_not_tried_above_its_encode_budget():
+    rng = np.random.default_rng(3)
+    a = rng.bytes(300_000)
+    b = a[:1000] + b"changed" + a[1000:]
+    p = delta.encode(a, b, delta.EncodeOptions(bsdiff_max_bytes=100_000))
+    assert "bsdiff4" not in p.tried and p.algorithm == "zstd-patch"
+    assert len(p.data) < 2_000 and delta.apply(a, p.data) == b
