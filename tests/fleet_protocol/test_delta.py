@@ -140,3 +140,12 @@ def test_bsdiff4_is_not_tried_above_its_encode_budget():
     p = delta.encode(a, b, delta.EncodeOptions(bsdiff_max_bytes=100_000))
     assert "bsdiff4" not in p.tried and p.algorithm == "zstd-patch"
     assert len(p.data) < 2_000 and delta.apply(a, p.data) == b
+
+
+def test_zstd_patch_is_not_tried_above_its_budget_and_full_carries_the_update():
+    rng = np.random.default_rng(4)
+    a = rng.bytes(200_000)
+    b = a[:500] + b"changed" + a[500:]
+    p = delta.encode(a, b, delta.EncodeOptions(bsdiff_max_bytes=0, zstd_patch_max_bytes=100_000))
+    assert set(p.tried) == {"full"} and p.algorithm == "full"  # random bytes, not ONNX: only the fallback
+    assert delta.apply(a, p.data) == b
