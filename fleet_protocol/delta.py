@@ -243,13 +243,15 @@ def _decode_plan(raw: bytes) -> list[list[int]]:
 
 
 def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
+    """Payload: plan | graph-and-new-tensor bytes (zstd against the base's graph bytes) | changed-tensor
+    differences (plain zstd: small-alphabet noise compresses better on its own than mixed with graph bytes)."""
     base_layout, target_spans = tensor_layout(base), tensor_spans(target)
     base_spans = {k: (s, e) for k, (s, e, _) in base_layout.items()}
     itemsize = {s: size for s, _, size in base_layout.values()}  # by base offset, which the plan records
     if not target_spans:
         raise ValueError("no raw_data initializers in the target")
     ops: list[list[int]] = []
-    literals = bytearray()
+    literals, diffs = bytearray(), bytearray()
     pos = 0
     for name, (s, e) in sorted(target_spans.items(), key=lambda kv: kv[1][0]):
         if s > pos:
@@ -261,7 +263,7 @@ def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
                 ops.append([_COPY, b[0], e - s])
             else:
                 ops.append([_DIFF, b[0], e - s])
-                literals += _delta_planes(base[b[0] : b[1]], target[s:e], itemsize[b[0]])
+                diffs += _delta_planes(base[b[0] : b[1]], target[s:e], itemsize[b[0]])
         else:
             ops.append([_LITERAL, e - s])
             literals += target[s:e]
@@ -272,33 +274,41 @@ def _onnx_patch(base: bytes, target: bytes, level: int) -> bytes:
     plan = zstd.ZstdCompressor(level=19).compress(_encode_plan(ops))
     # The base's graph bytes, contiguous, are the dictionary: an unchanged graph becomes one long match.
     packed = _zstd_patch(_structure(base, base_spans) or base, bytes(literals), level)
-    return struct.pack(">II", len(plan), len(literals)) + plan + packed
+    packed_diffs = zstd.ZstdCompressor(level=level).compress(bytes(diffs))
+    return struct.pack(">IIIII", len(plan), len(literals), len(diffs), len(packed), len(packed_diffs)) + \
+        plan + packed + packed_diffs
 
 
 def _onnx_unpatch(base: bytes, payload: bytes, length: int) -> bytes:
-    n_plan, n_lit = struct.unpack(">II", payload[:8])
-    if n_plan > len(payload) or n_lit > length:
-        raise ValueError("plan or literal length out of range")
-    ops = _decode_plan(zstd.ZstdDecompressor().decompress(payload[8 : 8 + n_plan], max_output_size=MAX_PLAN))
+    n_plan, n_lit, n_diff, n_packed, n_packed_diff = struct.unpack(">IIIII", payload[:20])
+    if n_lit + n_diff > length or 20 + n_plan + n_packed + n_packed_diff != len(payload):
+        raise ValueError("section lengths do not add up")
+    at = 20
+    ops = _decode_plan(zstd.ZstdDecompressor().decompress(payload[at : at + n_plan], max_output_size=MAX_PLAN))
+    at += n_plan
     layout = tensor_layout(base)
     itemsize = {s: size for s, _, size in layout.values()}
     spans = {k: (s, e) for k, (s, e, _) in layout.items()}
-    literals = _zstd_unpatch(_structure(base, spans) or base, payload[8 + n_plan :], n_lit)
+    literals = _zstd_unpatch(_structure(base, spans) or base, payload[at : at + n_packed], n_lit)
+    at += n_packed
+    diffs = zstd.ZstdDecompressor().decompress(payload[at:], max_output_size=n_diff) if n_diff else b""
     out = bytearray()
-    li = 0
+    li = di = 0
     for op in ops:
         if op[0] == _LITERAL:
+            if li + op[1] > len(literals):
+                raise ValueError("literal outside its stream")
             out += literals[li : li + op[1]]
             li += op[1]
         else:
             off, n = op[1], op[2]
-            if off < 0 or n < 0 or off + n > len(base) or (op[0] == _DIFF and li + n > len(literals)):
+            if off < 0 or n < 0 or off + n > len(base) or (op[0] == _DIFF and di + n > len(diffs)):
                 raise ValueError("copy or difference outside its source")
             if op[0] == _COPY:
                 out += base[off : off + n]
             else:
-                out += _undelta_planes(base[off : off + n], literals[li : li + n], itemsize.get(off, 1))
-                li += n
+                out += _undelta_planes(base[off : off + n], diffs[di : di + n], itemsize.get(off, 1))
+                di += n
         if len(out) > length:
             raise ValueError("patch produces more bytes than the target length")
     return bytes(out)
