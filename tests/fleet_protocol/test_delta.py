@@ -1,3 +1,7 @@
+import functools
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -149,3 +153,31 @@ def test_zstd_patch_is_not_tried_above_its_budget_and_full_carries_the_update():
     p = delta.encode(a, b, delta.EncodeOptions(bsdiff_max_bytes=0, zstd_patch_max_bytes=100_000))
     assert set(p.tried) == {"full"} and p.algorithm == "full"  # random bytes, not ONNX: only the fallback
     assert delta.apply(a, p.data) == b
+
+
+@functools.cache
+def onnx_pair() -> tuple[bytes, bytes, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = zoo.mlp_opset(Path(tmp) / "m.onnx", opset=13).read_bytes()
+    target = retrained(base, which="head")
+    return base, target, delta.encode_as("onnx-tensors", base, target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzzed_tensor_aware_patches_end_in_delta_error_or_the_exact_target(data):
+    base, target, patch = onnx_pair()
+    blob = bytearray(patch)
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        if data.draw(st.booleans()):
+            blob[i] ^= data.draw(st.integers(1, 255))
+        else:
+            del blob[i:]
+            if not blob:
+                break
+    try:
+        out = delta.apply(base, bytes(blob))
+    except DeltaError:
+        return
+    assert out == target
