@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench bench-delta lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/convert_bench.py
+
+bench-delta: $(STAMP)
+	$(BIN)/python bench/delta_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
