@@ -24,7 +24,7 @@ from pydantic import (
 
 from fleet_protocol.errors import MalformedError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Sha = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -274,7 +274,8 @@ class UpdateVerifier:
     @staticmethod
     def _check_consistent(signed: Targets, spec: UpdateSpec) -> None:
         """The TUF target entries and our section must describe the same bytes."""
-        for item in (spec.artifact, *spec.deltas):
+        items: list[ArtifactInfo | DeltaInfo] = [spec.artifact, *spec.deltas]
+        for item in items:
             tf = signed.targets.get(item.path)
             if tf is None or tf.hashes.get("sha256") != item.sha256 or tf.length != item.length:
                 raise MalformedError(f"update metadata lists {item.path!r} inconsistently")
