@@ -237,3 +237,22 @@ def test_signed_chunk_list_travels_with_the_artifact():
     with pytest.raises(errors.MalformedError, match="chunk list"):
         verifier().verify_update(build_update(bad, [ONLINE], version=1, expires=LATER))
     assert all(len(c) <= 4096 for _, c in chunks(payload, got)) and ChunkAssembler
+
+
+def test_delta_bytes_must_match_the_signed_delta_entry():
+    from fleet_protocol import delta
+
+    old, new = b"old model" * 500, b"new model" * 500
+    patch = delta.encode(old, new).data
+    s = spec()
+    d = DeltaInfo(path="deltas/a-b.patch", algorithm="zstd-patch", base_sha256=delta.sha256(old),
+                  sha256=delta.sha256(patch), length=len(patch))
+    got = verifier().verify_update(build_update(s.model_copy(update={"deltas": (d,)}), [ONLINE], version=1,
+                                                expires=LATER))
+    signed_delta = got.delta_from(delta.sha256(old))
+    verify_bytes(patch, sha256=signed_delta.sha256, length=signed_delta.length, what="delta")
+    tampered = patch[:-1] + bytes([patch[-1] ^ 1])
+    with pytest.raises(errors.TargetMismatchError, match="delta: sha256"):
+        verify_bytes(tampered, sha256=signed_delta.sha256, length=signed_delta.length, what="delta")
+    with pytest.raises(errors.TargetMismatchError, match="delta: .* bytes"):
+        verify_bytes(patch + b"more", sha256=signed_delta.sha256, length=signed_delta.length, what="delta")
