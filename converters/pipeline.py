@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converters import onnx_int8, runtime
+from converters import onnx_int8, runtime, tflite_int8
 from converters.calibration import DataSet
 from converters.errors import QuantizationError
 from converters.fidelity import OutputFidelity, OutputKind, output_fidelity
@@ -31,6 +31,7 @@ from converters.report import (
     SizeInfo,
     SourceInfo,
     Status,
+    TfliteInfo,
 )
 from converters.sensitivity import rank_tensors
 from converters.source import SourceModel, model_files, save_model, sha256_file
@@ -38,7 +39,7 @@ from firmware_profiles import ArtifactFormat, ArtifactTarget, Profile, Quantizat
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx"}
+ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx", ArtifactFormat.TFLITE_INT8: "model.int8.tflite"}
 # Tensors whose median slice SQNR is below this are candidates for float; above it, quantization is harmless.
 DAMAGE_CANDIDATE_DB = 30.0
 # Latency rescue: float the fewest slow INT8 kernels covering these shares of the integer-kernel time.
@@ -81,6 +82,7 @@ class Converter:
         self._fp32_session = None
         self._attempts: dict[tuple[str, frozenset[str]], Attempt] = {}
         self._rankings: dict[str, list[str]] = {}
+        self._tflite: dict[tuple[str, bool], tuple[tflite_int8.TfliteBuild, Attempt] | QuantizationError] = {}
         self.kinds = onnx_int8.output_kinds(source.path, self.options.output_kinds)
 
     # ------------------------------------------------------------------ shared work
@@ -139,8 +141,10 @@ class Converter:
 
     def convert(self, profile: Profile, outdir: Path) -> list[ArtifactReport]:
         reports = []
+        builders = {ArtifactFormat.ONNX_INT8: self._convert_onnx, ArtifactFormat.TFLITE_INT8: self._convert_tflite}
         for target in profile.artifacts:
-            if target.format is not ArtifactFormat.ONNX_INT8:
+            build = builders.get(target.format)
+            if build is None:
                 report = ArtifactReport(
                     profile=profile.id, profile_version=profile.version, format=target.format.value,
                     status=Status.NOT_BUILT, shippable=False,
@@ -148,7 +152,7 @@ class Converter:
                              f"(runtime {target.runtime} {target.runtime_versions})"])
             else:
                 try:
-                    report = self._convert_onnx(profile, target, outdir / profile.id)
+                    report = build(profile, target, outdir / profile.id)
                 except QuantizationError as e:
                     report = ArtifactReport(profile=profile.id, profile_version=profile.version,
                                             format=target.format.value, status=Status.FAILED, shippable=False,
@@ -215,6 +219,55 @@ class Converter:
                                             f"nodes in float (budget: {budget} compute nodes) did not reach "
                                             "the floor")]
         return attempt, checks, None
+
+    # ------------------------------------------------------------------ TFLite
+
+    def _tflite_attempt(self, io_type: str, allow_float_ops: bool) -> tuple[tflite_int8.TfliteBuild, Attempt]:
+        """Convert once per (I/O type, float-op policy) and measure with LiteRT; profiles share the result."""
+        key = (io_type, allow_float_ops)
+        if key not in self._tflite:
+            try:
+                self._tflite[key] = self._build_tflite(io_type, allow_float_ops)
+            except QuantizationError as e:  # remembered: the next profile with this scheme fails the same way
+                self._tflite[key] = e
+        found = self._tflite[key]
+        if isinstance(found, QuantizationError):
+            raise found
+        return found
+
+    def _build_tflite(self, io_type: str, allow_float_ops: bool) -> tuple[tflite_int8.TfliteBuild, Attempt]:
+        self._progress(f"converting to TFLite ({io_type} I/O)")
+        build = tflite_int8.build(self.source, self.prepared.path, self.calibration.samples, self.workdir,
+                                  io_type=io_type, allow_float_ops=allow_float_ops)
+        try:
+            int8 = tflite_int8.LiteRTModel(build.int8, build.input_perm, self.options.threads)
+            fp32 = tflite_int8.LiteRTModel(build.fp32, build.input_perm, self.options.threads)
+            got = int8.run_all(self.evaluation.samples, self.fp32_outputs)
+            latency = tflite_int8.compare_latency(fp32, int8, self.evaluation.samples[0],
+                                                  runs=self.options.latency_runs)
+        except RuntimeError as e:  # LiteRT refuses to run what the converter produced
+            raise QuantizationError(f"the INT8 TFLite model fails at inference under LiteRT: "
+                                    f"{str(e).splitlines()[0][:300]}") from e
+        outputs = [output_fidelity(n, self.kinds[n], ref, got[n]) for n, ref in self.fp32_outputs.items()]
+        stats = onnx_int8.WeightStats(int(int8.has_int8_weights()), 0, 0, 0, 0, 0)
+        attempt = Attempt(onnx_int8.Quantized(build.int8, True, [], list(build.notes)), stats,
+                          build.int8.stat().st_size, outputs, latency)
+        return build, attempt
+
+    def _convert_tflite(self, profile: Profile, target: ArtifactTarget, outdir: Path) -> ArtifactReport:
+        build, attempt = self._tflite_attempt(target.io_type, profile.fidelity.max_float_node_fraction > 0)
+        checks = self._judge(profile, attempt, with_latency=True)
+        report = self._finish(profile, target, attempt, checks, None, outdir)
+        report.quantization = None  # ONNX Runtime's scheme does not apply; the TFLite section says what does
+        report.latency.where = "host CPU, LiteRT (XNNPACK), FP32 .tflite vs INT8 .tflite, batch 1"  # type: ignore[union-attr]
+        report.tflite = TfliteInfo(
+            io_type=target.io_type,
+            input_layouts={n: ("NHWC (transposed from the ONNX NCHW)" if p else "as in the ONNX model")
+                           for n, p in build.input_perm.items()},
+            float_ops=build.float_ops, conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
+        if build.float_ops:
+            report.notes.append(f"ops left in float in the INT8 model: {', '.join(build.float_ops)}")
+        return report
 
     def _fidelity_plans(self, scheme: QuantizationScheme, full: Attempt) -> list[tuple[str, frozenset[str]]]:
         """Mixed-range output tails first, then the most damaged tensors: 1, 2, 4, ... of them."""
@@ -319,8 +372,7 @@ def _data_info(d: DataSet) -> DataInfo:
 
 def _copy_model(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    files = model_files(src)
-    if len(files) == 1:
+    if src.suffix != ".onnx" or len(model_files(src)) == 1:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(src, tmp)
         tmp.replace(dest)

@@ -69,6 +69,15 @@ class LatencyInfo(BaseModel):
     where: str = Field(default_factory=lambda: f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1")
 
 
+class TfliteInfo(BaseModel):
+    io_type: str
+    input_layouts: dict[str, str]  # what the app must feed, per input
+    float_ops: list[str]  # builtin ops that still compute in float
+    conversion_seconds: float
+    conversion_peak_rss_mb: float
+    runtime: str = "LiteRT (ai-edge-litert), XNNPACK delegate on CPU"
+
+
 class MixedPrecision(BaseModel):
     float_nodes: list[str]
     float_node_fraction: float
@@ -96,6 +105,7 @@ class ArtifactReport(BaseModel):
     latency: LatencyInfo | None = None
     fidelity: list[OutputFidelity] = []
     mixed_precision: MixedPrecision | None = None
+    tflite: TfliteInfo | None = None
     checks: list[Check] = []
     notes: list[str] = []
     versions: dict[str, str] = Field(default_factory=lambda: library_versions())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -85,6 +85,8 @@ class ArtifactTarget(_Strict):
     runtime_versions: str = Field(description="PEP 440 version range of the runtime, e.g. '>=1.16,<2'")
     execution_providers: tuple[str, ...] = ()
     delegate: str | None = None
+    # TFLite: int8 tensors at the model's edges (smallest, fastest) or float32 for apps that feed float tensors.
+    io_type: Literal["int8", "float32"] = "int8"
     quantization: QuantizationScheme = QuantizationScheme()
 
     @field_validator("runtime_versions")

@@ -1,0 +1,165 @@
+"""ONNX → TFLite full-integer INT8 for LiteRT (XNNPACK on Raspberry Pi and Android), calibrated on our data.
+
+The conversion itself runs in ``converters.tflite_worker`` (a child process); this module prepares its inputs,
+reads its result, and runs both TFLite models with LiteRT for fidelity and latency. Image inputs (4-D) become NHWC,
+as TFLite expects; other inputs keep their layout. The report states the layout so the app feeds the right one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from converters.calibration import Sample
+from converters.errors import QuantizationError
+from converters.runtime import Latency
+from converters.source import SourceModel
+
+NCHW_TO_NHWC = (0, 2, 3, 1)
+WORKER_TIMEOUT_S = 1200
+
+
+@dataclass
+class TfliteBuild:
+    fp32: Path
+    int8: Path
+    input_perm: dict[str, tuple[int, ...] | None]  # ONNX layout → TFLite layout, per input
+    float_ops: list[str]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def input_permutations(source: SourceModel) -> dict[str, tuple[int, ...] | None]:
+    return {i.name: NCHW_TO_NHWC if len(i.shape) == 4 else None for i in source.inputs}
+
+
+def _to_tflite_layout(sample: Sample, perms: dict[str, tuple[int, ...] | None]) -> Sample:
+    return {k: (np.ascontiguousarray(v.transpose(perms[k])) if perms.get(k) else v) for k, v in sample.items()}
+
+
+def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: Path, *, io_type: str = "int8",
+          allow_float_ops: bool = False) -> TfliteBuild:
+    """Convert ``model`` (the constant-folded float ONNX: onnx2tf cannot build Keras layers from constant
+    subgraphs) whose inputs and outputs are ``source``'s."""
+    out = workdir / f"tflite-{io_type}-{'mixed' if allow_float_ops else 'int8only'}"
+    out.mkdir(parents=True, exist_ok=True)
+    perms = input_permutations(source)
+    np.savez(out / "calibration.npz", **{
+        name: np.stack([_to_tflite_layout(s, perms)[name] for s in calibration]) for name in perms})
+    keep = [i.name for i in source.inputs if perms[i.name] is None and len(i.shape) in (3, 5)]
+    job = {"onnx": str(model), "calibration": str(out / "calibration.npz"), "out": str(out),
+           "io_type": io_type, "allow_float_ops": allow_float_ops, "keep_layout_inputs": keep}
+    (out / "job.json").write_text(json.dumps(job))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "converters.tflite_worker", str(out / "job.json")],
+                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+    except subprocess.TimeoutExpired as e:
+        raise QuantizationError(f"TFLite conversion did not finish in {WORKER_TIMEOUT_S} s") from e
+    seconds = time.perf_counter() - t0
+    result_file = out / "result.json"
+    if not result_file.exists():
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        noise = ("I0000", "W0000", "WARNING: All log", "E0000")
+        tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip() and not ln.startswith(noise)][-2:]
+        raise QuantizationError(f"TFLite conversion crashed inside TensorFlow/onnx2tf ({how})"
+                                + (f": {' | '.join(tail)[:300]}" if tail else ""))
+    result = json.loads(result_file.read_text())
+    if not result["ok"]:
+        raise QuantizationError(f"TFLite conversion failed: {result['error']}")
+    return TfliteBuild(Path(result["fp32"]), Path(result["int8"]), perms, result["float_ops"], result["notes"],
+                       seconds, result["peak_rss_mb"])
+
+
+class LiteRTModel:
+    """A .tflite model under LiteRT (ai-edge-litert), fed and read in the ONNX model's layouts and dtypes."""
+
+    def __init__(self, path: Path, input_perm: dict[str, tuple[int, ...] | None], threads: int = 2):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.runner = self.interpreter.get_signature_runner()
+        details = self.interpreter.get_signature_list()
+        key = next(iter(details))
+        self.inputs = self.runner.get_input_details()
+        self.outputs = self.runner.get_output_details()
+        self.output_names = list(details[key]["outputs"])
+        self.input_perm = input_perm
+
+    def has_int8_weights(self) -> bool:
+        return any(t["dtype"] == np.int8 for t in self.interpreter.get_tensor_details())
+
+    def feed(self, sample: Sample) -> dict[str, np.ndarray]:
+        feed = {}
+        for name, value in _to_tflite_layout(sample, self.input_perm).items():
+            d = self.inputs[name]
+            if d["dtype"] == np.int8:
+                scale, zero = d["quantization"]
+                value = np.clip(np.round(value / scale + zero), -128, 127).astype(np.int8)
+            feed[name] = value
+        return feed
+
+    def run(self, sample: Sample) -> dict[str, np.ndarray]:
+        raw = self.runner(**self.feed(sample))
+        out = {}
+        for name, value in raw.items():
+            d = self.outputs[name]
+            if d["dtype"] == np.int8:
+                scale, zero = d["quantization"]
+                value = (value.astype(np.float32) - zero) * scale
+            out[name] = value
+        return out
+
+    def run_all(self, samples: list[Sample], reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of every sample, stacked, named and laid out like the ONNX outputs in ``reference``.
+
+        onnx2tf keys signature outputs ``output_0``, ``output_1``, ... in the ONNX model's output order when it
+        cannot keep the names; they are matched by position then.
+        """
+        runs = [self.run(s) for s in samples]
+        stacked = {n: np.concatenate([r[n] for r in runs]) for n in runs[0]}
+        if set(stacked) != set(reference):
+            if len(stacked) != len(reference):
+                raise QuantizationError(f"TFLite model has outputs {sorted(stacked)}; ONNX has {sorted(reference)}")
+            ordered = sorted(stacked, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit()
+                             else 0)
+            stacked = {onnx_name: stacked[t] for onnx_name, t in zip(reference, ordered, strict=True)}
+        return {name: _match_layout(stacked[name], ref.shape, name) for name, ref in reference.items()}
+
+
+def _match_layout(value: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if value.shape == shape:
+        return value
+    for perm in ((0, 3, 1, 2), (0, 2, 1)):
+        if len(perm) == value.ndim and value.transpose(perm).shape == shape:
+            return np.ascontiguousarray(value.transpose(perm))
+    if value.size == int(np.prod(shape)):
+        return value.reshape(shape)
+    raise QuantizationError(f"TFLite output {name!r} has shape {value.shape}; ONNX gives {shape}")
+
+
+def compare_latency(fp32: LiteRTModel, int8: LiteRTModel, sample: Sample, *, runs: int = 30,
+                    warmup: int = 5, budget_s: float = 20.0) -> Latency:
+    """Median batch-1 latency under LiteRT, FP32 and INT8 interleaved (same as the ONNX Runtime figures)."""
+    feeds = (fp32.feed(sample), int8.feed(sample))  # quantize inputs outside the timed call
+    for _ in range(warmup):
+        fp32.runner(**feeds[0])
+        int8.runner(**feeds[1])
+    t = ([], [])
+    deadline = time.perf_counter() + budget_s
+    for _ in range(runs):
+        for i, m in enumerate((fp32, int8)):
+            t0 = time.perf_counter()
+            m.runner(**feeds[i])
+            t[i].append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return Latency(float(np.median(t[0]) * 1e3), float(np.median(t[1]) * 1e3), len(t[0]))

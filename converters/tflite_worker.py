@@ -1,0 +1,140 @@
+"""ONNX → TFLite (FP32 and full-integer INT8), run as a child process: ``python -m converters.tflite_worker JOB``.
+
+TensorFlow and onnx2tf stay out of the converter's own process (their import time, memory and threads), and the
+child's peak RSS is the per-target memory figure. onnx2tf turns NCHW inputs into NHWC and, for image-like inputs,
+checks its conversion against a sample it would download; the worker pre-seeds that sample in its own working
+directory with deterministic data, so nothing ever touches the network.
+
+JOB is a JSON file: {"onnx": path, "calibration": npz path (NHWC-ready arrays per input, stacked), "out": folder,
+"io_type": "int8" | "float32", "allow_float_ops": bool}. The result is written to ``out/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import sys
+import traceback
+from pathlib import Path
+
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+
+def _float_ops(tflite: bytes) -> list[str]:
+    """Builtin ops of an 'INT8' model that still compute in float (what full-integer conversion could not cover)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=tflite)
+    details = {t["index"]: t for t in it.get_tensor_details()}
+    names = set()
+    for op in it._get_ops_details():  # the only LiteRT API that lists ops with their tensors
+        ins = [details[i] for i in op["inputs"] if i >= 0 and i in details]
+        if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE") and any(str(t["dtype"]).endswith("float32'>")
+                                                                     for t in ins):
+            names.add(op["op_name"])
+    return sorted(names)
+
+
+# Ops with no TFLite builtin that onnx2tf can rewrite into builtin approximations (its "pseudo operators").
+# Keys: TF op names, lowercased; values: onnx2tf's names for them, which it compares in lowercase.
+PSEUDO_OPS = {"erf": "erf", "gelu": "gelu", "asin": "asin", "acos": "acos", "atan": "atan", "abs": "abs",
+              "prelu": "prelu", "leakyrelu": "leakyrelu", "pow": "power", "gathernd": "gathernd", "neg": "neg",
+              "hardswish": "hardswish"}
+
+
+def unsupported_ops(message: str) -> list[str]:
+    """TF op names the TFLite converter could not lower, from its error text."""
+    found = re.findall(r"'tf\.(\w+)' op is neither", message) + re.findall(r'fused\["(\w+):', message)
+    return sorted({f for f in found if "PartitionedCall" not in f})  # call wrappers, not ops
+
+
+def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> tuple[bytes, bytes, list[str]]:
+    import onnx2tf
+    import tensorflow as tf
+
+    saved = out / ("saved_model" + ("-pseudo" if pseudo else ""))
+    onnx2tf.convert(input_onnx_file_path=job["onnx"], output_folder_path=str(saved), non_verbose=True,
+                    copy_onnx_input_output_names_to_tflite=True, output_signaturedefs=True,
+                    keep_ncw_or_nchw_or_ncdhw_input_names=job.get("keep_layout_inputs") or None,
+                    replace_to_pseudo_operators=pseudo or None)
+
+    def representative():
+        n = len(next(iter(calib.values())))
+        for i in range(n):
+            yield {k: v[i] for k, v in calib.items()}
+
+    fp32 = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
+
+    def int8_converter(ops):
+        c = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = representative
+        c.target_spec.supported_ops = ops
+        if job["io_type"] == "int8":
+            c.inference_input_type = tf.int8
+            c.inference_output_type = tf.int8
+        return c
+
+    notes = []
+    try:
+        int8 = int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]).convert()
+    except Exception as e:  # TF raises ConverterError naming the op it could not quantize
+        first = str(e).strip().splitlines()[0][:300]
+        if not job["allow_float_ops"]:
+            raise RuntimeError(f"full-integer TFLite conversion failed and the profile allows no float ops: {first}")\
+                from e
+        notes.append(f"full-integer conversion failed ({first}); kept the ops it cannot quantize in float")
+        int8 = int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
+    return fp32, int8, notes
+
+
+def run(job: dict) -> dict:
+    _quiet_tensorflow()
+    import numpy as np
+
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(out)  # onnx2tf reads its layout-check sample from the working directory
+    np.save(out / ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+    with np.load(job["calibration"]) as z:
+        calib = {k: z[k] for k in z.files}
+    try:
+        fp32, int8, notes = _convert(job, out, [], calib)
+    except Exception as e:
+        ops = unsupported_ops(str(e))
+        pseudo = sorted({PSEUDO_OPS[o.lower()] for o in ops if o.lower() in PSEUDO_OPS})
+        if not ops:
+            raise
+        if not pseudo or len(pseudo) < len(ops):
+            raise RuntimeError(f"TFLite has no builtin kernel for: {', '.join(ops)}") from e
+        fp32, int8, notes = _convert(job, out, pseudo, calib)
+        notes.insert(0, f"TFLite has no builtin kernel for {', '.join(ops)}: replaced with onnx2tf's builtin "
+                        f"approximations ({', '.join(pseudo)}); the fidelity figures include the approximation")
+    (out / "model.fp32.tflite").write_bytes(fp32)
+    (out / "model.int8.tflite").write_bytes(int8)
+    return {"fp32": str(out / "model.fp32.tflite"), "int8": str(out / "model.int8.tflite"),
+            "float_ops": _float_ops(int8), "notes": notes}
+
+
+def main() -> int:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(job["out"])
+    try:
+        result = {"ok": True, **run(job)}
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
+                  "traceback": traceback.format_exc()[-4000:]}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "result.json").write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
