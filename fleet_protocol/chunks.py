@@ -63,8 +63,7 @@ class ChunkAssembler:
         self.manifest, self.path = manifest, Path(path)
         self._have = [False] * manifest.count
         fresh = not self.path.exists()
-        with open(self.path, "ab"):
-            pass
+        self.path.touch(exist_ok=True)
         if os.path.getsize(self.path) != manifest.length:
             os.truncate(self.path, manifest.length)
         if not fresh:
