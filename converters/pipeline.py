@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ from firmware_profiles import ArtifactFormat, ArtifactTarget, Profile, Quantizat
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx", ArtifactFormat.TFLITE_INT8: "model.int8.tflite"}
+LATENCY_WHERE = {
+    ArtifactFormat.ONNX_INT8: f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1",
+    ArtifactFormat.TFLITE_INT8: f"host CPU ({platform.machine()}), LiteRT (XNNPACK), FP32 vs INT8 .tflite, batch 1",
+}
 # Tensors whose median slice SQNR is below this are candidates for float; above it, quantization is harmless.
 DAMAGE_CANDIDATE_DB = 30.0
 # Latency rescue: float the fewest slow INT8 kernels covering these shares of the integer-kernel time.
@@ -258,8 +263,6 @@ class Converter:
         build, attempt = self._tflite_attempt(target.io_type, profile.fidelity.max_float_node_fraction > 0)
         checks = self._judge(profile, attempt, with_latency=True)
         report = self._finish(profile, target, attempt, checks, None, outdir)
-        report.quantization = None  # ONNX Runtime's scheme does not apply; the TFLite section says what does
-        report.latency.where = "host CPU, LiteRT (XNNPACK), FP32 .tflite vs INT8 .tflite, batch 1"  # type: ignore[union-attr]
         report.tflite = TfliteInfo(
             io_type=target.io_type,
             input_layouts={n: ("NHWC (transposed from the ONNX NCHW)" if p else "as in the ONNX model")
@@ -313,6 +316,7 @@ class Converter:
         status = Status.REFUSED if bad else Status.SHIPPABLE
         scheme = target.quantization
         lat = a.latency
+        onnx = target.format is ArtifactFormat.ONNX_INT8  # TFLite reports carry their own section instead
         report = ArtifactReport(
             profile=profile.id, profile_version=profile.version, format=target.format.value, status=status,
             shippable=not bad, reasons=[c.line() for c in bad],
@@ -325,11 +329,12 @@ class Converter:
                 weight_symmetric=scheme.weight_symmetric, calibration_method=scheme.calibration_method.value,
                 quantized_weight_tensors=a.stats.quantized_tensors, float_weight_tensors=a.stats.float_tensors,
                 quantized_weight_fraction=a.stats.quantized_fraction,
-                subgraph_float_weights=a.stats.subgraph_float_elements, qdq_nodes=a.stats.qdq_nodes),
+                subgraph_float_weights=a.stats.subgraph_float_elements, qdq_nodes=a.stats.qdq_nodes) if onnx else None,
             size=SizeInfo(fp32_bytes=self.source.size_bytes, int8_bytes=a.size_bytes,
                           ratio=a.size_bytes / self.source.size_bytes),
             latency=LatencyInfo(fp32_ms=lat.fp32_ms, int8_ms=lat.int8_ms, ratio=lat.ratio, runs=lat.runs,
-                                threads=self.options.threads, regression=lat.ratio > 1.0) if lat else None,
+                                threads=self.options.threads, regression=lat.ratio > 1.0,
+                                where=LATENCY_WHERE[target.format]) if lat else None,
             fidelity=a.outputs, mixed_precision=mixed, checks=checks,
             notes=[*self.source.notes, *self.prepared.notes, *a.quantized.notes, *self.calibration.notes,
                    *self._fallback_notes(scheme)])

@@ -66,7 +66,7 @@ class LatencyInfo(BaseModel):
     runs: int
     threads: int
     regression: bool
-    where: str = Field(default_factory=lambda: f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1")
+    where: str
 
 
 class TfliteInfo(BaseModel):

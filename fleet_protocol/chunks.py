@@ -103,10 +103,6 @@ class ChunkAssembler:
     def complete(self) -> bool:
         return all(self._have)
 
-    def received_bytes(self) -> int:
-        return sum(e - s for i, (s, e) in enumerate(map(self.manifest.span, range(self.manifest.count)))
-                   if self._have[i])
-
     def finish(self) -> Path:
         """Check the whole payload's hash (streamed) and return the path."""
         if not self.complete:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import CryptoSigner, Key, SSlibKey
+from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from fleet_protocol.errors import MalformedError
 
@@ -28,6 +28,3 @@ def signer_from_pem(pem: bytes) -> CryptoSigner:
         raise MalformedError("fleet signing keys are Ed25519")
     return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
 
-
-def public_key(signer: CryptoSigner) -> Key:
-    return signer.public_key

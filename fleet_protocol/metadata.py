@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
@@ -291,12 +291,8 @@ def verify_bytes(data: bytes, *, sha256: str, length: int, what: str = "artifact
         raise TargetMismatchError(f"{what}: sha256 differs from the signed metadata")
 
 
-def default_expiry(days: int = 7, *, now: datetime | None = None) -> datetime:
-    return (now or datetime.now(UTC)).replace(microsecond=0) + timedelta(days=days)
-
-
 __all__ = [
     "ArtifactInfo", "DeltaInfo", "Limits", "Probe", "Provenance", "Scope", "UpdateSpec", "UpdateVerifier",
-    "VerificationError", "VerifiedUpdate", "build_root", "build_update", "default_expiry", "rotate_root",
+    "VerificationError", "VerifiedUpdate", "build_root", "build_update", "rotate_root",
     "verify_bytes",
 ]

@@ -16,7 +16,6 @@ SHARE_GROUP = "fleet"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 JOB_ID = DEVICE_ID
 KINDS = {"cmd", "evt", "tm", "state", "online"}
-FROM_DEVICE = {"evt", "tm", "state", "online", "dl-req"}
 
 
 def _check_id(value: str, what: str) -> str:
