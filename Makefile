@@ -13,7 +13,7 @@ $(BIN)/python:
 # Reinstall when the dependency list changes. torch==2.13.0 resolves to the CPU wheel (see shared/FACTS.md).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[convert,dev]'
-	$(BIN)/python -m pip install --quiet --no-deps onnx2tf==1.28.8 tf-keras==2.21.0
+	$(BIN)/python -m pip install --quiet --no-deps onnx2tf==1.28.8 tf-keras==2.21.0 onnx2torch==1.5.15
 	touch $@
 
 test: $(STAMP)

@@ -1,11 +1,12 @@
 """``fleet-convert``: one source model in, one INT8 artifact per hardware profile out, each with its report.
 
 Exit codes:
-  0  every artifact built is shippable (formats not built yet are listed, not failed)
+  0  every artifact is shippable (bundle: built and signed; verify-bundle: verified)
   1  internal error (a bug: please report it with the traceback from --debug)
   2  usage error: bad option, unknown profile
   3  bad input: not a model, truncated model, unsupported ops, calibration data that does not fit
-  4  at least one artifact was refused by the fidelity gate or failed to quantize
+  4  at least one artifact was refused by the fidelity gate or failed to quantize (bundle: nothing written)
+  5  verify-bundle: the bundle does not verify (bad signature, untrusted key, altered or missing member)
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,7 +49,7 @@ err = _console(stderr=True)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -123,13 +127,59 @@ def convert(
     logging.basicConfig(level=logging.INFO if debug else logging.ERROR)
     if not debug:
         logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice at WARNING
+    args = dict(locals())
+    _guarded(debug, lambda: _convert(**args))
+
+
+def _check_data_options(calib: Path | None, synthetic_calibration: int, eval_fraction: float,
+                        image_size: str | None, layout: str, mean: str, std: str, channel_order: str):
+    """Validate the data options shared by convert and bundle; returns the image preprocessing, if declared."""
+    from converters.calibration import ImagePrep
+
+    if (calib is None) == (synthetic_calibration == 0):
+        raise typer.BadParameter("give --calib DATA, or --synthetic-calibration N to calibrate on random data")
+    if not 0.0 < eval_fraction < 1.0:
+        raise typer.BadParameter("--eval-fraction must be between 0 and 1")
+    if layout not in ("NCHW", "NHWC") or channel_order not in ("RGB", "BGR"):
+        raise typer.BadParameter("--layout is NCHW or NHWC; --channel-order is RGB or BGR")
+    if not image_size:
+        return None
+    h, w = (int(x) for x in _floats(image_size, "--image-size"))
+    return ImagePrep(h, w, layout, _floats(mean, "--mean"), _floats(std, "--std"), channel_order)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _progress(quiet: bool):
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True, disable=quiet or not err.is_terminal) as progress:
+        task = progress.add_task("loading model", total=None)
+        yield lambda message: progress.update(task, description=message)
+
+
+def _converter(work: Path, step, *, model: Path, calib: Path | None, eval_data: Path | None, eval_fraction: float,
+               synthetic_calibration: int, input_shape: list[str], prep, options):
+    from converters.calibration import load_dataset, split, synthetic_dataset
+    from converters.pipeline import Converter
+    from converters.source import load_source
+
+    source = load_source(model, work, input_shapes=_parse_shapes(input_shape))
+    step("reading calibration data")
+    data = synthetic_dataset(source.inputs, synthetic_calibration) if synthetic_calibration else \
+        load_dataset(calib, source.inputs, image_prep=prep)  # type: ignore[arg-type]
+    if eval_data is not None:
+        calibration, evaluation = data, load_dataset(eval_data, source.inputs, image_prep=prep)
+    else:
+        calibration, evaluation = split(data, eval_fraction)
+    return Converter(source, calibration, evaluation, work, options, progress=step)
+
+
+def _guarded(debug: bool, body) -> None:
+    """Run a command body, mapping errors to one line and an exit code."""
     try:
-        code = _convert(**locals())
+        code = body()
     except typer.Exit:
         raise
-    except typer.BadParameter as e:
-        raise _fail(str(e), EXIT_USAGE) from e
-    except ProfileError as e:
+    except (typer.BadParameter, ProfileError) as e:
         raise _fail(str(e), EXIT_USAGE) from e
     except ConvertError as e:
         if debug:
@@ -147,20 +197,14 @@ def _convert(*, model: Path, output: Path, profile: list[str], all_profiles: boo
              eval_data: Path | None, eval_fraction: float, synthetic_calibration: int, input_shape: list[str],
              image_size: str | None, layout: str, mean: str, std: str, channel_order: str,
              output_kind: list[str], latency_runs: int, as_json: bool, debug: bool) -> int:
-    from converters.calibration import ImagePrep, load_dataset, split, synthetic_dataset
     from converters.fidelity import OutputKind
-    from converters.pipeline import Converter, ConvertOptions
+    from converters.pipeline import ConvertOptions
     from converters.report import Status, summary_rows
-    from converters.source import load_source
 
     if all_profiles == bool(profile):
         raise typer.BadParameter("give --profile (one or more) or --all-profiles")
-    if (calib is None) == (synthetic_calibration == 0):
-        raise typer.BadParameter("give --calib DATA, or --synthetic-calibration N to calibrate on random data")
-    if not 0.0 < eval_fraction < 1.0:
-        raise typer.BadParameter("--eval-fraction must be between 0 and 1")
-    if layout not in ("NCHW", "NHWC") or channel_order not in ("RGB", "BGR"):
-        raise typer.BadParameter("--layout is NCHW or NHWC; --channel-order is RGB or BGR")
+    prep = _check_data_options(calib, synthetic_calibration, eval_fraction, image_size, layout, mean, std,
+                               channel_order)
     kinds = {}
     for item in output_kind:
         name, _, kind = item.partition("=")
@@ -170,31 +214,13 @@ def _convert(*, model: Path, output: Path, profile: list[str], all_profiles: boo
             raise typer.BadParameter(f"--output-kind {item!r}: kind is classification, sequence or regression")\
                 from None
     targets = [load_profile(p) for p in (builtin_profile_ids() if all_profiles else profile)]
-    prep = None
-    if image_size:
-        h, w = (int(x) for x in _floats(image_size, "--image-size"))
-        prep = ImagePrep(h, w, layout, _floats(mean, "--mean"), _floats(std, "--std"), channel_order)  # type: ignore[arg-type]
 
     output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fleet-convert-") as tmp, Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-            transient=True, disable=as_json or not err.is_terminal) as progress:
-        task = progress.add_task("loading model", total=None)
-
-        def step(message: str) -> None:
-            progress.update(task, description=message)
-
-        work = Path(tmp)
-        source = load_source(model, work, input_shapes=_parse_shapes(input_shape))
-        step("reading calibration data")
-        data = synthetic_dataset(source.inputs, synthetic_calibration) if synthetic_calibration else \
-            load_dataset(calib, source.inputs, image_prep=prep)  # type: ignore[arg-type]
-        if eval_data is not None:
-            calibration, evaluation = data, load_dataset(eval_data, source.inputs, image_prep=prep)
-        else:
-            calibration, evaluation = split(data, eval_fraction)
-        converter = Converter(source, calibration, evaluation, work,
-                              ConvertOptions(latency_runs=latency_runs, output_kinds=kinds), progress=step)
+    with tempfile.TemporaryDirectory(prefix="fleet-convert-") as tmp, _progress(as_json) as step:
+        converter = _converter(Path(tmp), step, model=model, calib=calib, eval_data=eval_data,
+                               eval_fraction=eval_fraction, synthetic_calibration=synthetic_calibration,
+                               input_shape=input_shape, prep=prep,
+                               options=ConvertOptions(latency_runs=latency_runs, output_kinds=kinds))
         reports = []
         for p in targets:
             step(f"{p.id}")
@@ -209,7 +235,7 @@ def _convert(*, model: Path, output: Path, profile: list[str], all_profiles: boo
 
 
 def _print_summary(reports, rows: list[dict[str, str]], output: Path) -> None:
-    colors = {"shippable": "green", "refused": "red", "failed": "red", "not_built": "yellow"}
+    colors = {"shippable": "green", "refused": "red", "failed": "red"}
     table = Table(title=f"fleet-convert → {output}")
     for col in rows[0] if rows else []:
         table.add_column(col, overflow="fold")
@@ -218,15 +244,170 @@ def _print_summary(reports, rows: list[dict[str, str]], output: Path) -> None:
     out.print(table)
     for r in reports:
         for reason in r.reasons:
-            out.print(f"  {r.profile} {r.format} {r.status.value}: {reason}", highlight=False)
+            out.print(f"  {r.profile} {r.format} {r.status.value}: {escape(reason)}", highlight=False)
     notes = sorted({n for r in reports for n in r.notes})
     for n in notes:
-        out.print(f"  note: {n}", highlight=False)
+        out.print(f"  note: {escape(n)}", highlight=False)
     for r in reports:
         if r.mixed_precision:
             mp = r.mixed_precision
-            out.print(f"  {r.profile}: mixed precision kept {len(mp.float_nodes)} node(s) in float — {mp.why}; "
+            out.print(f"  {r.profile}: mixed precision kept {len(mp.float_nodes)} node(s) in float — {escape(mp.why)}; "
                       f"cost {mp.size_cost_bytes / 1e3:+.1f} kB, {mp.latency_cost_ms:+.2f} ms", highlight=False)
+
+
+@app.command()
+def bundle(
+    model: Annotated[Path, typer.Argument(help="Source model: .onnx (external data allowed) or PyTorch .pt2.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.zip).")],
+    signing_key: Annotated[Path, typer.Option("--signing-key", help="The fleet's Ed25519 private key (PEM).")],
+    ios: Annotated[str, typer.Option("--ios", help="iOS profile id or .toml path.")] = "ios-a15",
+    android: Annotated[str, typer.Option("--android", help="Android profile id or .toml path.")] = "android-arm64",
+    name: Annotated[str | None, typer.Option(help="Model name in the bundle (default: the file's stem).")] = None,
+    model_version: Annotated[str, typer.Option(help="Model version recorded in the manifest.")] = "1.0.0",
+    labels: Annotated[Path | None, typer.Option(help="Class labels, one per line.")] = None,
+    calib: Annotated[Path | None, typer.Option("--calib", help=".npz, .npy, folder of .npy or of images.")]
+    = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Separate evaluation data (same formats).")]
+    = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of --calib held out for evaluation without --eval.")]
+    = 0.25,
+    synthetic_calibration: Annotated[int, typer.Option(
+        "--synthetic-calibration", help="Calibrate on N random samples (marked SYNTHETIC in the manifest).")] = 0,
+    input_shape: Annotated[list[str], typer.Option("--input-shape", help="Pin a dynamic input: name=1,3,224,224.")]
+    = [],  # noqa: B006
+    image_size: Annotated[str | None, typer.Option(help="Image folders: HEIGHT,WIDTH.")] = None,
+    layout: Annotated[str, typer.Option(help="Image folders: NCHW or NHWC.")] = "NCHW",
+    mean: Annotated[str, typer.Option(help="Image folders: per-channel mean after scaling to 0..1.")] = "0,0,0",
+    std: Annotated[str, typer.Option(help="Image folders: per-channel std after scaling to 0..1.")] = "1,1,1",
+    channel_order: Annotated[str, typer.Option(help="Image folders: RGB or BGR.")] = "RGB",
+    latency_runs: Annotated[int, typer.Option(help="Timed runs per model for the latency figures.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and library logs.")] = False,
+) -> None:
+    """Build a signed app bundle: Core ML for iOS + TFLite for Android, labels, reports, signed manifest."""
+    logging.basicConfig(level=logging.INFO if debug else logging.ERROR)
+    if not debug:
+        logging.getLogger().setLevel(logging.ERROR)
+    args = dict(locals())
+    _guarded(debug, lambda: _bundle(**args))
+
+
+def _bundle(*, model: Path, output: Path, signing_key: Path, ios: str, android: str, name: str | None,
+            model_version: str, labels: Path | None, calib: Path | None, eval_data: Path | None,
+            eval_fraction: float, synthetic_calibration: int, input_shape: list[str], image_size: str | None,
+            layout: str, mean: str, std: str, channel_order: str, latency_runs: int, as_json: bool,
+            debug: bool) -> int:
+    from converters.bundle import BundleError, Platform, manifest_for, write_bundle
+    from converters.pipeline import ARTIFACT_NAMES, ConvertOptions
+    from converters.report import library_versions, summary_rows
+    from firmware_profiles import ArtifactFormat
+    from fleet_protocol.errors import MalformedError
+    from fleet_protocol.keys import signer_from_pem
+
+    prep = _check_data_options(calib, synthetic_calibration, eval_fraction, image_size, layout, mean, std,
+                               channel_order)
+    name = name or model.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise typer.BadParameter(f"--name {name!r}: letters, digits, '.', '_' and '-' only (it names files)")
+    try:
+        signer = signer_from_pem(signing_key.read_bytes())
+    except (OSError, MalformedError) as e:
+        raise typer.BadParameter(f"--signing-key {signing_key}: {e}") from e
+    label_list = _read_labels(labels) if labels else []
+    wanted = [("ios", load_profile(ios), ArtifactFormat.COREML_INT8),
+              ("android", load_profile(android), ArtifactFormat.TFLITE_INT8)]
+    for key, p, fmt in wanted:
+        if fmt not in {a.format for a in p.artifacts}:
+            raise typer.BadParameter(f"--{key} {p.id}: the profile declares no {fmt.value} artifact")
+    with tempfile.TemporaryDirectory(prefix="fleet-bundle-") as tmp, _progress(as_json) as step:
+        work = Path(tmp)
+        options = ConvertOptions(latency_runs=latency_runs, model_name=name, model_version=model_version,
+                                 labels=tuple(label_list))
+        converter = _converter(work / "work", step, model=model, calib=calib, eval_data=eval_data,
+                               eval_fraction=eval_fraction, synthetic_calibration=synthetic_calibration,
+                               input_shape=input_shape, prep=prep, options=options)
+        platforms = []
+        for key, p, fmt in wanted:
+            step(f"{key}: {p.id}")
+            report = next(r for r in converter.convert(p, work / "out") if r.format == fmt.value)
+            platforms.append(Platform(key, report, work / "out" / p.id / ARTIFACT_NAMES[fmt]))
+        step("signing the bundle")
+        try:
+            manifest, members = manifest_for(name, model_version, platforms, labels=label_list, prep=prep,
+                                             converter_versions=library_versions())
+        except BundleError as e:
+            _print_summary([pl.report for pl in platforms], summary_rows([pl.report for pl in platforms]), output)
+            raise _fail(str(e), EXIT_REFUSED) from e
+        digest = write_bundle(output, manifest, members, signer)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        _print_summary([pl.report for pl in platforms], summary_rows([pl.report for pl in platforms]), output)
+        out.print(f"bundle {output} ({output.stat().st_size / 1e6:.2f} MB, sha256 {digest}) signed by key "
+                  f"{signer.public_key.keyid[:16]}…", highlight=False)
+    return EXIT_OK
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"--labels {path}: {e}") from e
+    labels = [ln for ln in lines if ln]
+    if not labels:
+        raise typer.BadParameter(f"--labels {path}: no labels (one per line)")
+    return labels
+
+
+@app.command("verify-bundle")
+def verify_bundle_cmd(
+    path: Annotated[Path, typer.Argument(help="The bundle (.zip).")],
+    public_key: Annotated[list[Path], typer.Option("--public-key", help="A trusted Ed25519 public key (PEM); "
+                                                   "repeatable.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verified manifest as JSON.")] = False,
+) -> None:
+    """Verify a bundle: signature by a trusted key, every member's hash, nothing unlisted."""
+    from converters.bundle import verify_bundle
+    from fleet_protocol.errors import MalformedError
+    from fleet_protocol.keys import key_from_public_pem
+
+    def body() -> int:
+        try:
+            keys = [key_from_public_pem(p.read_bytes()) for p in public_key]
+        except (OSError, MalformedError) as e:
+            raise typer.BadParameter(f"--public-key: {e}") from e
+        manifest = verify_bundle(path, keys)
+        if as_json:
+            print(json.dumps(manifest, indent=2))
+        else:
+            m = manifest["model"]
+            out.print(f"[green]verified[/] {path}: {m['name']} {m['version']}, {len(manifest['files'])} files",
+                      highlight=False)
+            for key, entry in manifest["platforms"].items():
+                out.print(f"  {key}: {entry['artifact']} ({entry['format']}, {entry['profile']}) "
+                          f"sha256 {entry['sha256'][:16]}…", highlight=False)
+        return EXIT_OK
+
+    _guarded(False, body)
+
+
+@app.command()
+def keygen(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for fleet-signing.pem and .pub.pem.")],
+) -> None:
+    """Create an Ed25519 signing key pair for bundles (the private key is written with 0600 permissions)."""
+    from fleet_protocol.keys import generate_signer, public_pem, signer_to_pem
+
+    output.mkdir(parents=True, exist_ok=True)
+    private, public = output / "fleet-signing.pem", output / "fleet-signing.pub.pem"
+    if private.exists():
+        raise _fail(f"{private} exists; refusing to overwrite a signing key", EXIT_USAGE)
+    signer = generate_signer()
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(signer_to_pem(signer))
+    public.write_bytes(public_pem(signer))
+    out.print(f"wrote {private} (keep it secret) and {public}; key id {signer.public_key.keyid}", highlight=False)
 
 
 def main() -> None:

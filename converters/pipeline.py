@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converters import onnx_int8, runtime, tflite_int8
+from converters import coreml_int8, onnx_int8, runtime, tflite_int8
 from converters.calibration import DataSet
 from converters.errors import QuantizationError
-from converters.fidelity import OutputFidelity, OutputKind, output_fidelity
+from converters.fidelity import OutputFidelity, OutputKind, cosine_per_sample, output_fidelity
 from converters.gate import Check, Measured, failed, fixable, judge
 from converters.report import (
     ArtifactReport,
+    CoremlInfo,
     DataInfo,
     LatencyInfo,
     MixedPrecision,
@@ -40,7 +41,8 @@ from firmware_profiles import ArtifactFormat, ArtifactTarget, Profile, Quantizat
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx", ArtifactFormat.TFLITE_INT8: "model.int8.tflite"}
+ARTIFACT_NAMES = {ArtifactFormat.ONNX_INT8: "model.int8.onnx", ArtifactFormat.TFLITE_INT8: "model.int8.tflite",
+                  ArtifactFormat.COREML_INT8: "model.int8.mlpackage"}
 LATENCY_WHERE = {
     ArtifactFormat.ONNX_INT8: f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1",
     ArtifactFormat.TFLITE_INT8: f"host CPU ({platform.machine()}), LiteRT (XNNPACK), FP32 vs INT8 .tflite, batch 1",
@@ -58,6 +60,11 @@ class ConvertOptions:
     max_rounds: int = 6  # mixed-precision attempts per scheme, beyond the all-INT8 one
     sensitivity_samples: int = 16
     output_kinds: dict[str, OutputKind] = field(default_factory=dict)
+    # What the artifact says about itself (Core ML metadata, bundle manifests).
+    model_name: str = "model"
+    model_version: str = "0.0.0"
+    author: str = "edgefleet fleet-convert"
+    labels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Converter:
         self._attempts: dict[tuple[str, frozenset[str]], Attempt] = {}
         self._rankings: dict[str, list[str]] = {}
         self._tflite: dict[tuple[str, bool], tuple[tflite_int8.TfliteBuild, Attempt] | QuantizationError] = {}
+        self._coreml: dict[int, coreml_int8.CoremlBuild | QuantizationError] = {}
         self.kinds = onnx_int8.output_kinds(source.path, self.options.output_kinds)
 
     # ------------------------------------------------------------------ shared work
@@ -146,22 +154,15 @@ class Converter:
 
     def convert(self, profile: Profile, outdir: Path) -> list[ArtifactReport]:
         reports = []
-        builders = {ArtifactFormat.ONNX_INT8: self._convert_onnx, ArtifactFormat.TFLITE_INT8: self._convert_tflite}
+        builders = {ArtifactFormat.ONNX_INT8: self._convert_onnx, ArtifactFormat.TFLITE_INT8: self._convert_tflite,
+                    ArtifactFormat.COREML_INT8: self._convert_coreml}
         for target in profile.artifacts:
-            build = builders.get(target.format)
-            if build is None:
-                report = ArtifactReport(
-                    profile=profile.id, profile_version=profile.version, format=target.format.value,
-                    status=Status.NOT_BUILT, shippable=False,
-                    reasons=[f"{target.format.value} is not built by this converter yet "
-                             f"(runtime {target.runtime} {target.runtime_versions})"])
-            else:
-                try:
-                    report = build(profile, target, outdir / profile.id)
-                except QuantizationError as e:
-                    report = ArtifactReport(profile=profile.id, profile_version=profile.version,
-                                            format=target.format.value, status=Status.FAILED, shippable=False,
-                                            reasons=[str(e)], source=self._source_info())
+            try:
+                report = builders[target.format](profile, target, outdir / profile.id)
+            except QuantizationError as e:
+                report = ArtifactReport(profile=profile.id, profile_version=profile.version,
+                                        format=target.format.value, status=Status.FAILED, shippable=False,
+                                        reasons=[str(e)], source=self._source_info())
             report.write(outdir / profile.id / f"{target.format.value}.report.json")
             reports.append(report)
         return reports
@@ -272,6 +273,67 @@ class Converter:
             report.notes.append(f"ops left in float in the INT8 model: {', '.join(build.float_ops)}")
         return report
 
+    # ------------------------------------------------------------------ Core ML
+
+    def _coreml_build(self, ios: int) -> coreml_int8.CoremlBuild:
+        if ios not in self._coreml:
+            self._progress(f"converting to Core ML (iOS {ios}+)")
+            try:
+                self._coreml[ios] = coreml_int8.build(self.source, self.evaluation.samples, self.workdir, ios=ios,
+                                                      metadata=self._coreml_metadata())
+            except QuantizationError as e:
+                self._coreml[ios] = e
+        found = self._coreml[ios]
+        if isinstance(found, QuantizationError):
+            raise found
+        return found
+
+    def _coreml_metadata(self) -> dict:
+        o = self.options
+        return {
+            "author": o.author, "version": o.model_version, "labels": list(o.labels),
+            "short_description": f"{o.model_name} {o.model_version}: 8-bit weights, converted by edgefleet from "
+                                 f"ONNX (sha256 {self.source.sha256[:16]}…)",
+            "input_descriptions": {i.name: f"{i.describe()}, layout as in the source model"
+                                   for i in self.source.inputs},
+            "output_descriptions": {o_.name: f"{o_.describe()} ({self.kinds[o_.name].value})"
+                                    for o_ in self.source.outputs},
+            "user": {"edgefleet.model": o.model_name, "edgefleet.source_sha256": self.source.sha256,
+                     "edgefleet.calibration_sha256": self.calibration.sha256()},
+        }
+
+    def _convert_coreml(self, profile: Profile, target: ArtifactTarget, outdir: Path) -> ArtifactReport:
+        build = self._coreml_build(coreml_int8.ios_version(target.runtime_versions))
+        facts = build.structure
+        route = min(float(cosine_per_sample(self.fp32_outputs[n], build.torch_fp32[n]).min())
+                    for n in self.fp32_outputs)
+        outputs = [output_fidelity(n, self.kinds[n], ref, build.judged[n]) for n, ref in self.fp32_outputs.items()]
+        size = coreml_int8.package_bytes(build.package)
+        stats = onnx_int8.WeightStats(facts["int8_weight_tensors"], facts["int8_weight_elements"],
+                                      len(facts["float_weight_tensors"]), facts["float_weight_elements"], 0, 0)
+        attempt = Attempt(onnx_int8.Quantized(build.package, True, [], list(build.notes)), stats, size, outputs)
+        checks = self._judge(profile, attempt, with_latency=False)
+        checks.append(Check(name="PyTorch route cosine vs ONNX", value=route, bound=coreml_int8.ROUTE_MIN_COSINE,
+                            passed=route >= coreml_int8.ROUTE_MIN_COSINE,
+                            detail="" if route >= coreml_int8.ROUTE_MIN_COSINE else
+                            "the ONNX → PyTorch translation changed the model's numbers"))
+        for problem in coreml_int8.structural_problems(self.source, facts, self.evaluation.samples[0]):
+            checks.append(Check(name="package structure", value=None, bound=None, passed=False, detail=problem))
+        report = self._finish(profile, target, attempt, checks, None, outdir)
+        total = facts["int8_weight_elements"] + facts["float_weight_elements"]
+        report.coreml = CoremlInfo(
+            minimum_ios=build.ios, model_type=facts["model_type"], spec_version=facts["spec_version"],
+            inputs=facts["inputs"], outputs=facts["outputs"], int8_weight_tensors=facts["int8_weight_tensors"],
+            int8_weight_fraction=facts["int8_weight_elements"] / total if total else 0.0,
+            float_weight_tensors=facts["float_weight_tensors"], ops=facts["ops"], pytorch_route_cosine=route,
+            numeric_fidelity_measured=build.predicted, fidelity_measured_by=build.measured_by,
+            conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
+        if not build.predicted:
+            report.notes.append("Core ML numeric fidelity was not measured on this host (prediction needs macOS); "
+                                f"the fidelity figures are {build.measured_by}; the package's structure was "
+                                "validated (loads, interface matches the source, 8-bit weights)")
+        return report
+
     def _fidelity_plans(self, scheme: QuantizationScheme, full: Attempt) -> list[tuple[str, frozenset[str]]]:
         """Mixed-range output tails first, then the most damaged tensors: 1, 2, 4, ... of them."""
         plans: list[tuple[str, frozenset[str]]] = []
@@ -336,23 +398,24 @@ class Converter:
                                 threads=self.options.threads, regression=lat.ratio > 1.0,
                                 where=LATENCY_WHERE[target.format]) if lat else None,
             fidelity=a.outputs, mixed_precision=mixed, checks=checks,
-            notes=[*self.source.notes, *self.prepared.notes, *a.quantized.notes, *self.calibration.notes,
-                   *self._fallback_notes(scheme)])
+            notes=[*self.source.notes, *(self._prepared.notes if self._prepared else []), *a.quantized.notes,
+                   *self.calibration.notes,
+                   *(self._fallback_notes(scheme) if a.quantized.excluded else [])])
         if a.stats.subgraph_float_elements:
             report.notes.append(f"{a.stats.subgraph_float_elements} weights inside If/Loop/Scan subgraphs stay "
                                 "float (the quantizer does not enter control flow)")
         if lat and lat.ratio > 1.0:
             report.notes.append(f"latency regression: INT8 {lat.int8_ms:.2f} ms vs FP32 {lat.fp32_ms:.2f} ms on this "
                                 f"CPU; profile policy '{profile.fidelity.latency_regression.value}'")
+        dest = outdir / ARTIFACT_NAMES[target.format]
         if not bad:
-            dest = outdir / ARTIFACT_NAMES[target.format]
             _copy_model(a.quantized.path, dest)
             report.artifact = dest.name
-            report.artifact_sha256 = sha256_file(dest)
-        else:
-            stale = outdir / ARTIFACT_NAMES[target.format]
-            if stale.exists():  # never leave an earlier run's artifact beside a refusal
-                stale.unlink()
+            report.artifact_sha256 = coreml_int8.tree_sha256(dest) if dest.is_dir() else sha256_file(dest)
+        elif dest.is_dir():  # never leave an earlier run's artifact beside a refusal
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
         return report
 
     def _fallback_notes(self, scheme: QuantizationScheme) -> list[str]:
@@ -377,7 +440,14 @@ def _data_info(d: DataSet) -> DataInfo:
 
 def _copy_model(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if src.suffix != ".onnx" or len(model_files(src)) == 1:
+    if src.is_dir():  # a Core ML package: replace the whole tree
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    elif src.suffix != ".onnx" or len(model_files(src)) == 1:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(src, tmp)
         tmp.replace(dest)

@@ -16,7 +16,6 @@ from converters.gate import Check
 class Status(StrEnum):
     SHIPPABLE = "shippable"
     REFUSED = "refused"  # measured and below the floor (or nothing quantized, or too big): not shipped
-    NOT_BUILT = "not_built"  # a format the profile declares that this converter cannot produce yet
     FAILED = "failed"  # the quantizer itself failed on this profile
 
 
@@ -78,6 +77,23 @@ class TfliteInfo(BaseModel):
     runtime: str = "LiteRT (ai-edge-litert), XNNPACK delegate on CPU"
 
 
+class CoremlInfo(BaseModel):
+    minimum_ios: int
+    model_type: str
+    spec_version: int
+    inputs: dict[str, dict]  # name → shape and dtype, as the app feeds them
+    outputs: dict[str, dict]
+    int8_weight_tensors: int
+    int8_weight_fraction: float  # of weight elements stored in blobs
+    float_weight_tensors: list[str]  # above the quantization threshold: should be none
+    ops: dict[str, int]
+    pytorch_route_cosine: float  # the intermediate FP32 PyTorch model against the ONNX model (worst output)
+    numeric_fidelity_measured: bool  # False: Core ML itself could not run on this host
+    fidelity_measured_by: str
+    conversion_seconds: float
+    conversion_peak_rss_mb: float
+
+
 class MixedPrecision(BaseModel):
     float_nodes: list[str]
     float_node_fraction: float
@@ -106,6 +122,7 @@ class ArtifactReport(BaseModel):
     fidelity: list[OutputFidelity] = []
     mixed_precision: MixedPrecision | None = None
     tflite: TfliteInfo | None = None
+    coreml: CoremlInfo | None = None
     checks: list[Check] = []
     notes: list[str] = []
     versions: dict[str, str] = Field(default_factory=lambda: library_versions())
@@ -119,7 +136,8 @@ class ArtifactReport(BaseModel):
 
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("edgefleet", "onnx", "onnxruntime", "numpy", "torch"):
+    for dist in ("edgefleet", "onnx", "onnxruntime", "numpy", "torch", "tensorflow-cpu", "onnx2tf", "ai-edge-litert",
+                 "coremltools", "onnx2torch"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -141,6 +159,7 @@ def summary_rows(reports: list[ArtifactReport]) -> list[dict[str, str]]:
             "top-1": f"{min(top1):.2%}" if top1 else "-",
             "latency": f"{r.latency.fp32_ms:.2f}→{r.latency.int8_ms:.2f} ms ({r.latency.ratio:.2f}×)"
             if r.latency else "-",
-            "float nodes": str(len(r.mixed_precision.float_nodes)) if r.mixed_precision else "0",
+            "float nodes": str(len(r.mixed_precision.float_nodes)) if r.mixed_precision else
+            (f"ops: {', '.join(r.tflite.float_ops)}" if r.tflite and r.tflite.float_ops else "0"),
         })
     return rows

@@ -92,7 +92,59 @@ def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> tuple[byte
                 from e
         notes.append(f"full-integer conversion failed ({first}); kept the ops it cannot quantize in float")
         int8 = int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
+    denied: list[str] = []
+    while (refused := _refused_kernel(int8, calib)) is not None:
+        op, message = refused
+        if not job["allow_float_ops"]:
+            raise RuntimeError(f"LiteRT's INT8 {op} kernel fails on this model ({message}) and the profile allows "
+                               "no float ops")
+        if op in denied or len(denied) >= MAX_DENIED_OPS:
+            raise RuntimeError(f"LiteRT's INT8 kernels fail on this model even with {', '.join(denied)} in float: "
+                               f"{message}")
+        denied.append(op)
+        int8 = _quantize_denying(int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]),
+                                 denied, job["io_type"])
+        notes.append(f"LiteRT's INT8 {op} kernel refused this model at inference ({message}); {op} kept in float")
     return fp32, int8, notes
+
+
+MAX_DENIED_OPS = 4
+
+
+def _refused_kernel(tflite: bytes, calib: dict) -> tuple[str, str] | None:
+    """Run the model once with LiteRT: (op, message) when a kernel refuses to invoke, else None."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=tflite).get_signature_runner()
+    feed = {}
+    for name, d in runner.get_input_details().items():
+        x = calib[name][0]
+        if d["dtype"] == np.int8:
+            scale, zero = d["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+        feed[name] = x
+    try:
+        runner(**feed)
+    except RuntimeError as e:  # "tflite/kernels/div.cc:262 data[i] != zero_point ... Node number 66 (DIV) failed"
+        found = re.search(r"Node number \d+ \((\w+)\) failed to invoke", str(e))
+        if found is None:
+            raise
+        return found.group(1), str(e).split(".Node number")[0].strip()[:160]
+    return None
+
+
+def _quantize_denying(converter, ops: list[str], io_type: str) -> bytes:
+    """Calibrate, then quantize every op except ``ops`` (TF's MLIR quantizer, as its QuantizationDebugger does)."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert as tf_convert
+
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True  # the documented route of tf.lite.experimental.QuantizationDebugger
+    calibrated = converter.convert()
+    io = tf.int8 if io_type == "int8" else tf.float32
+    return tf_convert.mlir_quantize(calibrated, fully_quantize=io_type == "int8", input_data_type=io,
+                                    output_data_type=io, denylisted_ops=ops)
 
 
 def run(job: dict) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from fleet_protocol.errors import MalformedError
@@ -28,3 +28,19 @@ def signer_from_pem(pem: bytes) -> CryptoSigner:
         raise MalformedError("fleet signing keys are Ed25519")
     return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
 
+
+
+def public_pem(signer: CryptoSigner) -> bytes:
+    """The public half as SubjectPublicKeyInfo PEM: what verifiers pin."""
+    return signer._private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_from_public_pem(pem: bytes) -> SSlibKey:
+    try:
+        public = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError) as e:
+        raise MalformedError(f"not a PEM public key: {e}") from e
+    if not isinstance(public, Ed25519PublicKey):
+        raise MalformedError("fleet signing keys are Ed25519")
+    return SSlibKey.from_crypto(public)

@@ -1,0 +1,283 @@
+"""ONNX → Core ML ``.mlpackage`` with 8-bit weights, run as a child process: ``python -m converters.coreml_worker JOB``.
+
+The route is ONNX → PyTorch (``onnx2torch``) → TorchScript trace → ``coremltools.convert`` (ML program, FP16
+compute) → ``linear_quantize_weights`` (INT8, per channel, symmetric). coremltools cannot run a model on Linux, so
+the worker also measures what the host can measure:
+
+* the PyTorch model against itself with every weight quantized the way Core ML stores it and FP16 compute (Core ML's
+  default precision on the GPU and Neural Engine) — a host-side simulation, labelled as such in the report;
+* the structure of the saved package: it loads, its inputs and outputs are the source's, its weights are 8-bit.
+
+On macOS the worker also predicts with the package itself, and those outputs are the ones judged.
+
+The package is written reproducibly: coremltools stamps a conversion date, serialises protobuf maps in hash order
+and names its items with random UUIDs; the worker drops the date, re-serialises deterministically and derives the
+item identifiers from their paths. Same inputs, same bytes.
+
+JOB is a JSON file: {"onnx", "out", "samples" (npz: ``s{i}_{k}`` = sample i, input k), "inputs" [names],
+"outputs" [names], "target" (minimum iOS, e.g. 16), "metadata" {author, version, short_description, labels,
+input_descriptions, output_descriptions, user}}. The result is written to ``out/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+import types
+import uuid
+from pathlib import Path
+
+WEIGHT_THRESHOLD = 512  # tensors with no more elements (biases, norms) stay FP16, as coremltools' default does
+PACKAGE_NAME = "model.int8.mlpackage"
+WEIGHT_TYPES = {"constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
+                "const"}
+
+
+def _isolate_imports() -> None:
+    """Keep TensorFlow out (coremltools imports it when present: seconds of startup, and its LLVM clashes with
+    torch's) and stand in for torchvision, which ``onnx2torch`` imports for NMS / RoiAlign only: the CPU torch wheel
+    has no matching torchvision, so those two ops report themselves unsupported instead of breaking the import."""
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        import torchvision.ops  # noqa: F401
+    except Exception:  # absent, or a build for another torch
+        tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+
+        def unavailable(*_args, **_kwargs):
+            raise NotImplementedError("NonMaxSuppression / RoiAlign need torchvision, which is not installed")
+
+        ops.nms = ops.roi_align = ops.box_convert = unavailable  # type: ignore[attr-defined]
+        tv.ops = ops  # type: ignore[attr-defined]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = tv, ops
+
+
+def _load_samples(path: str, n_inputs: int) -> list[list]:
+    import numpy as np
+
+    with np.load(path) as z:
+        count = len(z.files) // n_inputs
+        return [[z[f"s{i}_{k}"] for k in range(n_inputs)] for i in range(count)]
+
+
+def _to_torch(onnx_path: str):
+    import re
+
+    import onnx
+    import onnx2torch
+
+    try:
+        return onnx2torch.convert(onnx.load(onnx_path)).eval()
+    except NotImplementedError as e:  # "Converter is not implemented (OperationDescription(... 'GRU', version=14))"
+        op = re.search(r"operation_type='(\w+)', version=(\d+)", str(e))
+        what = f"{op.group(1)} (opset {op.group(2)})" if op else str(e)
+        raise RuntimeError(f"the Core ML route (ONNX → PyTorch → Core ML) has no conversion for {what}") from e
+
+
+def _quantize_like_coreml(module):
+    """A copy of ``module`` whose weights went through Core ML's INT8 round trip.
+
+    Conv and Linear weights are quantized per output channel, symmetric, as ``linear_quantize_weights`` stores them;
+    any other constant above the threshold per tensor, which is coarser than Core ML's per-channel choice and
+    so errs on the pessimistic side.
+    """
+    import copy
+
+    import torch
+
+    q = copy.deepcopy(module)
+    per_channel = {id(m.weight): (1 if isinstance(m, torch.nn.modules.conv._ConvTransposeNd) else 0)
+                   for m in q.modules()
+                   if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear) and m.weight is not None}
+    with torch.no_grad():
+        for t in [*q.parameters(), *q.buffers()]:
+            if not t.is_floating_point() or t.numel() <= WEIGHT_THRESHOLD:
+                continue
+            axis = per_channel.get(id(t))
+            if axis is None:
+                peak = t.abs().max()
+            else:
+                dims = [d for d in range(t.ndim) if d != axis]
+                peak = t.abs().amax(dim=dims, keepdim=True)
+            scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+            t.copy_(torch.clamp(torch.round(t / scale), -127, 127) * scale)
+    return q
+
+
+def _run_torch(module, samples: list[list], *, half: bool) -> list[list]:
+    import torch
+
+    m = module.half() if half else module
+    outs = []
+    with torch.no_grad():
+        for s in samples:
+            args = [torch.from_numpy(v).half() if half and v.dtype.kind == "f" else torch.from_numpy(v) for v in s]
+            got = m(*args)
+            got = list(got) if isinstance(got, list | tuple) else [got]
+            outs.append([g.float().numpy() for g in got])
+    return outs
+
+
+def _save_outputs(path: Path, runs: list[list]) -> None:
+    import numpy as np
+
+    np.savez(path, **{str(k): np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))})
+
+
+def _convert(job: dict, torch_model, example: list):
+    import coremltools as ct
+    import torch
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    with torch.no_grad():
+        traced = torch.jit.trace(torch_model, tuple(torch.from_numpy(v) for v in example))
+    target = getattr(ct.target, f"iOS{job['target']}")
+    mlmodel = ct.convert(
+        traced, convert_to="mlprogram", minimum_deployment_target=target,
+        inputs=[ct.TensorType(name=n, shape=v.shape, dtype=v.dtype) for n, v in zip(job["inputs"], example,
+                                                                                      strict=True)],
+        outputs=[ct.TensorType(name=n) for n in job["outputs"]])
+    config = OptimizationConfig(global_config=OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD))
+    return linear_quantize_weights(mlmodel, config)
+
+
+def _describe(mlmodel, meta: dict) -> None:
+    mlmodel.author = meta.get("author") or ""
+    mlmodel.version = meta.get("version") or ""
+    mlmodel.short_description = meta.get("short_description") or ""
+    for name, text in (meta.get("input_descriptions") or {}).items():
+        mlmodel.input_description[name] = text
+    for name, text in (meta.get("output_descriptions") or {}).items():
+        mlmodel.output_description[name] = text
+    user = dict(meta.get("user") or {})
+    if meta.get("labels"):
+        user["edgefleet.labels"] = json.dumps(meta["labels"])
+    for k, v in user.items():
+        mlmodel.user_defined_metadata[k] = v
+
+
+def make_reproducible(package: Path) -> None:
+    """Drop the conversion date, serialise the spec deterministically, derive item ids from their paths."""
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries, root = manifest["itemInfoEntries"], manifest["rootModelIdentifier"]
+    ids = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "edgefleet:" + e["path"])).upper() for old, e in entries.items()}
+    spec_file = package / "Data" / entries[root]["path"]
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec.description.metadata.userDefined.pop("com.github.apple.coremltools.conversion_date", None)
+    spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    manifest = {"fileFormatVersion": manifest["fileFormatVersion"],
+                "itemInfoEntries": {ids[k]: entries[k] for k in sorted(entries, key=lambda k: ids[k])},
+                "rootModelIdentifier": ids[root]}
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
+
+
+def structure(package: Path) -> dict:
+    """What can be validated without running the package: it loads, its interface, its weights' types."""
+    from coremltools.models.utils import load_spec
+    from coremltools.proto import MIL_pb2
+
+    spec = load_spec(str(package))
+    kind = spec.WhichOneof("Type")
+    facts: dict = {"spec_version": spec.specificationVersion, "model_type": kind, "inputs": {}, "outputs": {},
+                   "int8_weight_elements": 0, "float_weight_elements": 0, "float_weight_tensors": [],
+                   "int8_weight_tensors": 0, "ops": {}}
+    for i in spec.description.input:
+        a = i.type.multiArrayType
+        facts["inputs"][i.name] = {"shape": list(a.shape), "dtype": _array_dtype(a.dataType)}
+    for o in spec.description.output:
+        a = o.type.multiArrayType
+        facts["outputs"][o.name] = {"shape": list(a.shape), "dtype": _array_dtype(a.dataType)}
+    if kind != "mlProgram":
+        return facts
+    fn = spec.mlProgram.functions["main"]
+    facts["opset"] = fn.opset
+    for op in fn.block_specializations[fn.opset].operations:
+        facts["ops"][op.type] = facts["ops"].get(op.type, 0) + 1
+        if op.type not in WEIGHT_TYPES:
+            continue
+        value = op.attributes.get("quantized_data") or op.attributes.get("data") or op.attributes.get("val")
+        if value is None or value.WhichOneof("value") != "blobFileValue":
+            continue
+        tensor = value.type.tensorType
+        elements = 1
+        for d in tensor.dimensions:
+            elements *= d.constant.size
+        dtype = MIL_pb2.DataType.Name(tensor.dataType)
+        if op.type == "const" and dtype in ("FLOAT16", "FLOAT32"):
+            facts["float_weight_elements"] += elements
+            if elements > WEIGHT_THRESHOLD:
+                facts["float_weight_tensors"].append(f"{op.outputs[0].name} {dtype} {elements}")
+        elif dtype in ("INT8", "UINT8"):
+            facts["int8_weight_elements"] += elements
+            facts["int8_weight_tensors"] += 1
+    return facts
+
+
+def _array_dtype(code: int) -> str:
+    from coremltools.proto import FeatureTypes_pb2
+
+    return FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(code).lower()
+
+
+def _predict(package: Path, names: list[str], samples: list[list], outputs: list[str]) -> list[list]:
+    """macOS only: the package's own outputs."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(package))
+    return [[model.predict(dict(zip(names, s, strict=True)))[o] for o in outputs] for s in samples]
+
+
+def run(job: dict) -> dict:
+    _isolate_imports()
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    samples = _load_samples(job["samples"], len(job["inputs"]))
+    torch_model = _to_torch(job["onnx"])
+    notes = []
+    _save_outputs(out / "torch_fp32.npz", _run_torch(torch_model, samples, half=False))
+    simulated = _quantize_like_coreml(torch_model)
+    try:
+        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=True))
+        simulation = "INT8 weights (Core ML's per-channel round trip), FP16 compute, PyTorch on this host"
+    except RuntimeError as e:  # an op without a CPU FP16 kernel in this torch build
+        simulated = _quantize_like_coreml(torch_model)  # .half() converted the first copy in place
+        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=False))
+        simulation = "INT8 weights (Core ML's per-channel round trip), FP32 compute, PyTorch on this host"
+        notes.append(f"FP16 compute could not be simulated on this host ({str(e).splitlines()[0][:120]})")
+    mlmodel = _convert(job, torch_model, samples[0])
+    _describe(mlmodel, job.get("metadata") or {})
+    package = out / PACKAGE_NAME
+    mlmodel.save(str(package))
+    make_reproducible(package)
+    result = {"mlpackage": str(package), "structure": structure(package),
+              "torch_fp32": str(out / "torch_fp32.npz"), "simulated": str(out / "simulated.npz"),
+              "simulation": simulation, "notes": notes, "predicted": None}
+    if sys.platform == "darwin":
+        _save_outputs(out / "predicted.npz", _predict(package, job["inputs"], samples, job["outputs"]))
+        result["predicted"] = str(out / "predicted.npz")
+    return result
+
+
+def main() -> int:
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+    job = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(job["out"])
+    try:
+        result = {"ok": True, **run(job)}
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
+                  "traceback": traceback.format_exc()[-4000:]}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / "result.json").write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

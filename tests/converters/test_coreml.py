@@ -1,0 +1,115 @@
+"""Core ML 8-bit packages through the real toolchain (onnx2torch → coremltools), checked structurally.
+
+coremltools cannot predict on Linux, so the checks here are what the report promises instead: the package loads,
+its interface is the source's, its weights are INT8, and its figures are labelled as a host simulation."""
+
+import json
+
+import numpy as np
+import pytest
+from coremltools.models.utils import load_spec
+from coremltools.proto import MIL_pb2
+
+from converters.coreml_int8 import structural_problems, tree_sha256
+from converters.report import Status
+from converters.source import load_source
+from tests import zoo
+
+from .test_convert import convert, samples_for, strict_profile
+
+pytestmark = pytest.mark.slow
+
+MODELS = {  # size bound: INT8 weights plus FP16 biases, scales and blob alignment
+    "mobilenet": (lambda d: zoo.mobilenet_like(d / "mobilenet.onnx"), 0.32),
+    "transformer": (lambda d: zoo.transformer_block(d / "transformer.onnx"), 0.36),
+    "two_in_two_out": (lambda d: zoo.two_in_two_out(d / "two.onnx"), 0.40),
+    "dynamic_batch": (lambda d: zoo.mobilenet_like(d / "dyn.onnx", dynamic_batch=True), 0.32),
+}
+
+
+def coreml_report(reports):
+    return next(r for r in reports if r.format == "coreml-int8")
+
+
+def weight_dtypes(package):
+    """dtype name → element count over the ML program's blob-stored constants, read from the spec itself."""
+    spec = load_spec(str(package))
+    fn = spec.mlProgram.functions["main"]
+    counts = {}
+    for op in fn.block_specializations[fn.opset].operations:
+        for attr in ("quantized_data", "val"):
+            v = op.attributes.get(attr)
+            if v is not None and v.WhichOneof("value") == "blobFileValue":
+                t = v.type.tensorType
+                n = int(np.prod([d.constant.size for d in t.dimensions]))
+                name = MIL_pb2.DataType.Name(t.dataType)
+                counts[name] = counts.get(name, 0) + n
+    return spec, counts
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_become_8bit_packages_with_the_source_interface(name, tmp_path):
+    build, max_ratio = MODELS[name]
+    model = build(tmp_path)
+    reports, ev = convert(model, samples_for(model, 24), tmp_path, ["ios-a15"], model_name=name,
+                          model_version="1.2.3", labels=("cat", "dog"))
+    r = coreml_report(reports)
+    assert r.status is Status.SHIPPABLE, r.reasons
+    package = tmp_path / "out" / "ios-a15" / "model.int8.mlpackage"
+    assert r.artifact == package.name and r.artifact_sha256 == tree_sha256(package)
+    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    assert size == r.size.int8_bytes and size / model.stat().st_size <= max_ratio
+    spec, counts = weight_dtypes(package)
+    # most weight bytes are INT8; what is left in FP16 is biases and scales (small tensors)
+    assert counts["INT8"] / sum(counts.values()) >= 0.9, counts
+    source = load_source(model, tmp_path / "inspect")
+    assert [i.name for i in spec.description.input] == [i.name for i in source.inputs]
+    assert [list(i.type.multiArrayType.shape) for i in spec.description.input] == \
+        [list(ev.samples[0][i.name].shape) for i in source.inputs]
+    assert sorted(o.name for o in spec.description.output) == sorted(o.name for o in source.outputs)
+    meta = spec.description.metadata
+    assert meta.author == "edgefleet fleet-convert" and meta.versionString == "1.2.3"
+    assert json.loads(meta.userDefined["edgefleet.labels"]) == ["cat", "dog"]
+    assert meta.userDefined["edgefleet.source_sha256"] == r.source.sha256
+    assert "com.github.apple.coremltools.conversion_date" not in meta.userDefined  # reproducible bytes
+    assert all(i.shortDescription for i in spec.description.input)
+    # honest about what Linux cannot measure
+    assert r.coreml.numeric_fidelity_measured is False and r.coreml.fidelity_measured_by.startswith("simulated")
+    assert any("not measured on this host" in n for n in r.notes)
+    assert r.coreml.pytorch_route_cosine >= 0.9999 and r.latency is None
+    assert min(o.cosine for o in r.fidelity) >= 0.99
+    assert r.coreml.float_weight_tensors == [] and r.coreml.minimum_ios == 16
+
+
+def test_an_op_without_a_route_fails_by_name_and_ships_nothing(tmp_path):
+    model = zoo.recurrent(tmp_path / "gru.onnx")
+    reports, _ = convert(model, samples_for(model, 16), tmp_path, ["ios-a15"])
+    r = coreml_report(reports)
+    assert r.status is Status.FAILED and "GRU" in r.reasons[0], r.reasons
+    assert not (tmp_path / "out" / "ios-a15" / "model.int8.mlpackage").exists()
+
+
+def test_floor_refuses_the_package_and_removes_a_stale_one(tmp_path):
+    model = zoo.two_in_two_out(tmp_path / "two.onnx")
+    data = samples_for(model, 16)
+    reports, _ = convert(model, data, tmp_path, ["ios-a15"])
+    assert coreml_report(reports).status is Status.SHIPPABLE
+    assert (tmp_path / "out" / "ios-a15" / "model.int8.mlpackage").is_dir()
+    strict = strict_profile(tmp_path, "ios-a15", min_sqnr_db=90.0)
+    reports, _ = convert(model, data, tmp_path, [strict])
+    r = coreml_report(reports)
+    assert r.status is Status.REFUSED and any("SQNR" in x for x in r.reasons), r.reasons
+    assert not (tmp_path / "out" / "strict" / "model.int8.mlpackage").exists()
+
+
+def test_structural_problems_are_named(tmp_path):
+    model = zoo.two_in_two_out(tmp_path / "two.onnx")
+    source = load_source(model, tmp_path / "w")
+    example = {"image": np.zeros((1, 3, 32, 32), np.float32), "meta": np.zeros((1, 8), np.float32)}
+    good = {"model_type": "mlProgram", "inputs": {"image": {"shape": [1, 3, 32, 32]}, "meta": {"shape": [1, 8]}},
+            "outputs": {"class_logits": {}, "regression": {}}, "float_weight_tensors": []}
+    assert structural_problems(source, good, example) == []
+    bad = {**good, "model_type": "neuralNetwork", "inputs": {"image": {"shape": [1, 32, 32, 3]}},
+           "outputs": {"class_logits": {}}, "float_weight_tensors": ["w FLOAT16 4096"]}
+    problems = structural_problems(source, bad, example)
+    assert len(problems) == 4 and "neuralNetwork" in problems[0] and "w FLOAT16 4096" in problems[3]
