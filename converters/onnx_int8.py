@@ -106,9 +106,11 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
         if note:
             notes.append(note.format(error))
         try:
-            with _captured_errors("onnxruntime.quantization") as swallowed:
-                quant_pre_process(str(source.path), str(out), save_as_external_data=source.external_data,
-                                  all_tensors_to_one_file=True, **kwargs)
+            # Incomplete symbolic inference dumps sym_shape_infer_temp.onnx (+ a .data file) into the working
+            # directory before raising: keep that litter in our work directory.
+            with _captured_errors("onnxruntime.quantization") as swallowed, contextlib.chdir(workdir):
+                quant_pre_process(str(source.path.resolve()), str(out.resolve()),
+                                  save_as_external_data=source.external_data, all_tensors_to_one_file=True, **kwargs)
             # The pre-processor logs some failures (graph optimization) instead of raising them.
             notes += [f"pre-processing: {m}" for m in swallowed]
             break
