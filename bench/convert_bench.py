@@ -112,7 +112,7 @@ def mobile_rows(work: Path, quick: bool, runs: int) -> list[dict]:
                        fp32_ms=r.latency.fp32_ms if r.latency else None,
                        int8_ms=r.latency.int8_ms if r.latency else None,
                        latency_ratio=r.latency.ratio if r.latency else None, convert_s=None, peak_rss_mb=None,
-                       fidelity_by="LiteRT" if fmt.startswith("tflite") else None)
+                       fidelity_by="LiteRT" if r.fidelity and fmt.startswith("tflite") else None)
             info = r.tflite or r.coreml
             if info is not None:
                 row.update(convert_s=info.conversion_seconds, peak_rss_mb=info.conversion_peak_rss_mb)

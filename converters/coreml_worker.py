@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import traceback
 import types
 import uuid
 from pathlib import Path
 
-WEIGHT_THRESHOLD = 512  # tensors with no more elements (biases, norms) stay FP16, as coremltools' default does
+from converters.worker_rss import peak_rss_mb
+
+# Tensors with no more elements stay FP16; so do 1-D tensors (biases, norms), which coremltools never compresses.
+WEIGHT_THRESHOLD = 512
 PACKAGE_NAME = "model.int8.mlpackage"
 WEIGHT_TYPES = {"constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
                 "const"}
@@ -93,7 +95,7 @@ def _quantize_like_coreml(module):
                    if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear) and m.weight is not None}
     with torch.no_grad():
         for t in [*q.parameters(), *q.buffers()]:
-            if not t.is_floating_point() or t.numel() <= WEIGHT_THRESHOLD:
+            if not t.is_floating_point() or t.ndim < 2 or t.numel() <= WEIGHT_THRESHOLD:
                 continue
             axis = per_channel.get(id(t))
             if axis is None:
@@ -212,7 +214,7 @@ def structure(package: Path) -> dict:
         dtype = MIL_pb2.DataType.Name(tensor.dataType)
         if op.type == "const" and dtype in ("FLOAT16", "FLOAT32"):
             facts["float_weight_elements"] += elements
-            if elements > WEIGHT_THRESHOLD:
+            if len(tensor.dimensions) >= 2 and elements > WEIGHT_THRESHOLD:
                 facts["float_weight_tensors"].append(f"{op.outputs[0].name} {dtype} {elements}")
         elif dtype in ("INT8", "UINT8"):
             facts["int8_weight_elements"] += elements
@@ -274,7 +276,7 @@ def main() -> int:
     except Exception as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
                   "traceback": traceback.format_exc()[-4000:]}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     (out / "result.json").write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 

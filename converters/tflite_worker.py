@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import sys
 import traceback
 from pathlib import Path
+
+from converters.worker_rss import peak_rss_mb
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -183,7 +184,7 @@ def main() -> int:
     except Exception as e:
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
                   "traceback": traceback.format_exc()[-4000:]}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     (out / "result.json").write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 
