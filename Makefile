@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench bench-delta lint clean
+.PHONY: test demo bench bench-delta lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,11 +12,16 @@ $(BIN)/python:
 
 # Reinstall when the dependency list changes. torch==2.13.0 resolves to the CPU wheel (see shared/FACTS.md).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[convert,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[convert,agent,server,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps onnx2tf==1.28.8 tf-keras==2.21.0 onnx2torch==1.5.15
 	touch $@
 
-test: $(STAMP)
+# Services the tests start on loopback (Mosquitto). Installed once; nothing is left running.
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null)
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
