@@ -1,1 +1,2 @@
-"""edgefleet agent: built by a later issue (see shared/ARCHITECTURE.md)."""
+"""edgefleet device agent: MQTT link, power-safe A/B model updates, local inference API, store-and-forward
+telemetry. The update logic is a pure state machine (``agent.machine``); everything else is a thin adapter."""

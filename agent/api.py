@@ -9,6 +9,7 @@ millisecond and a few MB of RSS, which is what a Raspberry Pi wants (see ``bench
     GET  /v1/model     the active model: version, slot, format, runtime, inputs and outputs; the update state
     GET  /health       the process is up        GET /ready   a model is loaded (503 otherwise)
     GET  /metrics      Prometheus text format
+    POST /v1/rollback  switch back to the previous slot (what ``fleet-agent rollback`` calls)
 
 Requests run on whatever model is active when they start; an update swaps the model reference atomically, so
 in-flight requests finish on the old model and no request fails because of an update.
@@ -110,9 +111,10 @@ class ApiError(Exception):
 
 class LocalApi:
     def __init__(self, serving: Serving, telemetry: Telemetry, *, max_request_bytes: int,
-                 status: Callable[[], dict], metrics: Metrics | None = None):
+                 status: Callable[[], dict], metrics: Metrics | None = None,
+                 rollback: Callable[[], None] | None = None):
         self.serving, self.telemetry, self.max_request_bytes = serving, telemetry, max_request_bytes
-        self.status = status
+        self.status, self.rollback = status, rollback
         self.metrics = metrics or Metrics()
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
@@ -260,7 +262,7 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             if isinstance(self.connection, socket.socket) and self.connection.family == socket.AF_INET:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
         def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
@@ -273,7 +275,7 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: HTTPStatus, message: str) -> None:
             self._send(status, JSON, json.dumps({"error": message, "status": int(status)}).encode())
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == "/health":
                 self._send(HTTPStatus.OK, JSON, b'{"status":"ok"}')
@@ -289,7 +291,12 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such endpoint {path}")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
+            if self.path.split("?")[0] == "/v1/rollback" and api.rollback is not None:
+                self._drain_body()
+                api.rollback()
+                self._send(HTTPStatus.ACCEPTED, JSON, b'{"rollback":"requested"}')
+                return
             if self.path.split("?")[0] != "/v1/predict":
                 self._drain_body()
                 self._error(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path}")
@@ -327,7 +334,7 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             elif length:
                 self.close_connection = True
 
-        do_PUT = do_DELETE = do_PATCH = lambda self: self._error(HTTPStatus.METHOD_NOT_ALLOWED,  # noqa: E731
+        do_PUT = do_DELETE = do_PATCH = lambda self: self._error(HTTPStatus.METHOD_NOT_ALLOWED,
                                                                  f"{self.command} is not allowed")
 
     return Handler

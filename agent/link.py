@@ -136,7 +136,7 @@ class Link:
             for _ in range(10):
                 if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
-        except Exception:  # noqa: BLE001 - best effort at shutdown
+        except Exception:
             pass
 
     def _sleep_backoff(self, attempt: int, why: str) -> None:

@@ -64,6 +64,7 @@ class UpdateOffer(_Msg):
     roots: tuple[B64, ...] = ()  # root rotations to follow first, oldest first
     url: str | None = Field(default=None, max_length=2048)  # optional HTTP(S) source supporting Range
     base_sha256: Sha | None = None  # the delta the server chose assumes this active artifact
+    probe: B64 | None = None  # golden inputs + expected outputs (npz); its sha256 is in the signed probe section
 
 
 class RollbackOrder(_Msg):
@@ -90,6 +91,7 @@ class ChunkData(_Msg):
 class ChunkRequest(_Msg):
     type: Literal["chunk_request"] = "chunk_request"
     job: ID
+    path: str | None = Field(default=None, max_length=512)  # which signed file (a delta's or the artifact's path)
     indices: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=4096)
 
 

@@ -1,0 +1,176 @@
+"""Wiring: settings → store, slots, runtimes, local API, outbox, MQTT link, updater, telemetry timer.
+
+Start order serves first (the active model answers locally before the network is up); stop order is the reverse:
+stop accepting requests and let in-flight ones finish, close the telemetry window into the outbox, give the broker
+a moment to take what is queued, then persist and disconnect (the retained ``online=false`` goes out last).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from agent import runtimes
+from agent.api import LocalApi, Metrics, Serving
+from agent.link import BrokerConfig, Link
+from agent.outbox import Outbox
+from agent.settings import AgentSettings
+from agent.slots import SlotStore
+from agent.store import Store
+from agent.telemetry import Telemetry
+from agent.updater import Updater, UpdaterConfig
+from fleet_protocol import messages, topics
+from fleet_protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings):
+        self.s = settings
+        state = Path(settings.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        self.store = Store(state / "agent.db")
+        self.slots = SlotStore(state)
+        self.serving = Serving()
+        self.telemetry = Telemetry()
+        self.metrics = Metrics()
+        self.bad_messages = 0
+        self._stop = threading.Event()
+        self._link: Link | None = None
+        self.outbox = Outbox(self.store, self._publish_qos1, max_rows=settings.outbox_max_messages)
+        prefer = None if settings.tflite_runtime == "auto" else settings.tflite_runtime
+        self.updater = Updater(
+            UpdaterConfig(device_id=settings.device_id, profile=settings.profile, cohort=settings.cohort,
+                          work_dir=state / "work", chunk_window=settings.chunk_window,
+                          chunk_timeout_s=settings.chunk_timeout_s, threads=settings.threads,
+                          providers=settings.execution_providers, device_key=settings.device_key(),
+                          pause_at=settings.test_pause_at, pause_after=settings.test_pause_after),
+            store=self.store, slots=self.slots, serving=self.serving, telemetry=self.telemetry, outbox=self.outbox,
+            send=self._send, pinned_root=Path(settings.trust_root).read_bytes(),
+            loader=lambda p: runtimes.load(p, threads=settings.threads, providers=settings.execution_providers,
+                                           tflite=prefer))
+        self.api = LocalApi(self.serving, self.telemetry, max_request_bytes=settings.max_request_bytes,
+                            status=self._status, metrics=self.metrics, rollback=self._local_rollback)
+        self.api_address = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.updater.start()  # loads the active model, resumes a journaled update
+        self.api_address = self.api.start(host=self.s.api_host, port=self.s.api_port,
+                                          unix_socket=self.s.api_socket)
+        log.info("local API on %s", self.api_address)
+        self.outbox.start()
+        self._link = Link(self.s.device_id, BrokerConfig(
+            url=self.s.broker_url, username=self.s.username or self.s.device_id, password=self.s.broker_password(),
+            ca_file=str(self.s.tls_ca) if self.s.tls_ca else None,
+            cert_file=str(self.s.tls_cert) if self.s.tls_cert else None,
+            key_file=str(self.s.tls_key) if self.s.tls_key else None),
+            on_message=self._on_message, on_connected=self._on_connected, on_published=self.outbox.acknowledged,
+            on_disconnected=self._on_disconnected)
+        self._link.start()
+        threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True).start()
+        sd_notify("READY=1")
+
+    def run_until_signalled(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self._stop.wait()
+        sd_notify("STOPPING=1")
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.api.stop(drain_s=10.0)  # finish in-flight requests
+        self._emit_telemetry()
+        if self._link is not None and self._link.connected:
+            self.outbox.flush(timeout=3.0)
+        self.outbox.stop()
+        self.updater.stop()
+        if self._link is not None:
+            self._link.stop()
+        self.store.close()
+
+    # ------------------------------------------------------------------ MQTT
+
+    def _send(self, topic: str, payload: bytes, retain: bool = False) -> int | None:
+        return self._link.publish(topic, payload, qos=1, retain=retain) if self._link else None
+
+    def _publish_qos1(self, topic: str, payload: bytes) -> int | None:
+        return self._send(topic, payload)
+
+    def _on_connected(self) -> None:
+        self.outbox.connected()
+        self.updater.submit("connected")
+
+    def _on_disconnected(self) -> None:
+        self.outbox.connection_lost()
+        self.updater.submit("disconnected")
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """Link thread: validate and hand over; a bad message is counted and logged, never fatal."""
+        try:
+            t = topics.parse_own(topic, self.s.device_id)
+            msg = messages.parse(payload)
+        except ProtocolError as e:
+            self.bad_messages += 1
+            log.warning("refused a message on %s: %s", topic, e)
+            return
+        expected = {"cmd": (messages.UpdateOffer, messages.RollbackOrder, messages.Ping), "dl": (messages.ChunkData,)}
+        if not isinstance(msg, expected.get(t.kind, ())):
+            self.bad_messages += 1
+            log.warning("refused a %s message on %s", type(msg).__name__, topic)
+            return
+        if isinstance(msg, messages.Ping):
+            self.updater.publish_state()
+            return
+        self.updater.submit("message", msg)
+
+    # ------------------------------------------------------------------ telemetry
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.s.telemetry_interval_s):
+            self._emit_telemetry()
+
+    def _emit_telemetry(self) -> None:
+        seq = int(self.store.get("tm_seq") or b"0")
+        current = self.serving.current
+        batch = self.telemetry.harvest(seq=seq, model_version=current.info.version_label if current else None,
+                                       slot=current.info.slot if current else None,
+                                       dropped=self.store.take_dropped())
+        self.store.put(tm_seq=str(seq + 1).encode())
+        self.outbox.put(topics.topic(self.s.device_id, "tm"), batch.to_bytes())
+        self.metrics.outbox.set(self.store.outbox_size())
+
+    # ------------------------------------------------------------------ local API helpers
+
+    def _status(self) -> dict:
+        return {"device_id": self.s.device_id, "profile": self.s.profile,
+                "connected": bool(self._link and self._link.connected), "outbox": self.store.outbox_size(),
+                "bad_messages": self.bad_messages, **self.updater.status()}
+
+    def _local_rollback(self) -> None:
+        self.updater.submit("message", messages.RollbackOrder(job=f"local-{int(time.time())}",
+                                                              reason="rollback requested on the device"))
+
+
+def sd_notify(state: str) -> None:
+    """systemd's readiness protocol (Type=notify), when started by systemd; a no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError:
+        log.debug("sd_notify failed", exc_info=True)
