@@ -155,7 +155,13 @@ class FleetDriver:
         self.client.on_message = self._on_message
         self._connected = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: (self._subscribe(), self._connected.set())
-        self.client.connect(host, int(port))
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600  # the broker queues for the driver while it reconnects, too
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(host, int(port), clean_start=False, properties=props)
         self.client.loop_start()
         if not self._connected.wait(10):
             raise TimeoutError("driver could not connect to the broker")
