@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
+TFLITE_VENV := .venv-tflite
 
 .PHONY: test demo bench bench-delta lint clean system-deps
 
@@ -16,12 +18,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps onnx2tf==1.28.8 tf-keras==2.21.0 onnx2torch==1.5.15
 	touch $@
 
+$(TFLITE_VENV)/.installed:
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/python -m pip install --quiet "tflite-runtime==2.14.0" "numpy<2"
+	touch $@
+
 # Services the tests start on loopback (Mosquitto). Installed once; nothing is left running.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null)
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(TFLITE_VENV)/.installed system-deps
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -37,4 +44,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) demo-out bench/results .pytest_cache
+	rm -rf $(VENV) $(TFLITE_VENV) demo-out bench/results .pytest_cache

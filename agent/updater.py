@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import logging
 import os
 import queue
@@ -72,6 +73,9 @@ REASONS: list[tuple[type[Exception], Reason]] = [
 
 def reason_for(e: Exception) -> Reason:
     return next((r for cls, r in REASONS if isinstance(e, cls)), Reason.INTERNAL)
+
+
+HTTP_ATTEMPTS = 5
 
 
 class StepFailed(Exception):
@@ -322,8 +326,8 @@ class Updater:
         self.job["payload"] = {"kind": kind, "sha256": sha, "length": length, "path": path}
         self.job.setdefault("timings", {}).setdefault("download_start", time.time())
         target = self._job_dir() / "payload"
-        if self.job.get("url"):
-            self._http_download(self.job["url"], target, length)
+        if self.job.get("url"):  # the offer's base URL serves every signed file at URL/<path>
+            self._http_download(f"{self.job['url'].rstrip('/')}/{path}", target, length)
             return self._downloaded(target, sha, length)
         if manifest is None:
             raise StepFailed(Reason.MALFORMED, "no URL and no chunk list for the payload")
@@ -335,22 +339,29 @@ class Updater:
         return None
 
     def _http_download(self, url: str, target: Path, length: int) -> None:
-        """Resumable HTTP(S) download with Range requests; the hash is checked afterwards."""
-        have = target.stat().st_size if target.exists() else 0
-        if have > length:
-            target.unlink()
-            have = 0
-        if have < length:
+        """Resumable HTTP(S) download: each attempt asks only for the bytes not yet on disk (Range); the hash is
+        checked afterwards."""
+        for attempt in range(HTTP_ATTEMPTS):
+            have = target.stat().st_size if target.exists() else 0
+            if have > length:
+                target.unlink()
+                have = 0
+            if have == length:
+                return
             req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
-                with urllib.request.urlopen(req, timeout=30) as resp, open(target, "ab" if have else "wb") as f:
+                with urllib.request.urlopen(req, timeout=30) as resp, open(target, "ab") as f:
                     if have and resp.status != 206:  # the server ignored Range: start over
                         f.truncate(0)
                     shutil.copyfileobj(resp, f, 1 << 20)
                     f.flush()
                     os.fsync(f.fileno())
-            except OSError as e:
-                raise StepFailed(Reason.DOWNLOAD_FAILED, f"HTTP download failed: {e}") from e
+            except (OSError, http.client.HTTPException) as e:
+                log.warning("HTTP download attempt %d failed: %s", attempt + 1, e)
+                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+        if not target.exists() or target.stat().st_size != length:
+            raise StepFailed(Reason.DOWNLOAD_FAILED, f"HTTP download of {url} incomplete after {HTTP_ATTEMPTS} "
+                                                     "attempts")
 
     def _downloaded(self, path: Path, sha: str, length: int) -> tuple[Event, dict]:
         if path.stat().st_size != length or sha256_file(path) != sha:

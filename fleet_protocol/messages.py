@@ -62,7 +62,7 @@ class UpdateOffer(_Msg):
     job: ID
     metadata: B64  # signed update metadata (fleet_protocol.metadata), verified by the agent before use
     roots: tuple[B64, ...] = ()  # root rotations to follow first, oldest first
-    url: str | None = Field(default=None, max_length=2048)  # optional HTTP(S) source supporting Range
+    url: str | None = Field(default=None, max_length=2048)  # optional HTTP(S) base: files at URL/<signed path>
     base_sha256: Sha | None = None  # the delta the server chose assumes this active artifact
     probe: B64 | None = None  # golden inputs + expected outputs (npz); its sha256 is in the signed probe section
 

@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_protocol import delta, messages, topics
 from fleet_protocol.chunks import chunks, manifest_for
+from fleet_protocol.crypto import key_id
 from fleet_protocol.keys import generate_signer
 from fleet_protocol.metadata import (
     ArtifactInfo,
@@ -56,6 +57,15 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def wait_path(path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(path).exists():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} never appeared")
 
 
 def mosquitto_binary() -> str:
@@ -148,6 +158,7 @@ class FleetDriver:
                                expires=datetime.now(UTC) + timedelta(days=365))
         self.version = 0
         self.files: dict[tuple[str, str], bytes] = {}  # (job, path) → payload
+        self.by_path: dict[str, bytes] = {}  # what the HTTP file server serves
         self._lock = threading.Lock()
         host, port = self.broker_url.removeprefix("mqtt://").split(":")
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"driver-{self.device_id}",
@@ -236,13 +247,21 @@ class FleetDriver:
     def offer(self, job: str, release: Release, *, base: Release | None = None, probe: bytes | None = None,
               atol: float = 1e-3, rtol: float = 1e-3, min_cosine: float = 0.999, tamper: str | None = None,
               expires_in: timedelta = timedelta(hours=1), url: str | None = None, send: bool = True,
-              profile: str | None = None, wrong_delta: bool = False) -> messages.UpdateOffer:
-        """Sign and publish an offer for ``release`` (a delta from ``base`` when given, and the full file)."""
+              profile: str | None = None, wrong_delta: bool = False,
+              encrypt_to: bytes | None = None) -> messages.UpdateOffer:
+        """Sign and publish an offer for ``release`` (a delta from ``base`` when given, and the full file; the full
+        file encrypted to the device's X25519 key when ``encrypt_to`` is given)."""
         full_path = f"{release.model}/{release.version}/model{'.onnx' if release.fmt == 'onnx-int8' else '.tflite'}"
-        artifact = ArtifactInfo(path=full_path, sha256=release.sha256, length=len(release.data), format=release.fmt,
-                                profile=profile or self.profile, model=release.model, model_version=release.version,
-                                chunks=manifest_for(release.data, self.chunk_size))
-        self.files[(job, full_path)] = release.data
+        body = release.data
+        if encrypt_to is not None:
+            from fleet_protocol.crypto import encrypt_for
+
+            body = encrypt_for(encrypt_to, release.data, aad=self.device_id.encode())
+        artifact = ArtifactInfo(path=full_path, sha256=hashlib.sha256(body).hexdigest(), length=len(body),
+                                format=release.fmt, profile=profile or self.profile, model=release.model,
+                                model_version=release.version, chunks=manifest_for(body, self.chunk_size))
+        self.files[(job, full_path)] = body
+        self.by_path[full_path] = body
         deltas = ()
         if base is not None:
             patch = delta.encode(base.data, release.data).data
@@ -253,12 +272,14 @@ class FleetDriver:
                                 sha256=hashlib.sha256(patch).hexdigest(), length=len(patch),
                                 chunks=manifest_for(patch, self.chunk_size)),)
             self.files[(job, dpath)] = patch
+            self.by_path[dpath] = patch
         probe_bytes = probe if probe is not None else release.probe
         spec = UpdateSpec(scope=Scope(devices=(self.device_id,), profile=profile or self.profile), artifact=artifact,
                           deltas=deltas, probe=Probe(inputs_sha256=hashlib.sha256(probe_bytes).hexdigest(),
                                                      atol=atol, rtol=rtol, min_cosine=min_cosine),
                           provenance=Provenance(source_sha256="0" * 64, calibration_sha256="0" * 64,
-                                                converter_version="test"))
+                                                converter_version="test"),
+                          encrypted_for=key_id(encrypt_to) if encrypt_to is not None else None)
         self.version += 1
         signer = self.online_signer if tamper != "untrusted_key" else generate_signer()
         md = build_update(spec, [signer], version=self.version, expires=datetime.now(UTC) + expires_in)
@@ -280,6 +301,53 @@ class FleetDriver:
         self.client.publish(topics.topic(self.device_id, "cmd"), msg.to_bytes(), qos=1)
 
 
+class RangeFileServer:
+    """An HTTP server for the driver's files that honours Range requests (as a CDN or the fleet server does)."""
+
+    def __init__(self, files: dict[str, bytes], *, cut_first: bool = False):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str | None] = []
+        self.cut_first = cut_first  # the first response stops halfway (a dropped connection)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                data = files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                rng = self.headers.get("Range")
+                outer.requests.append(rng)
+                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+                part = data[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(part)))
+                self.end_headers()
+                if outer.cut_first:
+                    outer.cut_first = False
+                    self.wfile.write(part[: len(part) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(part)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def agent_config(path: Path, *, device_id: str, broker_url: str, root: bytes, state_dir: Path, port: int,
                  **extra) -> Path:
     (path.parent / f"{device_id}-root.json").write_bytes(root)
@@ -295,8 +363,9 @@ class AgentProcess:
     """``fleet-agent run`` as a real subprocess."""
 
     def __init__(self, config: Path, port: int, env: dict | None = None, log: Path | None = None,
-                 driver: FleetDriver | None = None):
+                 driver: FleetDriver | None = None, socket: Path | None = None):
         self.config, self.port, self.env = config, port, env or {}
+        self.socket = socket  # the local API listens here instead of on the port
         self.driver = driver  # when given, start() waits until the device says it is online
         self.log = log or config.with_suffix(".log")
         self.proc: subprocess.Popen | None = None
@@ -308,7 +377,10 @@ class AgentProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
                                       str(self.config)], stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(Path(__file__).resolve().parent.parent))
-        wait_port(self.port, timeout)
+        if self.socket is not None:
+            wait_path(self.socket, timeout)
+        else:
+            wait_port(self.port, timeout)
         if self.driver is not None:
             self.driver.wait_online(after=seen)
         if wait_ready:

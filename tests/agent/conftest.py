@@ -43,7 +43,8 @@ def fleet(broker, tmp_path):
         port = settings.pop("port", None) or free_port()
         cfg = agent_config(tmp_path / f"{device}.toml", device_id=device, broker_url=broker.url, root=driver.root,
                            state_dir=tmp_path / "state", port=port, **settings)
-        proc = AgentProcess(cfg, port, env=env, driver=driver)
+        sock = settings.get("api_socket")
+        proc = AgentProcess(cfg, port, env=env, driver=driver, socket=Path(sock) if sock else None)
         started.append(proc)
         return proc
 
@@ -52,3 +53,19 @@ def fleet(broker, tmp_path):
     for p in started:
         p.stop()
     driver.close()
+
+
+@pytest.fixture(scope="session")
+def tflite_model(tmp_path_factory):
+    """A full-integer INT8 .tflite from our converter's TFLite worker (int8 I/O, NHWC input; not gated: random
+    weights)."""
+    from converters import onnx_int8, tflite_int8
+    from converters.calibration import synthetic_dataset
+    from converters.source import load_source
+
+    d = tmp_path_factory.mktemp("tflite")
+    onnx_path = zoo.mlp_opset(d / "m.onnx", opset=13, seed=0)
+    source = load_source(onnx_path, d / "work")
+    prepared = onnx_int8.prepare(source, d / "work")
+    build = tflite_int8.build(source, prepared.path, synthetic_dataset(source.inputs, 32).samples, d / "work")
+    return build.int8
