@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -194,7 +195,7 @@ def _decode(content_type: str, body: bytes) -> tuple[dict[str, np.ndarray], str]
     kind = content_type.split(";")[0].strip().lower()
     try:
         if kind == NPY:
-            return {"": np.load(io.BytesIO(body), allow_pickle=False)}, NPY
+            return {"": read_npy(body)}, NPY
         if kind == NPZ:
             with np.load(io.BytesIO(body), allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}, NPZ
@@ -230,12 +231,52 @@ def _encode(encoding: str, outputs: dict[str, np.ndarray], loaded: Loaded, secon
                "outputs": {n: {"shape": list(v.shape), "dtype": v.dtype.name, "data": v.ravel().tolist()}
                            for n, v in outputs.items()}}
         return JSON, json.dumps(doc).encode()
-    buf = io.BytesIO()
     if encoding == NPY and len(outputs) == 1:
-        np.save(buf, next(iter(outputs.values())), allow_pickle=False)
-        return NPY, buf.getvalue()
+        return NPY, write_npy(next(iter(outputs.values())))
+    buf = io.BytesIO()
     np.savez(buf, **outputs)
     return NPZ, buf.getvalue()
+
+
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(([\d, ]*)\), \}")
+_NPY_DTYPES = {"f4", "f2", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1"}
+
+
+def read_npy(body: bytes) -> np.ndarray:
+    """An .npy body. The plain C-ordered numeric layout every client writes is parsed directly (numpy's reader
+    spends ~0.15 ms per call in ``ast.literal_eval`` on the header); anything else goes through ``np.load``."""
+    if body[:8] in (b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00") and len(body) > 12:
+        size = int.from_bytes(body[8:10] if body[6] == 1 else body[8:12], "little")
+        start = (10 if body[6] == 1 else 12) + size
+        m = _NPY_HEADER.match(body[start - size:start].rstrip(b" \n"))
+        if m and m.group(1).decode()[1:] in _NPY_DTYPES:
+            shape = tuple(int(d) for d in m.group(2).split(b",") if d.strip())
+            dtype = np.dtype(m.group(1).decode())
+            count = int(np.prod(shape)) if shape else 1
+            if len(body) - start != count * dtype.itemsize:
+                raise ValueError(f"{len(body) - start} data bytes for shape {list(shape)} of {dtype}")
+            return np.frombuffer(body, dtype, count, start).reshape(shape)
+    return np.load(io.BytesIO(body), allow_pickle=False)
+
+
+def write_npy(a: np.ndarray) -> bytes:
+    """``np.save``'s format 1.0 bytes, without its per-call overhead."""
+    a = a if a.flags.c_contiguous else a.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
+    header = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {a.shape!r}, }}"
+    pad = 63 - (10 + len(header)) % 64
+    return b"\x93NUMPY\x01\x00" + (len(header) + pad + 1).to_bytes(2, "little") + header.encode() + \
+        b" " * pad + b"\n" + a.tobytes()
+
+
+MAX_HEADERS = 100
+MAX_HEADER_LINE = 8192
+
+
+class _Headers(dict):
+    """Request headers by lower-case name (what the handler reads: Content-Length, Content-Type, Connection)."""
+
+    def get(self, key, default=None):  # type: ignore[override]
+        return super().get(key.lower(), default)
 
 
 class _TcpHTTPServer(ThreadingHTTPServer):
@@ -261,6 +302,38 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             super().setup()
             if isinstance(self.connection, socket.socket) and self.connection.family == socket.AF_INET:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def parse_request(self) -> bool:
+            """HTTP/1.1 request line and headers, lean: the standard parser runs every header block through
+            ``email.parser`` (~0.1 ms a request, a fifth of the API's whole overhead)."""
+            self.command = None
+            self.request_version = version = self.default_request_version
+            self.close_connection = True
+            line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+            self.requestline = line
+            parts = line.split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                self.send_error(HTTPStatus.BAD_REQUEST, f"bad request line {line[:100]!r}")
+                return False
+            self.command, self.path, self.request_version = parts
+            version = parts[2]
+            headers = _Headers()
+            for _ in range(MAX_HEADERS + 1):
+                raw = self.rfile.readline(MAX_HEADER_LINE + 1)
+                if len(raw) > MAX_HEADER_LINE:
+                    self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
+                    return False
+                if raw in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = raw.decode("iso-8859-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            else:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+                return False
+            self.headers = headers  # type: ignore[assignment]
+            connection = headers.get("connection", "").lower()
+            self.close_connection = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
+            return True
 
         def log_message(self, format: str, *args) -> None:
             log.debug("%s " + format, self.address_string(), *args)

@@ -69,7 +69,7 @@ def check_feeds(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
             arr = arr.astype(spec.dtype)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise InputError(f"input {name!r}: contains NaN or infinity")
-        out[name] = np.ascontiguousarray(arr)
+        out[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
     return out
 
 

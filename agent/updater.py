@@ -31,9 +31,8 @@ from agent.runtimes import Model, RuntimeLoadError
 from agent.slots import SlotError, SlotInfo, SlotStore, sha256_file
 from agent.store import Store
 from agent.telemetry import Telemetry
-from fleet_protocol import delta, topics
+from fleet_protocol import topics
 from fleet_protocol.chunks import ChunkAssembler, ChunkManifest
-from fleet_protocol.crypto import decrypt
 from fleet_protocol.errors import (
     ChunkError,
     DecryptError,
@@ -425,11 +424,15 @@ class Updater:
         if spec.encrypted_for:
             if self.c.device_key is None:
                 raise StepFailed(Reason.DECRYPT_FAILED, "the artifact is encrypted and this agent has no key")
+            from fleet_protocol.crypto import decrypt  # imported when needed: the daemon's RSS counts on a device
+
             data = decrypt(self.c.device_key, data, aad=self.c.device_id.encode())
         if p["kind"] == "delta":
             previous = self.slots.verified(self.job.get("previous_slot"))
             if previous is None:
                 raise StepFailed(Reason.DELTA_FAILED, "the delta's base (the active model) is gone")
+            from fleet_protocol import delta  # bsdiff4 + zstandard, loaded on the first delta
+
             data = delta.apply(self.slots.path(previous).read_bytes(), data)
         model_sha = hashlib.sha256(data).hexdigest()
         if p["kind"] == "delta" and model_sha != spec.artifact.sha256:

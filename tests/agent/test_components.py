@@ -110,10 +110,15 @@ def test_telemetry_window_percentiles_histograms_and_input_stats():
     batch = t.harvest(seq=3, model_version="m 1", slot="a", dropped=2)
     assert (batch.seq, batch.requests, batch.errors, batch.dropped_batches) == (3, 501, {"bad_input": 1}, 2)
     assert abs(batch.p50_ms - np.percentile(lat, 50)) < 1e-9 and batch.p99_ms <= 3
+    big = Telemetry()
+    big.record(1.0, inputs={"img": np.arange(128 * 128 * 3, dtype=np.float32)})
+    s_big = big.harvest(seq=0, model_version=None, slot=None).inputs[0]
+    assert s_big.count == 128 * 128 * 3 and sum(s_big.histogram.counts) <= 1024  # a strided sample per request
+    assert s_big.min == 0 and abs(s_big.mean - 128 * 128 * 3 / 2) < 100
     assert sum(batch.latency_ms.counts) == 500 and batch.latency_ms.edges == LATENCY_EDGES_MS
     stats = batch.inputs[0]
     assert stats.name == "x" and stats.count == 4000 and abs(stats.mean) < 0.1 and abs(stats.std - 1) < 0.1
-    assert sum(stats.histogram.counts) == 4000
+    assert sum(stats.histogram.counts) == 8 * 256  # the histogram is of the reservoir: 256 requests' samples
     json.loads(batch.to_bytes())  # a valid message
     empty = t.harvest(seq=4, model_version=None, slot=None)
     assert empty.requests == 0 and empty.p50_ms is None and empty.inputs == ()
