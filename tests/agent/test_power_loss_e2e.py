@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from .test_updates_e2e import install, predict, reference
+from .test_updates_e2e import install, predict, reference, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,7 @@ def test_kill_9_at_every_state_ends_on_old_or_new_committed(fleet, releases, hoo
     answered = predict(agent.port, x)  # right after the restart, before the update finishes
     assert answered.shape == (1, 10)
     result = fleet.wait_result("j2")
-    info = agent.model()
-    assert info["update"]["state"] == "idle"
+    info = wait_idle(agent)
     if result.result == "ok":
         assert (result.state, info["version"], info["sha256"]) == ("committed", "1.1.0", new.sha256)
         expected = new

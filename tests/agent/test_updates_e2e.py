@@ -27,10 +27,24 @@ def reference(release, x):
     return sess.run(None, {"x": x})[0]
 
 
+def wait_idle(agent, timeout=20.0) -> dict:
+    """The result event goes out just before the journal returns to idle: wait for that too."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = agent.model()
+        if info["update"]["state"] == "idle":
+            return info
+        time.sleep(0.05)
+    raise TimeoutError(f"the agent stays in {info['update']}")
+
+
 def install(fleet, agent, job, release, **kw):
     fleet.offer(job, release, **kw)
     result = fleet.wait_result(job)
     assert result.result == "ok" and result.state == "committed", (result, agent.output()[-3000:])
+    wait_idle(agent)
     return result
 
 
@@ -73,6 +87,7 @@ def test_expired_and_wrong_profile_offers_are_refused(fleet, releases):
     install(fleet, agent, "j1", releases["1.0.0"])
     fleet.offer("j2", releases["1.1.0"], expires_in=timedelta(seconds=-5))
     assert fleet.wait_result("j2").reason == Reason.EXPIRED
+    wait_idle(agent)
     fleet.offer("j3", releases["1.1.0"], profile="jetson-nano")
     assert fleet.wait_result("j3").reason == Reason.WRONG_DEVICE
     assert agent.model()["version"] == "1.0.0"
@@ -84,6 +99,7 @@ def test_a_wrong_delta_and_a_failing_probe_keep_the_previous_model(fleet, releas
     fleet.offer("j2", releases["1.1.0"], base=releases["1.0.0"], wrong_delta=True)
     result = fleet.wait_result("j2")
     assert result.result == "failed" and result.reason in (Reason.HASH_MISMATCH, Reason.DELTA_FAILED), result
+    wait_idle(agent)
     # a probe whose expected outputs belong to another model
     fleet.offer("j3", releases["1.1.0"], probe=releases["1.2.0"].probe)
     result = fleet.wait_result("j3")
@@ -99,7 +115,7 @@ def test_rollback_order_switches_back_to_the_previous_slot(fleet, releases):
     fleet.rollback("r1")
     result = fleet.wait_result("r1")
     assert (result.state, result.result, result.reason) == ("rolled_back", "ok", Reason.ROLLED_BACK)
-    assert agent.model()["version"] == "1.0.0"
+    assert wait_idle(agent)["version"] == "1.0.0"
     x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(predict(agent.port, x), reference(releases["1.0.0"], x), rtol=1e-5, atol=1e-5)
     status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/v1/model").read())
