@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
 TFLITE_VENV := .venv-tflite
 
-.PHONY: test demo bench bench-delta lint clean system-deps
+.PHONY: test demo bench bench-delta bench-agent lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: $(STAMP)
 
 bench-delta: $(STAMP)
 	$(BIN)/python bench/delta_bench.py
+
+bench-agent: $(STAMP) system-deps
+	$(BIN)/python bench/agent_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from agent.batching import MicroBatcher, batchable
 from agent.runtimes import InputError, Model, check_feeds
 from agent.slots import SlotInfo
 from agent.telemetry import Telemetry
@@ -113,9 +114,9 @@ class ApiError(Exception):
 class LocalApi:
     def __init__(self, serving: Serving, telemetry: Telemetry, *, max_request_bytes: int,
                  status: Callable[[], dict], metrics: Metrics | None = None,
-                 rollback: Callable[[], None] | None = None):
+                 rollback: Callable[[], None] | None = None, batcher: MicroBatcher | None = None):
         self.serving, self.telemetry, self.max_request_bytes = serving, telemetry, max_request_bytes
-        self.status, self.rollback = status, rollback
+        self.status, self.rollback, self.batcher = status, rollback, batcher
         self.metrics = metrics or Metrics()
         self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
@@ -145,6 +146,8 @@ class LocalApi:
         self._server.shutdown()  # stop accepting; handler threads already running go on
         self.serving.drain(drain_s)
         self._server.server_close()
+        if self.batcher is not None:
+            self.batcher.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -167,7 +170,10 @@ class LocalApi:
                 raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from e
             t0 = time.perf_counter()
             try:
-                outputs = loaded.model.run(feeds)
+                if self.batcher is not None and batchable(loaded.model):
+                    outputs = self.batcher.run(loaded.model, feeds)
+                else:
+                    outputs = loaded.model.run(feeds)
             except Exception as e:  # a runtime failure on valid input: count it, answer 500, keep serving
                 self.telemetry.record(0.0, error="runtime")
                 self.metrics.requests.labels("runtime_error").inc()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent import runtimes
 from agent.api import LocalApi, Metrics, Serving
+from agent.batching import MicroBatcher
 from agent.link import BrokerConfig, Link
 from agent.outbox import Outbox
 from agent.settings import AgentSettings
@@ -56,8 +57,11 @@ class Agent:
             send=self._send, pinned_root=Path(settings.trust_root).read_bytes(),
             loader=lambda p: runtimes.load(p, threads=settings.threads, providers=settings.execution_providers,
                                            tflite=prefer))
+        batcher = MicroBatcher(max_batch=settings.batch_max, max_wait_s=settings.batch_wait_ms / 1e3) \
+            if settings.batch_max > 1 else None
         self.api = LocalApi(self.serving, self.telemetry, max_request_bytes=settings.max_request_bytes,
-                            status=self._status, metrics=self.metrics, rollback=self._local_rollback)
+                            status=self._status, metrics=self.metrics, rollback=self._local_rollback,
+                            batcher=batcher)
         self.api_address = ""
 
     # ------------------------------------------------------------------ lifecycle

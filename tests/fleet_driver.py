@@ -402,6 +402,14 @@ class AgentProcess:
         raise TimeoutError("the agent never became ready")
 
     def model(self) -> dict:
+        if self.socket is not None:
+            from agent.cli import _UnixConnection
+
+            conn = _UnixConnection(str(self.socket))
+            conn.request("GET", "/v1/model")
+            body = conn.getresponse().read()
+            conn.close()
+            return json.loads(body)
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/model", timeout=5) as r:

@@ -118,3 +118,33 @@ def test_model_info_and_metrics(api):
     status, ctype, text = call(api["port"], "GET", "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     assert b'edgefleet_agent_requests_total{outcome="ok"}' in text
+
+
+def test_micro_batching_groups_concurrent_requests_and_returns_each_its_rows(tmp_path):
+    import threading
+
+    from agent.batching import MicroBatcher, batchable
+
+    model = runtimes.load(zoo.mobilenet_like(tmp_path / "dyn.onnx", dynamic_batch=True, size=32))
+    assert batchable(model)
+    batcher = MicroBatcher(max_batch=8, max_wait_s=0.05)
+    serving = Serving()
+    serving.swap(Loaded(model, SlotInfo("a", "model.onnx", "0" * 64, 1, "onnx-int8", "m", "1", "j")))
+    local = LocalApi(serving, Telemetry(), max_request_bytes=1 << 20, status=lambda: {}, batcher=batcher)
+    port = int(local.start(port=0).rsplit(":", 1)[1])
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in range(16)]
+    got = [None] * len(xs)
+
+    def one(i):
+        got[i] = np.load(io.BytesIO(call(port, "POST", "/v1/predict", npy(xs[i]), "application/x-npy")[2]))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    local.stop()
+    for x, g in zip(xs, got, strict=True):
+        np.testing.assert_allclose(g, model.run({"input": x})["logits"], rtol=1e-4, atol=1e-5)
+    assert batcher.requests == 16 and batcher.batches < 16  # some requests shared a run
