@@ -107,3 +107,25 @@ def test_continuous_requests_during_an_update_never_fail(fleet, releases):
     assert versions[0] == "1.0.0" and versions[-1] == "1.1.0" and len(versions) > 50
     switch = versions.index("1.1.0")
     assert set(versions[switch + 10:]) == {"1.1.0"}  # new requests go to the new model after the switch
+
+
+def test_the_outbox_survives_a_restart_while_offline(broker, fleet, releases):
+    agent = fleet.agent(telemetry_interval_s=0.3).start()
+    install(fleet, agent, "j1", releases["1.0.0"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    broker.stop()
+    for _ in range(20):
+        predict_json(agent.port, x)
+    time.sleep(1.0)
+    queued = agent.model()["outbox"]
+    assert agent.stop() == 0  # offline: nothing could be flushed, all of it stays on disk
+    broker.start()
+    agent.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and agent.model()["outbox"] > 0:
+        time.sleep(0.2)
+    assert queued >= 3 and agent.model()["outbox"] == 0
+    time.sleep(1.0)
+    unique = list(dict.fromkeys(t.seq for t in fleet.telemetry))
+    assert unique == list(range(len(unique)))  # nothing lost across the restart, in order
+    assert sum(t.requests for t in {t.seq: t for t in fleet.telemetry}.values()) >= 20
