@@ -53,6 +53,20 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Data options shared by `convert` and `bundle`.
+CalibOpt = Annotated[Path | None, typer.Option("--calib", help=".npz, .npy, folder of .npy or of images.")]
+EvalOpt = Annotated[Path | None, typer.Option("--eval", help="Separate evaluation data (same formats).")]
+EvalFractionOpt = Annotated[float, typer.Option(help="Share of --calib held out for evaluation without --eval.")]
+SyntheticOpt = Annotated[int, typer.Option("--synthetic-calibration",
+                                           help="Calibrate on N random samples (marked SYNTHETIC in every report).")]
+InputShapeOpt = Annotated[list[str], typer.Option("--input-shape", help="Pin a dynamic input: name=1,3,224,224.")]
+ImageSizeOpt = Annotated[str | None, typer.Option(help="Image folders: HEIGHT,WIDTH.")]
+LayoutOpt = Annotated[str, typer.Option(help="Image folders: NCHW or NHWC.")]
+MeanOpt = Annotated[str, typer.Option(help="Image folders: per-channel mean after scaling to 0..1.")]
+StdOpt = Annotated[str, typer.Option(help="Image folders: per-channel std after scaling to 0..1.")]
+ChannelOrderOpt = Annotated[str, typer.Option(help="Image folders: RGB or BGR.")]
+
+
 @app.command()
 def profiles(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the built-in hardware profiles with their key facts."""
@@ -101,21 +115,16 @@ def convert(
     profile: Annotated[list[str], typer.Option("--profile", "-p", help="Profile id or .toml path; repeatable.")]
     = [],  # noqa: B006 - typer reads the default
     all_profiles: Annotated[bool, typer.Option("--all-profiles", help="Every built-in profile.")] = False,
-    calib: Annotated[Path | None, typer.Option("--calib", help=".npz, .npy, folder of .npy or of images.")]
-    = None,
-    eval_data: Annotated[Path | None, typer.Option("--eval", help="Separate evaluation data (same formats).")]
-    = None,
-    eval_fraction: Annotated[float, typer.Option(help="Share of --calib held out for evaluation without --eval.")]
-    = 0.25,
-    synthetic_calibration: Annotated[int, typer.Option(
-        "--synthetic-calibration", help="Calibrate on N random samples (marked SYNTHETIC in every report).")] = 0,
-    input_shape: Annotated[list[str], typer.Option("--input-shape", help="Pin a dynamic input: name=1,3,224,224.")]
-    = [],  # noqa: B006
-    image_size: Annotated[str | None, typer.Option(help="Image folders: HEIGHT,WIDTH.")] = None,
-    layout: Annotated[str, typer.Option(help="Image folders: NCHW or NHWC.")] = "NCHW",
-    mean: Annotated[str, typer.Option(help="Image folders: per-channel mean after scaling to 0..1.")] = "0,0,0",
-    std: Annotated[str, typer.Option(help="Image folders: per-channel std after scaling to 0..1.")] = "1,1,1",
-    channel_order: Annotated[str, typer.Option(help="Image folders: RGB or BGR.")] = "RGB",
+    calib: CalibOpt = None,
+    eval_data: EvalOpt = None,
+    eval_fraction: EvalFractionOpt = 0.25,
+    synthetic_calibration: SyntheticOpt = 0,
+    input_shape: InputShapeOpt = [],  # noqa: B006 - typer reads the default
+    image_size: ImageSizeOpt = None,
+    layout: LayoutOpt = "NCHW",
+    mean: MeanOpt = "0,0,0",
+    std: StdOpt = "1,1,1",
+    channel_order: ChannelOrderOpt = "RGB",
     output_kind: Annotated[list[str], typer.Option(
         "--output-kind", help="Override how an output is judged: name=classification|sequence|regression.")]
     = [],  # noqa: B006
@@ -265,21 +274,16 @@ def bundle(
     name: Annotated[str | None, typer.Option(help="Model name in the bundle (default: the file's stem).")] = None,
     model_version: Annotated[str, typer.Option(help="Model version recorded in the manifest.")] = "1.0.0",
     labels: Annotated[Path | None, typer.Option(help="Class labels, one per line.")] = None,
-    calib: Annotated[Path | None, typer.Option("--calib", help=".npz, .npy, folder of .npy or of images.")]
-    = None,
-    eval_data: Annotated[Path | None, typer.Option("--eval", help="Separate evaluation data (same formats).")]
-    = None,
-    eval_fraction: Annotated[float, typer.Option(help="Share of --calib held out for evaluation without --eval.")]
-    = 0.25,
-    synthetic_calibration: Annotated[int, typer.Option(
-        "--synthetic-calibration", help="Calibrate on N random samples (marked SYNTHETIC in the manifest).")] = 0,
-    input_shape: Annotated[list[str], typer.Option("--input-shape", help="Pin a dynamic input: name=1,3,224,224.")]
-    = [],  # noqa: B006
-    image_size: Annotated[str | None, typer.Option(help="Image folders: HEIGHT,WIDTH.")] = None,
-    layout: Annotated[str, typer.Option(help="Image folders: NCHW or NHWC.")] = "NCHW",
-    mean: Annotated[str, typer.Option(help="Image folders: per-channel mean after scaling to 0..1.")] = "0,0,0",
-    std: Annotated[str, typer.Option(help="Image folders: per-channel std after scaling to 0..1.")] = "1,1,1",
-    channel_order: Annotated[str, typer.Option(help="Image folders: RGB or BGR.")] = "RGB",
+    calib: CalibOpt = None,
+    eval_data: EvalOpt = None,
+    eval_fraction: EvalFractionOpt = 0.25,
+    synthetic_calibration: SyntheticOpt = 0,
+    input_shape: InputShapeOpt = [],  # noqa: B006 - typer reads the default
+    image_size: ImageSizeOpt = None,
+    layout: LayoutOpt = "NCHW",
+    mean: MeanOpt = "0,0,0",
+    std: StdOpt = "1,1,1",
+    channel_order: ChannelOrderOpt = "RGB",
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model for the latency figures.")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and library logs.")] = False,

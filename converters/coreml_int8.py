@@ -15,19 +15,15 @@ reads the result and turns it into what the pipeline judges:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from converters.calibration import Sample
-from converters.errors import QuantizationError
 from converters.source import SourceModel
+from converters.workers import run_worker
 
 WORKER_TIMEOUT_S = 1200
 MIN_IOS = 16  # constexpr (compressed) weights need the iOS 16 ML program opset
@@ -62,23 +58,8 @@ def build(source: SourceModel, samples: list[Sample], workdir: Path, *, ios: int
     np.savez(out / "samples.npz", **{f"s{i}_{k}": s[n] for i, s in enumerate(samples) for k, n in enumerate(names)})
     job = {"onnx": str(source.path), "out": str(out), "samples": str(out / "samples.npz"), "inputs": names,
            "outputs": [o.name for o in source.outputs], "target": ios, "metadata": metadata}
-    (out / "job.json").write_text(json.dumps(job))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "converters.coreml_worker", str(out / "job.json")],
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-                              cwd=str(Path(__file__).resolve().parent.parent))
-    except subprocess.TimeoutExpired as e:
-        raise QuantizationError(f"Core ML conversion did not finish in {WORKER_TIMEOUT_S} s") from e
-    seconds = time.perf_counter() - t0
-    result_file = out / "result.json"
-    if not result_file.exists():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()][-2:]
-        raise QuantizationError(f"Core ML conversion crashed ({how})" + (f": {' | '.join(tail)[:300]}" if tail else ""))
-    result = json.loads(result_file.read_text())
-    if not result["ok"]:
-        raise QuantizationError(f"Core ML conversion failed: {result['error']}")
+    result, seconds = run_worker("converters.coreml_worker", job, out, what="Core ML conversion",
+                                 timeout_s=WORKER_TIMEOUT_S)
     outputs = [o.name for o in source.outputs]
     predicted = result["predicted"] is not None
     return CoremlBuild(

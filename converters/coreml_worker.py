@@ -22,14 +22,12 @@ input_descriptions, output_descriptions, user}}. The result is written to ``out/
 from __future__ import annotations
 
 import json
-import os
 import sys
-import traceback
 import types
 import uuid
 from pathlib import Path
 
-from converters.worker_rss import peak_rss_mb
+from converters.workers import worker_main
 
 # Tensors with no more elements stay FP16; so do 1-D tensors (biases, norms), which coremltools never compresses.
 WEIGHT_THRESHOLD = 512
@@ -267,19 +265,5 @@ def run(job: dict) -> dict:
     return result
 
 
-def main() -> int:
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-    job = json.loads(Path(sys.argv[1]).read_text())
-    out = Path(job["out"])
-    try:
-        result = {"ok": True, **run(job)}
-    except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
-                  "traceback": traceback.format_exc()[-4000:]}
-    result["peak_rss_mb"] = peak_rss_mb()
-    (out / "result.json").write_text(json.dumps(result))
-    return 0 if result["ok"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker_main(run))

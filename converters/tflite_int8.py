@@ -7,9 +7,6 @@ as TFLite expects; other inputs keep their layout. The report states the layout 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +17,7 @@ from converters.calibration import Sample
 from converters.errors import QuantizationError
 from converters.runtime import Latency
 from converters.source import SourceModel
+from converters.workers import run_worker
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
 WORKER_TIMEOUT_S = 1200
@@ -56,25 +54,8 @@ def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: 
     keep = [i.name for i in source.inputs if perms[i.name] is None and len(i.shape) in (3, 5)]
     job = {"onnx": str(model), "calibration": str(out / "calibration.npz"), "out": str(out),
            "io_type": io_type, "allow_float_ops": allow_float_ops, "keep_layout_inputs": keep}
-    (out / "job.json").write_text(json.dumps(job))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "converters.tflite_worker", str(out / "job.json")],
-                              capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-                              cwd=str(Path(__file__).resolve().parent.parent))
-    except subprocess.TimeoutExpired as e:
-        raise QuantizationError(f"TFLite conversion did not finish in {WORKER_TIMEOUT_S} s") from e
-    seconds = time.perf_counter() - t0
-    result_file = out / "result.json"
-    if not result_file.exists():
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        noise = ("I0000", "W0000", "WARNING: All log", "E0000")
-        tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip() and not ln.startswith(noise)][-2:]
-        raise QuantizationError(f"TFLite conversion crashed inside TensorFlow/onnx2tf ({how})"
-                                + (f": {' | '.join(tail)[:300]}" if tail else ""))
-    result = json.loads(result_file.read_text())
-    if not result["ok"]:
-        raise QuantizationError(f"TFLite conversion failed: {result['error']}")
+    result, seconds = run_worker("converters.tflite_worker", job, out, what="TFLite conversion",
+                                 timeout_s=WORKER_TIMEOUT_S)
     return TfliteBuild(Path(result["fp32"]), Path(result["int8"]), perms, result["float_ops"], result["notes"],
                        seconds, result["peak_rss_mb"])
 

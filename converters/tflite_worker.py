@@ -11,14 +11,12 @@ JOB is a JSON file: {"onnx": path, "calibration": npz path (NHWC-ready arrays pe
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 
-from converters.worker_rss import peak_rss_mb
+from converters.workers import worker_main
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -176,18 +174,5 @@ def run(job: dict) -> dict:
             "float_ops": _float_ops(int8), "notes": notes}
 
 
-def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    out = Path(job["out"])
-    try:
-        result = {"ok": True, **run(job)}
-    except Exception as e:
-        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500]}",
-                  "traceback": traceback.format_exc()[-4000:]}
-    result["peak_rss_mb"] = peak_rss_mb()
-    (out / "result.json").write_text(json.dumps(result))
-    return 0 if result["ok"] else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker_main(run))
