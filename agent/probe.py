@@ -64,8 +64,8 @@ def judge(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: 
         if not np.isfinite(b).all():
             return Verdict(False, f"output {name!r} contains NaN or infinity", -1.0, float("inf"))
         err = float(np.max(np.abs(a - b))) if a.size else 0.0
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
-        cos = 1.0 if na == nb == 0 else float(a @ b / max(na * nb, 1e-30))
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        cos = 1.0 if na == nb == 0 else float(a @ b) / max(na * nb, 1e-30)
         worst_cos, worst_err = min(worst_cos, cos), max(worst_err, err)
         close = bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(a)))
         if not close and cos < min_cosine:
