@@ -23,10 +23,13 @@ $(TFLITE_VENV)/.installed:
 	$(TFLITE_VENV)/bin/python -m pip install --quiet "tflite-runtime==2.14.0" "numpy<2"
 	touch $@
 
-# Services the tests start on loopback (Mosquitto). Installed once; nothing is left running.
+# Services the tests start on loopback (Mosquitto, a throwaway PostgreSQL cluster). Installed once; nothing is left
+# running.
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null)
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || \
+		! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto postgresql >/dev/null; \
+	fi
 
 test: $(STAMP) $(TFLITE_VENV)/.installed system-deps
 	$(BIN)/python -m pytest

@@ -1,0 +1,77 @@
+"""``create_app(settings)``: the fleet web API. Everything it needs is built here and hung on ``app.state``; no
+module-level engine or settings."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from urllib.parse import urlparse
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy import text
+
+from fleet_server.db import make_engine
+from fleet_server.routes import devices, tokens
+from fleet_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="edgefleet fleet API", version="1", description="Devices, models, rollouts and telemetry "
+                  "for a fleet of edge devices. Authenticate with `Authorization: Bearer <API token>`.")
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.database_url)
+    registry = CollectorRegistry()
+    requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/health", tags=["operations"])
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    def ready(response: Response) -> dict:
+        checks = {"database": _database_ok(app), "broker": _broker_ok(settings.broker_url)}
+        if not all(checks.values()):
+            response.status_code = 503
+        return {"ready": all(checks.values()), **checks}
+
+    @app.get("/metrics", tags=["operations"])
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(tokens.router)
+    app.include_router(devices.router)
+    return app
+
+
+def _database_ok(app: FastAPI) -> bool:
+    try:
+        with app.state.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:  # any driver error means not ready
+        log.warning("database not reachable", exc_info=True)
+        return False
+
+
+def _broker_ok(url: str) -> bool:
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 1883), timeout=1.0):
+            return True
+    except OSError:
+        return False

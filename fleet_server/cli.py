@@ -1,0 +1,149 @@
+"""``fleet-server``: serve the API, migrate the database, manage keys and tokens.
+
+    fleet-server serve [--host 127.0.0.1] [--port 8000]
+    fleet-server migrate
+    fleet-server keys init --root-key-out PATH | keys show
+    fleet-server tokens create NAME --role admin|operator|viewer | tokens revoke ID
+    fleet-server enroll-token create [--max-uses N] [--expires-in SECONDS] [--profile P] [--tag T ...]
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlmodel import Session
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="The edgefleet fleet server.")
+keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys.")
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+enroll_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(enroll_app, name="enroll-token")
+
+
+def _settings():
+    from fleet_server.settings import ServerSettings
+
+    s = ServerSettings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    if s.database_url.startswith("sqlite:///"):
+        Path(s.database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def _session(settings) -> Session:
+    from fleet_server.db import make_engine
+
+    return Session(make_engine(settings.database_url))
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest migration."""
+    from fleet_server.migrate import upgrade
+
+    s = _settings()
+    upgrade(s.database_url)
+    typer.echo(f"database at head ({s.database_url.split('@')[-1]})")
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
+    """Migrate, then serve the API with uvicorn."""
+    import uvicorn
+
+    from fleet_server.app import create_app
+    from fleet_server.migrate import upgrade
+
+    s = _settings()
+    upgrade(s.database_url)
+    uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+
+
+@keys_app.command("init")
+def keys_init(root_key_out: Annotated[Path, typer.Option(help="Where to write the ROOT private key (move it "
+                                                                  "offline afterwards).")]) -> None:
+    """Create the root key (written to --root-key-out), the online key and root metadata version 1."""
+    from fleet_server.keys import KeysError, init_keys
+
+    try:
+        path = init_keys(_settings().data_dir, root_key_out)
+    except (KeysError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"root key → {root_key_out} (move it offline); root metadata → {path}")
+
+
+@keys_app.command("show")
+def keys_show() -> None:
+    """Root metadata versions and their key ids."""
+    from fleet_server.keys import root_versions
+
+    for raw in root_versions(_settings().data_dir):
+        signed = json.loads(raw)["signed"]
+        typer.echo(json.dumps({"version": signed["version"], "expires": signed["expires"],
+                               "roles": {r: v["keyids"] for r, v in signed["roles"].items()}}))
+
+
+@tokens_app.command("create")
+def tokens_create(name: str, role: Annotated[str, typer.Option(help="admin, operator or viewer")] = "viewer") -> None:
+    """Create an API token (printed once)."""
+    from fleet_server.auth import audit, issue_token
+    from fleet_server.models import Role
+
+    try:
+        r = Role(role)
+    except ValueError as e:
+        raise typer.BadParameter("role is admin, operator or viewer") from e
+    with _session(_settings()) as session:
+        row, token = issue_token(session, name=name, role=r, created_by="cli")
+        audit(session, actor="cli", action="token.create", target=f"token:{row.id}", detail=r.value)
+    typer.echo(token)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: int) -> None:
+    from fleet_server.auth import audit
+    from fleet_server.models import ApiToken, utcnow
+
+    with _session(_settings()) as session:
+        row = session.get(ApiToken, token_id)
+        if row is None:
+            typer.echo(f"error: no token {token_id}", err=True)
+            raise typer.Exit(1)
+        row.revoked_at = row.revoked_at or utcnow()
+        session.add(row)
+        session.commit()
+        audit(session, actor="cli", action="token.revoke", target=f"token:{token_id}")
+    typer.echo(f"revoked token {token_id}")
+
+
+@enroll_app.command("create")
+def enroll_token_create(max_uses: int = 1, expires_in: int = 7 * 24 * 3600, profile: str | None = None,
+                        tag: Annotated[list[str] | None, typer.Option()] = None) -> None:
+    """Create an enrollment token (printed once)."""
+    from fleet_server.auth import audit, hash_secret, new_secret
+    from fleet_server.models import EnrollmentToken, utcnow
+
+    token = new_secret("efe_")
+    with _session(_settings()) as session:
+        row = EnrollmentToken(token_hash=hash_secret(token), expires_at=utcnow() + timedelta(seconds=expires_in),
+                              max_uses=max_uses, profile=profile, tags=sorted(set(tag or [])), created_by="cli")
+        session.add(row)
+        session.commit()
+        audit(session, actor="cli", action="enrollment_token.create", target=f"enrollment_token:{row.id}")
+    typer.echo(token)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

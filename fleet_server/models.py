@@ -1,0 +1,171 @@
+"""Tables and API schemas, in SQLModel families (``XBase`` → ``XCreate`` → ``X(table=True)`` → ``XPublic``).
+
+Secrets are never stored: API tokens, enrollment tokens and MQTT passwords are kept as SHA-256 hashes of
+high-entropy random values (a slow KDF buys nothing for 256-bit random secrets and would cost every request).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PField
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+
+
+RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
+
+
+# ----------------------------------------------------------------------------- API tokens
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100, index=True)
+    role: Role
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="cli", max_length=100)
+    revoked_at: datetime | None = None
+
+
+class ApiTokenCreate(SQLModel):
+    name: str = Field(min_length=1, max_length=100)
+    role: Role = Role.VIEWER
+
+
+class ApiTokenPublic(SQLModel):
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+
+class ApiTokenIssued(ApiTokenPublic):
+    token: str  # shown once
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit_entry"
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(max_length=100)
+    action: str = Field(max_length=100)
+    target: str = Field(default="", max_length=200)
+    outcome: str = Field(max_length=20)  # ok | denied | failed
+    status: int = 200
+    detail: str = Field(default="", max_length=1000)
+
+
+# ----------------------------------------------------------------------------- enrollment and devices
+
+
+class EnrollmentToken(SQLModel, table=True):
+    __tablename__ = "enrollment_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    expires_at: datetime
+    max_uses: int = 1
+    uses: int = 0
+    profile: str | None = Field(default=None, max_length=64)
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="cli", max_length=100)
+    revoked_at: datetime | None = None
+
+
+class EnrollmentTokenCreate(SQLModel):
+    expires_in_s: int = Field(default=7 * 24 * 3600, gt=0, le=365 * 24 * 3600)
+    max_uses: int = Field(default=1, ge=1, le=100_000)
+    profile: str | None = None
+    tags: list[str] = []
+
+
+class EnrollmentTokenIssued(SQLModel):
+    id: int
+    token: str  # shown once
+    expires_at: datetime
+    max_uses: int
+    profile: str | None
+    tags: list[str]
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "device"
+    __table_args__ = (UniqueConstraint("signing_public_key"),)
+    id: str = Field(primary_key=True, max_length=64)
+    profile: str = Field(max_length=64, index=True)
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    agent_version: str = Field(default="", max_length=64)
+    signing_public_key: str = Field(max_length=200)  # Ed25519, hex
+    x25519_public_key: str | None = Field(default=None, max_length=200)  # hex, for encrypted delivery
+    mqtt_password_hash: str = Field(max_length=64)
+    enrollment_token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
+    enrolled_at: datetime = Field(default_factory=utcnow)
+    decommissioned_at: datetime | None = None
+    online: bool = Field(default=False, index=True)
+    last_seen: datetime | None = None
+    active_version: str | None = Field(default=None, max_length=128, index=True)
+    active_sha256: str | None = Field(default=None, max_length=64)
+
+
+class EnrollRequest(BaseModel):  # pydantic directly: SQLModel's Field does not enforce patterns
+    model_config = ConfigDict(extra="forbid")
+    token: str = PField(min_length=16, max_length=200)
+    profile: str | None = PField(default=None, max_length=64)
+    signing_public_key: str = PField(pattern=r"^[0-9a-f]{64}$", description="Ed25519 public key, hex")
+    x25519_public_key: str | None = PField(default=None, pattern=r"^[0-9a-f]{64}$",
+                                           description="X25519 public key for encrypted delivery, hex")
+    agent_version: str = PField(default="", max_length=64)
+    tags: list[str] = PField(default=[], max_length=32)
+
+
+class EnrollResponse(SQLModel):
+    device_id: str
+    profile: str
+    mqtt_username: str
+    mqtt_password: str  # shown once
+    broker_url: str
+    trust_root: str  # the pinned root metadata (JSON text)
+
+
+class DevicePublic(SQLModel):
+    id: str
+    profile: str
+    tags: list[str]
+    agent_version: str
+    enrolled_at: datetime
+    decommissioned_at: datetime | None
+    online: bool
+    last_seen: datetime | None
+    active_version: str | None
+    active_sha256: str | None
+
+
+class DevicePatch(SQLModel):
+    tags: list[str] | None = Field(default=None, max_length=32)
+
+
+class Page(SQLModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[DevicePublic]

@@ -1,0 +1,175 @@
+"""Enrollment tokens (admin), device enrollment (with an enrollment token, no API token), and the devices API."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from sqlalchemy import func
+from sqlmodel import select
+
+from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
+from fleet_server import keys
+from fleet_server.auth import Admin, Operator, SessionDep, Viewer, audit, hash_secret, new_secret
+from fleet_server.models import (
+    Device,
+    DevicePatch,
+    DevicePublic,
+    EnrollmentToken,
+    EnrollmentTokenCreate,
+    EnrollmentTokenIssued,
+    EnrollRequest,
+    EnrollResponse,
+    Page,
+    utcnow,
+)
+
+router = APIRouter(prefix="/v1", tags=["devices"])
+TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
+
+
+def _check_tags(tags: list[str]) -> list[str]:
+    bad = [t for t in tags if not TAG.match(t)]
+    if bad:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"invalid tag(s) {bad[:3]}: letters, digits and ._:=-")
+    return sorted(set(tags))
+
+
+def _check_profile(profile: str) -> str:
+    if profile not in builtin_profile_ids():
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"unknown hardware profile {profile!r}; known: {', '.join(builtin_profile_ids())}")
+    try:
+        load_profile(profile)
+    except ProfileError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    return profile
+
+
+@router.post("/enrollment-tokens", status_code=status.HTTP_201_CREATED, response_model=EnrollmentTokenIssued)
+def create_enrollment_token(body: EnrollmentTokenCreate, session: SessionDep, admin: Admin):
+    if body.profile is not None:
+        _check_profile(body.profile)
+    token = new_secret("efe_")
+    row = EnrollmentToken(token_hash=hash_secret(token), expires_at=utcnow() + timedelta(seconds=body.expires_in_s),
+                          max_uses=body.max_uses, profile=body.profile, tags=_check_tags(body.tags),
+                          created_by=admin.name)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    audit(session, actor=admin.name, action="enrollment_token.create", target=f"enrollment_token:{row.id}")
+    return EnrollmentTokenIssued(id=row.id, token=token, expires_at=row.expires_at, max_uses=row.max_uses,
+                                 profile=row.profile, tags=row.tags)
+
+
+@router.post("/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
+def enroll(body: EnrollRequest, request: Request, session: SessionDep):
+    """A device presents an enrollment token and its public keys; it gets its id, MQTT credentials, trust root."""
+    row = session.exec(select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(body.token))
+                       .with_for_update()).first()
+    now = utcnow()
+    problem = None
+    if row is None or row.revoked_at is not None:
+        problem = "unknown or revoked enrollment token"
+    elif row.expires_at.replace(tzinfo=row.expires_at.tzinfo or UTC) <= now:
+        problem = "enrollment token expired"
+    elif row.uses >= row.max_uses:
+        problem = "enrollment token exhausted"
+    if problem:
+        audit(session, actor="device", action="device.enroll", outcome="denied", status_code=401, detail=problem)
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, problem)
+    profile = _check_profile(body.profile or row.profile or "")
+    if row.profile and body.profile and body.profile != row.profile:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"this enrollment token is for profile {row.profile!r}")
+    if session.exec(select(Device).where(Device.signing_public_key == body.signing_public_key)).first():
+        audit(session, actor="device", action="device.enroll", outcome="denied", status_code=409,
+              detail="signing key already enrolled")
+        raise HTTPException(status.HTTP_409_CONFLICT, "a device with this signing key is already enrolled")
+    settings = request.app.state.settings
+    device_id = f"dev-{body.signing_public_key[:16]}"
+    password = new_secret("", 24)
+    device = Device(id=device_id, profile=profile, tags=_check_tags([*row.tags, *body.tags]),
+                    agent_version=body.agent_version, signing_public_key=body.signing_public_key,
+                    x25519_public_key=body.x25519_public_key, mqtt_password_hash=hash_secret(password),
+                    enrollment_token_id=row.id)
+    row.uses += 1
+    session.add(device)
+    session.add(row)
+    session.commit()
+    audit(session, actor=f"device:{device_id}", action="device.enroll", target=f"device:{device_id}")
+    try:
+        root = keys.pinned_root(settings.data_dir).decode()
+    except keys.KeysError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
+    return EnrollResponse(device_id=device_id, profile=profile, mqtt_username=device_id, mqtt_password=password,
+                          broker_url=settings.broker_url, trust_root=root)
+
+
+@router.get("/devices", response_model=Page)
+def list_devices(session: SessionDep, _: Viewer, request: Request,
+                 profile: str | None = None, tag: Annotated[list[str] | None, Query()] = None,
+                 online: bool | None = None, model_version: str | None = None,
+                 include_decommissioned: bool = False,
+                 offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+    q = select(Device)
+    if profile:
+        q = q.where(Device.profile == profile)
+    if online is not None:
+        q = q.where(Device.online == online)
+    if model_version:
+        q = q.where(Device.active_version == model_version)
+    if not include_decommissioned:
+        q = q.where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
+    rows = session.exec(q.order_by(Device.id)).all() if tag else None
+    if tag:  # JSON tags: filtered here so SQLite and PostgreSQL agree
+        wanted = set(tag)
+        matching = [d for d in rows if wanted <= set(d.tags)]  # type: ignore[union-attr]
+        return Page(total=len(matching), offset=offset, limit=limit, items=matching[offset:offset + limit])
+    total = session.exec(select(func.count()).select_from(q.subquery())).one()
+    items = session.exec(q.order_by(Device.id).offset(offset).limit(limit)).all()
+    return Page(total=total, offset=offset, limit=limit, items=items)
+
+
+def _device(session, device_id: str) -> Device:
+    d = session.get(Device, device_id)
+    if d is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id}")
+    return d
+
+
+@router.get("/devices/{device_id}", response_model=DevicePublic)
+def get_device(device_id: str, session: SessionDep, _: Viewer):
+    return _device(session, device_id)
+
+
+@router.patch("/devices/{device_id}", response_model=DevicePublic)
+def patch_device(device_id: str, body: DevicePatch, session: SessionDep, op: Operator):
+    d = _device(session, device_id)
+    if body.tags is not None:
+        d.tags = _check_tags(body.tags)
+    session.add(d)
+    session.commit()
+    session.refresh(d)
+    public = DevicePublic.model_validate(d, from_attributes=True)
+    audit(session, actor=op.name, action="device.update", target=f"device:{device_id}")
+    return public
+
+
+@router.post("/devices/{device_id}/decommission", response_model=DevicePublic)
+def decommission(device_id: str, session: SessionDep, admin: Admin):
+    """Revokes the device's credentials: its MQTT password stops working and its messages are refused."""
+    d = _device(session, device_id)
+    if d.decommissioned_at is None:
+        d.decommissioned_at = utcnow()
+        d.mqtt_password_hash = "revoked"
+        d.online = False
+        session.add(d)
+        session.commit()
+        session.refresh(d)
+    public = DevicePublic.model_validate(d, from_attributes=True)
+    audit(session, actor=admin.name, action="device.decommission", target=f"device:{device_id}")
+    return public

@@ -1,0 +1,20 @@
+"""Server settings: environment (``EF_SERVER_*``) and an optional ``.env`` file, built once at start-up and passed
+down (no module-level singletons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EF_SERVER_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./fleet-data/fleet.db"
+    data_dir: Path = Path("./fleet-data")  # artifacts, keys (online only), generated broker files
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    public_url: str = "http://127.0.0.1:8000"
+    token_bytes: int = Field(default=32, ge=16, le=64)
+    page_size_max: int = Field(default=500, ge=1)
