@@ -4,6 +4,7 @@
     fleet-agent status   --config ...   (reads the state directory; works with the daemon stopped)
     fleet-agent rollback --config ...   (asks the running daemon to switch back to the previous slot)
     fleet-agent predict  --config ... INPUT.npy|.npz   (one request to the local API)
+    fleet-agent enroll   --server URL --token T [--profile P] [--config PATH] [--state-dir DIR]
 
 argparse, not typer: on a device every megabyte of the daemon's RSS counts, and typer + click + rich cost ~6 MB.
 Exit codes: 0 done, 1 failed (agent unreachable, request refused), 2 bad settings or usage.
@@ -128,6 +129,19 @@ def predict(config: Path | None, data: Path) -> None:
         echo(f"{name} {list(value.shape)} {value.dtype}: {np.array2string(value, threshold=20)}")
 
 
+def enroll(args: argparse.Namespace) -> None:
+    from agent.enroll import EnrollError
+    from agent.enroll import enroll as do_enroll
+
+    try:
+        done = do_enroll(server=args.server, token=args.token, profile=args.profile, config=args.config,
+                         state_dir=args.state_dir, tags=args.tag or [], api_port=args.api_port, force=args.force)
+    except EnrollError as e:
+        echo(f"error: {e}", err=True)
+        raise Exit(1) from e
+    echo(f"enrolled as {done['device_id']} ({done['profile']}); config written to {done['config']}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet-agent", description="The edgefleet device agent.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +155,15 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         if name == "predict":
             cmd.add_argument("data", type=Path, help=".npy (one input) or .npz (one array per input)")
+    e = sub.add_parser("enroll", help="create this device's keys, enroll with the fleet server, write the config")
+    e.add_argument("--server", required=True, help="fleet server URL, e.g. https://fleet.example.com")
+    e.add_argument("--token", required=True, help="an enrollment token from the fleet's admin")
+    e.add_argument("--profile", help="hardware profile id (or the token's default)")
+    e.add_argument("--config", type=Path, default=Path("/etc/edgefleet/agent.toml"))
+    e.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgefleet"))
+    e.add_argument("--tag", action="append", help="a tag for this device (repeatable)")
+    e.add_argument("--api-port", type=int, default=8470)
+    e.add_argument("--force", action="store_true", help="enroll again over an existing config")
     return p
 
 
@@ -149,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             run(args.config, args.log_level)
+        elif args.command == "enroll":
+            enroll(args)
         elif args.command == "predict":
             predict(args.config, args.data)
         else:
