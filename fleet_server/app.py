@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
+from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.db import make_engine
-from fleet_server.routes import devices, tokens
+from fleet_server.routes import artifacts, devices, tokens
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                   "for a fleet of edge devices. Authenticate with `Authorization: Bearer <API token>`.")
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
+    app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)
@@ -55,6 +57,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.include_router(tokens.router)
     app.include_router(devices.router)
+    app.include_router(artifacts.router)
     return app
 
 

@@ -18,3 +18,4 @@ class ServerSettings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     token_bytes: int = Field(default=32, ge=16, le=64)
     page_size_max: int = Field(default=500, ge=1)
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
