@@ -141,6 +141,26 @@ def enroll_token_create(max_uses: int = 1, expires_in: int = 7 * 24 * 3600, prof
     typer.echo(token)
 
 
+@app.command("broker-config")
+def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's passwd and acl files.")],
+                  server_user: Annotated[str, typer.Option(help="The server's own MQTT account.")] = "fleet-server",
+                  ) -> None:
+    """Write Mosquitto's password file and ACL from the database (reload the broker with SIGHUP afterwards)."""
+    from fleet_server.auth import new_secret
+    from fleet_server.broker import mosquitto_hash, write_broker_files
+
+    s = _settings()
+    secret = s.data_dir / "broker" / "server.password"
+    if not secret.exists():  # the server's own broker password, made once, readable by the server only
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(new_secret("", 24))
+        secret.chmod(0o600)
+    with _session(s) as session:
+        passwd, acl, n = write_broker_files(session, out, server_user=server_user,
+                                            server_password_hash=mosquitto_hash(secret.read_text().strip()))
+    typer.echo(f"wrote {passwd} ({n} device accounts + {server_user}) and {acl}")
+
+
 def main() -> None:
     app()
 

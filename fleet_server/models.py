@@ -117,7 +117,7 @@ class Device(SQLModel, table=True):
     agent_version: str = Field(default="", max_length=64)
     signing_public_key: str = Field(max_length=200)  # Ed25519, hex
     x25519_public_key: str | None = Field(default=None, max_length=200)  # hex, for encrypted delivery
-    mqtt_password_hash: str = Field(max_length=64)
+    mqtt_password_hash: str = Field(max_length=200)  # Mosquitto's $7$ PBKDF2-SHA512 form
     enrollment_token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
     enrolled_at: datetime = Field(default_factory=utcnow)
     decommissioned_at: datetime | None = None

@@ -13,6 +13,7 @@ from sqlmodel import select
 from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
 from fleet_server import keys
 from fleet_server.auth import Admin, Operator, SessionDep, Viewer, audit, hash_secret, new_secret
+from fleet_server.broker import mosquitto_hash
 from fleet_server.models import (
     Device,
     DevicePatch,
@@ -94,7 +95,7 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
     password = new_secret("", 24)
     device = Device(id=device_id, profile=profile, tags=_check_tags([*row.tags, *body.tags]),
                     agent_version=body.agent_version, signing_public_key=body.signing_public_key,
-                    x25519_public_key=body.x25519_public_key, mqtt_password_hash=hash_secret(password),
+                    x25519_public_key=body.x25519_public_key, mqtt_password_hash=mosquitto_hash(password),
                     enrollment_token_id=row.id)
     row.uses += 1
     session.add(device)
@@ -165,7 +166,7 @@ def decommission(device_id: str, session: SessionDep, admin: Admin):
     d = _device(session, device_id)
     if d.decommissioned_at is None:
         d.decommissioned_at = utcnow()
-        d.mqtt_password_hash = "revoked"
+        d.mqtt_password_hash = "!revoked"  # matches no password; the broker files leave the device out anyway
         d.online = False
         session.add(d)
         session.commit()

@@ -68,7 +68,7 @@ def upgrade() -> None:
     sa.Column('agent_version', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('signing_public_key', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('x25519_public_key', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
-    sa.Column('mqtt_password_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('mqtt_password_hash', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('enrollment_token_id', sa.Integer(), nullable=True),
     sa.Column('enrolled_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('decommissioned_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
