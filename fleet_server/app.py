@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.db import make_engine
-from fleet_server.routes import artifacts, devices, tokens
+from fleet_server.routes import artifacts, devices, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(tokens.router)
     app.include_router(devices.router)
     app.include_router(artifacts.router)
+    app.include_router(trust.router)
     return app
 
 

@@ -80,6 +80,24 @@ def keys_init(root_key_out: Annotated[Path, typer.Option(help="Where to write th
     typer.echo(f"root key → {root_key_out} (move it offline); root metadata → {path}")
 
 
+@keys_app.command("rotate-root")
+def keys_rotate_root(old_root_key: Annotated[Path, typer.Option(help="The current root private key (brought back "
+                                                                     "from offline for this).")],
+                     new_root_key_out: Annotated[Path, typer.Option(help="Where to write the new root key.")],
+                     new_online_key: Annotated[bool, typer.Option(help="Also replace the online signing key.")]
+                     = False) -> None:
+    """Root metadata version N+1, signed by the old and the new root keys."""
+    from fleet_server.keys import KeysError, rotate
+
+    try:
+        path = rotate(_settings().data_dir, old_root_key=old_root_key, new_root_key_out=new_root_key_out,
+                      new_online=new_online_key)
+    except (KeysError, FileExistsError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"root metadata → {path}; new root key → {new_root_key_out} (move it offline)")
+
+
 @keys_app.command("show")
 def keys_show() -> None:
     """Root metadata versions and their key ids."""

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fleet_protocol.keys import generate_signer, signer_from_pem, signer_to_pem
-from fleet_protocol.metadata import build_root
+from fleet_protocol.metadata import build_root, rotate_root
 
 ROOT_VALIDITY = timedelta(days=365)
 
@@ -60,3 +60,27 @@ def online_signer(data_dir: Path):
     if not path.exists():
         raise KeysError(f"{path} is missing: run `fleet-server keys init`")
     return signer_from_pem(path.read_bytes())
+
+
+def rotate(data_dir: Path, *, old_root_key: Path, new_root_key_out: Path, new_online: bool = False) -> Path:
+    """Root metadata N+1 signed by the old root key and a new one (written to ``new_root_key_out``); optionally a
+    new online key too (a suspected online-key compromise). Agents follow it when an offer carries it."""
+    versions = root_versions(data_dir)
+    if not versions:
+        raise KeysError("no root metadata to rotate: run `fleet-server keys init`")
+    old = signer_from_pem(Path(old_root_key).read_bytes())
+    online = online_signer(data_dir)
+    new_root = generate_signer()
+    if new_online:
+        online = generate_signer()
+    metadata = rotate_root(versions[-1], [new_root], [online], old_root_signers=[old],
+                           expires=datetime.now(UTC) + ROOT_VALIDITY)
+    _write_secret(new_root_key_out, signer_to_pem(new_root))
+    d = keys_dir(data_dir)
+    if new_online:
+        tmp = d / "online.pem.new"
+        _write_secret(tmp, signer_to_pem(online))
+        os.replace(tmp, d / "online.pem")
+    path = d / f"root-{len(versions) + 1}.json"
+    path.write_bytes(metadata)
+    return path

@@ -14,6 +14,8 @@ def test_health_ready_metrics_and_openapi(server):
     ready = server.get("/ready")
     assert ready.status_code == 503 and ready.json()["database"] is True and ready.json()["broker"] is False
     assert "edgefleet_api_requests_total" in server.get("/metrics").text
+    roots = server.get("/v1/trust/roots").json()  # public
+    assert [r["signed"]["version"] for r in roots] == [1]
     schema = server.get("/openapi.json").json()
     assert "/v1/enroll" in schema["paths"] and "/v1/devices" in schema["paths"]
 

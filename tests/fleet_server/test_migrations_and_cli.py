@@ -41,6 +41,15 @@ def test_operator_commands(database_url, tmp_path):
     assert run("keys", "init", "--root-key-out", str(tmp_path / "root2.pem")).returncode == 2  # never twice
     shown = json.loads(run("keys", "show").stdout.splitlines()[0])
     assert shown["version"] == 1 and shown["roles"]["root"] != shown["roles"]["targets"]
+    rotated = run("keys", "rotate-root", "--old-root-key", str(tmp_path / "offline" / "root.pem"),
+                  "--new-root-key-out", str(tmp_path / "offline" / "root-2.pem"))
+    assert rotated.returncode == 0, rotated.stderr
+    from fleet_protocol.metadata import UpdateVerifier
+    from fleet_server.keys import root_versions
+
+    v1, v2 = root_versions(tmp_path / "data")
+    verifier = UpdateVerifier(v1, device_id="d1", profile="rpi5")
+    assert verifier.update_root(v2) == 2  # an agent pinned to version 1 follows the rotation
     token = run("tokens", "create", "ops", "--role", "operator").stdout.strip()
     assert token.startswith("eft_")
     assert run("tokens", "create", "x", "--role", "god").returncode == 2
