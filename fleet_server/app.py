@@ -3,6 +3,7 @@ module-level engine or settings."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -14,18 +15,27 @@ from sqlalchemy import text
 
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.db import make_engine
-from fleet_server.routes import artifacts, devices, tokens, trust
+from fleet_server.jobs import JobRunner
+from fleet_server.routes import artifacts, devices, models, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="edgefleet fleet API", version="1", description="Devices, models, rollouts and telemetry "
-                  "for a fleet of edge devices. Authenticate with `Authorization: Bearer <API token>`.")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        _app.state.jobs.shutdown()
+        _app.state.engine.dispose()
+
+    app = FastAPI(lifespan=lifespan, title="edgefleet fleet API", version="1",
+                  description="Devices, models, rollouts and telemetry for a fleet of edge devices. "
+                              "Authenticate with `Authorization: Bearer <API token>`.")
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers)
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)
@@ -59,6 +69,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(artifacts.router)
     app.include_router(trust.router)
+    app.include_router(models.router)
     return app
 
 

@@ -169,3 +169,73 @@ class Page(SQLModel):
     offset: int
     limit: int
     items: list[DevicePublic]
+
+
+# ----------------------------------------------------------------------------- model registry and conversion jobs
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every requested profile was converted and judged (some may be refused)
+    FAILED = "failed"  # the job could not run (bad source, bad data, a crash)
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, index=True)
+    version: str = Field(max_length=64)
+    source_sha256: str = Field(max_length=64)
+    source_format: str = Field(max_length=8)  # onnx | pt2
+    calibration_sha256: str = Field(max_length=64)
+    evaluation_sha256: str | None = Field(default=None, max_length=64)
+    inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    outputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=100)
+
+
+class ModelVersionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = PField(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    version: str = PField(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+    source_sha256: str = PField(pattern=r"^[0-9a-f]{64}$", description="an uploaded artifact (POST /v1/artifacts)")
+    source_format: str = PField(default="onnx", pattern=r"^(onnx|pt2)$")
+    calibration_sha256: str = PField(pattern=r"^[0-9a-f]{64}$", description="an uploaded .npz of model inputs")
+    evaluation_sha256: str | None = PField(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class ConversionJob(SQLModel, table=True):
+    __tablename__ = "conversion_job"
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    profiles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: JobStatus = Field(default=JobStatus.QUEUED, index=True)
+    progress: str = Field(default="", max_length=500)
+    log: str = Field(default="", max_length=20000)
+    error: str = Field(default="", max_length=2000)
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=100)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ConversionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    profiles: list[str] = PField(min_length=1, max_length=32)
+
+
+class ConvertedArtifact(SQLModel, table=True):
+    __tablename__ = "converted_artifact"
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="conversion_job.id", index=True)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    profile: str = Field(max_length=64)
+    format: str = Field(max_length=32)
+    status: str = Field(max_length=16)  # shippable | refused | failed
+    artifact_sha256: str | None = Field(default=None, max_length=64)  # in the artifact store
+    size: int | None = None
+    report_sha256: str = Field(max_length=64)  # the JSON report, in the artifact store
+    reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -19,3 +19,4 @@ class ServerSettings(BaseSettings):
     token_bytes: int = Field(default=32, ge=16, le=64)
     page_size_max: int = Field(default=500, ge=1)
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy

@@ -1,0 +1,133 @@
+"""The model registry: versions of a source model with their calibration data, conversion jobs per profile
+(run in the job process pool), and the artifacts and reports they produce."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request, status
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from firmware_profiles import builtin_profile_ids
+from fleet_server.auth import Operator, SessionDep, Viewer, audit
+from fleet_server.models import (
+    ConversionJob,
+    ConversionRequest,
+    ConvertedArtifact,
+    JobStatus,
+    ModelVersion,
+    ModelVersionCreate,
+)
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[str]]:
+    """The source loads as a model and the calibration data fits it: checked now, not when a job runs."""
+    from converters.calibration import load_dataset
+    from converters.errors import ConvertError
+    from converters.source import load_source
+
+    for sha in filter(None, (body.source_sha256, body.calibration_sha256, body.evaluation_sha256)):
+        if not store.exists(sha):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no uploaded artifact {sha} "
+                                "(POST /v1/artifacts first)")
+    work = Path(tempfile.mkdtemp(prefix="fleet-validate-"))
+    try:
+        src = work / f"source.{body.source_format}"
+        shutil.copyfile(store.path(body.source_sha256), src)
+        calib = work / "calibration.npz"
+        shutil.copyfile(store.path(body.calibration_sha256), calib)
+        try:
+            source = load_source(src, work / "w")
+            load_dataset(calib, source.inputs, limit=8)
+        except ConvertError as e:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+        return [i.describe() for i in source.inputs], [o.describe() for o in source.outputs]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _version(session, name: str, version: str) -> ModelVersion:
+    mv = session.exec(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+    if mv is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model {name} {version}")
+    return mv
+
+
+@router.post("/models", status_code=status.HTTP_201_CREATED, response_model=ModelVersion)
+def create_model_version(body: ModelVersionCreate, request: Request, session: SessionDep, op: Operator):
+    inputs, outputs = _validate_source(request.app.state.artifacts, body)
+    mv = ModelVersion(**body.model_dump(), inputs=inputs, outputs=outputs, created_by=op.name)
+    session.add(mv)
+    try:
+        session.commit()
+    except IntegrityError as e:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{body.name} {body.version} exists already") from e
+    session.refresh(mv)
+    result = ModelVersion.model_validate(mv, from_attributes=True)
+    audit(session, actor=op.name, action="model.create", target=f"model:{body.name}:{body.version}")
+    return result
+
+
+@router.get("/models", response_model=list[ModelVersion])
+def list_model_versions(session: SessionDep, _: Viewer, name: str | None = None):
+    q = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.id)
+    if name:
+        q = q.where(ModelVersion.name == name)
+    return session.exec(q).all()
+
+
+@router.get("/models/{name}/{version}", response_model=ModelVersion)
+def get_model_version(name: str, version: str, session: SessionDep, _: Viewer):
+    return _version(session, name, version)
+
+
+@router.delete("/models/{name}/{version}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model_version(name: str, version: str, session: SessionDep, op: Operator):
+    mv = _version(session, name, version)
+    busy = session.exec(select(ConversionJob).where(ConversionJob.model_version_id == mv.id,
+                                                    ConversionJob.status.in_([JobStatus.QUEUED,  # type: ignore[attr-defined]
+                                                                              JobStatus.RUNNING]))).first()
+    if busy is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"conversion job {busy.id} is still working on it")
+    for row in session.exec(select(ConvertedArtifact).where(ConvertedArtifact.model_version_id == mv.id)).all():
+        session.delete(row)
+    for row in session.exec(select(ConversionJob).where(ConversionJob.model_version_id == mv.id)).all():
+        session.delete(row)
+    session.delete(mv)
+    session.commit()
+    audit(session, actor=op.name, action="model.delete", target=f"model:{name}:{version}")
+
+
+@router.post("/models/{name}/{version}/conversions", status_code=status.HTTP_202_ACCEPTED,
+             response_model=ConversionJob)
+def request_conversion(name: str, version: str, body: ConversionRequest, request: Request, session: SessionDep,
+                       op: Operator):
+    mv = _version(session, name, version)
+    unknown = sorted(set(body.profiles) - set(builtin_profile_ids()))
+    if unknown:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"unknown profile(s) {unknown}")
+    job = ConversionJob(model_version_id=mv.id, profiles=sorted(set(body.profiles)), created_by=op.name)
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    result = ConversionJob.model_validate(job, from_attributes=True)
+    request.app.state.jobs.submit(job.id)
+    audit(session, actor=op.name, action="conversion.request", target=f"job:{job.id}",
+          detail=",".join(job.profiles))
+    return result
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: int, session: SessionDep, _: Viewer) -> dict:
+    job = session.get(ConversionJob, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    artifacts = session.exec(select(ConvertedArtifact).where(ConvertedArtifact.job_id == job_id)
+                             .order_by(ConvertedArtifact.id)).all()
+    return {**job.model_dump(mode="json"), "artifacts": [a.model_dump(mode="json") for a in artifacts]}
