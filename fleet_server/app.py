@@ -9,7 +9,7 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
@@ -40,15 +40,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(path).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Metrics, requests=requests, latency=latency)
 
     @app.get("/health", tags=["operations"])
     def health() -> dict:
@@ -71,6 +63,33 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(trust.router)
     app.include_router(models.router)
     return app
+
+
+class _Metrics:
+    """Request counts and latency per route, as a plain ASGI middleware (BaseHTTPMiddleware costs a task and
+    a stream per request)."""
+
+    def __init__(self, app, *, requests, latency):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status_code = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_code[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], path, str(status_code[0])).inc()
+            self.latency.labels(path).observe(time.perf_counter() - t0)
 
 
 def _database_ok(app: FastAPI) -> bool:
