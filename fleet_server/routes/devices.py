@@ -14,6 +14,7 @@ from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
 from fleet_server import keys
 from fleet_server.auth import Admin, Operator, SessionDep, Viewer, audit, hash_secret, new_secret
 from fleet_server.broker import mosquitto_hash
+from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
     Device,
     DevicePatch,
@@ -115,7 +116,8 @@ def list_devices(session: SessionDep, _: Viewer, request: Request,
                  profile: str | None = None, tag: Annotated[list[str] | None, Query()] = None,
                  online: bool | None = None, model_version: str | None = None,
                  include_decommissioned: bool = False,
-                 offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=500)] = 100):
+                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                 limit: Annotated[int, Query(ge=1, le=500)] = 100):
     q = select(Device)
     if profile:
         q = q.where(Device.profile == profile)

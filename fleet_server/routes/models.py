@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path as FsPath
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Path, Request, status
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from firmware_profiles import builtin_profile_ids
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
+from fleet_server.limits import MAX_ID
 from fleet_server.models import (
     ConversionJob,
     ConversionRequest,
@@ -35,7 +37,7 @@ def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[s
         if not store.exists(sha):
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no uploaded artifact {sha} "
                                 "(POST /v1/artifacts first)")
-    work = Path(tempfile.mkdtemp(prefix="fleet-validate-"))
+    work = FsPath(tempfile.mkdtemp(prefix="fleet-validate-"))
     try:
         src = work / f"source.{body.source_format}"
         shutil.copyfile(store.path(body.source_sha256), src)
@@ -124,7 +126,7 @@ def request_conversion(name: str, version: str, body: ConversionRequest, request
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: int, session: SessionDep, _: Viewer) -> dict:
+def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _: Viewer) -> dict:
     job = session.get(ConversionJob, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from sqlmodel import select
 
 from fleet_server.auth import Admin, SessionDep, audit, issue_token
+from fleet_server.limits import MAX_ID, MAX_OFFSET
 from fleet_server.models import ApiToken, ApiTokenCreate, ApiTokenIssued, ApiTokenPublic, AuditEntry, utcnow
 
 router = APIRouter(prefix="/v1", tags=["tokens and audit"])
@@ -27,7 +28,7 @@ def list_tokens(session: SessionDep, _: Admin):
 
 
 @router.delete("/tokens/{token_id}", response_model=ApiTokenPublic)
-def revoke_token(token_id: int, session: SessionDep, admin: Admin):
+def revoke_token(token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, admin: Admin):
     row = session.get(ApiToken, token_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no token {token_id}")
@@ -43,7 +44,7 @@ def revoke_token(token_id: int, session: SessionDep, admin: Admin):
 
 @router.get("/audit", response_model=list[AuditEntry])
 def read_audit(session: SessionDep, _: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0)] = 0, actor: str | None = None):
+               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0, actor: str | None = None):
     q = select(AuditEntry).order_by(AuditEntry.id.desc())  # type: ignore[union-attr]
     if actor:
         q = q.where(AuditEntry.actor == actor)
