@@ -7,12 +7,14 @@ import contextlib
 import logging
 import socket
 import time
+import uuid
 from urllib.parse import urlparse
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
+from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.db import make_engine
 from fleet_server.jobs import JobRunner
@@ -20,6 +22,7 @@ from fleet_server.routes import artifacts, devices, models, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("fleet_server.access")
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -84,12 +87,15 @@ class _Metrics:
                 status_code[0] = message["status"]
             await send(message)
 
+        request_id = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode()[:64] or uuid.uuid4().hex
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             self.requests.labels(scope["method"], path, str(status_code[0])).inc()
             self.latency.labels(path).observe(time.perf_counter() - t0)
+            logs.access(access_log, method=scope["method"], route=path, status=status_code[0], started=t0,
+                        request_id=request_id)
 
 
 def _database_ok(app: FastAPI) -> bool:

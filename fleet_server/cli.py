@@ -59,11 +59,13 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[in
     import uvicorn
 
     from fleet_server.app import create_app
+    from fleet_server.logs import configure
     from fleet_server.migrate import upgrade
 
+    configure()
     s = _settings()
     upgrade(s.database_url)
-    uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(s), host=host, port=port, log_config=None, access_log=False)  # our JSON access log
 
 
 @keys_app.command("init")

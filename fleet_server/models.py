@@ -128,7 +128,10 @@ class Device(SQLModel, table=True):
 
 
 class EnrollRequest(BaseModel):  # pydantic directly: SQLModel's Field does not enforce patterns
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "token": "efe_3q2Zb7m0nV0xkq0i7h9m4Yl6b8c0Zt2Q", "profile": "rpi5",
+        "signing_public_key": "9f" * 32, "x25519_public_key": "4c" * 32, "agent_version": "0.1.0",
+        "tags": ["site:berlin", "line:3"]}]})
     token: str = PField(min_length=16, max_length=200)
     profile: str | None = PField(default=None, max_length=64)
     signing_public_key: str = PField(pattern=r"^[0-9a-f]{64}$", description="Ed25519 public key, hex")
@@ -198,7 +201,9 @@ class ModelVersion(SQLModel, table=True):
 
 
 class ModelVersionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "defect-classifier", "version": "1.4.0", "source_sha256": "ab" * 32, "source_format": "onnx",
+        "calibration_sha256": "cd" * 32}]})
     name: str = PField(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     version: str = PField(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
     source_sha256: str = PField(pattern=r"^[0-9a-f]{64}$", description="an uploaded artifact (POST /v1/artifacts)")
@@ -223,7 +228,8 @@ class ConversionJob(SQLModel, table=True):
 
 
 class ConversionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"profiles": ["rpi5",
+                                                                                        "jetson-orin-nano"]}]})
     profiles: list[str] = PField(min_length=1, max_length=32)
 
 

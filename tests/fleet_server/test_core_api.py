@@ -18,6 +18,7 @@ def test_health_ready_metrics_and_openapi(server):
     assert [r["signed"]["version"] for r in roots] == [1]
     schema = server.get("/openapi.json").json()
     assert "/v1/enroll" in schema["paths"] and "/v1/devices" in schema["paths"]
+    assert schema["components"]["schemas"]["EnrollRequest"]["examples"][0]["profile"] == "rpi5"
 
 
 def test_missing_wrong_revoked_tokens_are_401_and_low_roles_403_audited(server):
@@ -103,3 +104,18 @@ def test_device_list_filters_pages_tags_and_decommission(server):
     assert gone["decommissioned_at"] is not None
     assert server.get("/v1/devices", headers=v).json()["total"] == 24
     assert server.get("/v1/devices/nope", headers=v).status_code == 404
+
+
+def test_access_log_is_structured_json_without_secrets(server, caplog):
+    import json as _json
+    import logging
+
+    from fleet_server.logs import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="fleet_server.access"):
+        server.get("/v1/devices/x?secret=1", headers={**server.as_("viewer"), "X-Request-Id": "req-42"})
+    record = next(r for r in caplog.records if r.name == "fleet_server.access")
+    doc = _json.loads(JsonFormatter().format(record))
+    assert doc["route"] == "/v1/devices/{device_id}" and doc["status"] == 404 and doc["request_id"] == "req-42"
+    line = JsonFormatter().format(record)
+    assert "secret" not in line and server.tokens["viewer"] not in line and doc["ms"] >= 0
