@@ -45,7 +45,7 @@ class Agent:
         self.bad_messages = 0
         self._stop = threading.Event()
         self._link: Link | None = None
-        self.outbox = Outbox(self.store, self._publish_qos1, max_rows=settings.outbox_max_messages)
+        self.outbox = Outbox(self.store, self._send, max_rows=settings.outbox_max_messages)
         prefer = None if settings.tflite_runtime == "auto" else settings.tflite_runtime
         self.updater = Updater(
             UpdaterConfig(device_id=settings.device_id, profile=settings.profile, cohort=settings.cohort,
@@ -106,9 +106,6 @@ class Agent:
 
     def _send(self, topic: str, payload: bytes, retain: bool = False) -> int | None:
         return self._link.publish(topic, payload, qos=1, retain=retain) if self._link else None
-
-    def _publish_qos1(self, topic: str, payload: bytes) -> int | None:
-        return self._send(topic, payload)
 
     def _on_connected(self) -> None:
         self.outbox.connected()

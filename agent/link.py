@@ -8,6 +8,7 @@ network loop runs in one thread (``Client.loop``), so callbacks arrive in order 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import ssl
@@ -132,12 +133,10 @@ class Link:
             if not self._stop.is_set():
                 attempt += 1
                 self._sleep_backoff(attempt, "connection lost")
-        try:  # deliver the DISCONNECT queued by stop()
+        with contextlib.suppress(Exception):  # best effort: deliver the DISCONNECT queued by stop()
             for _ in range(10):
                 if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
-        except Exception:
-            pass
 
     def _sleep_backoff(self, attempt: int, why: str) -> None:
         """Exponential backoff with full jitter, so a fleet does not reconnect in lockstep after an outage."""

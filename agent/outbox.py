@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from agent.store import Store
 
@@ -62,20 +63,10 @@ class Outbox:
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far is acknowledged (graceful shutdown); False on timeout."""
-        done = threading.Event()
-
-        def check() -> None:
-            while not done.is_set() and not self._stop.is_set():
-                if self.store.outbox_size() == 0:
-                    done.set()
-                    return
-                self._wake.set()
-                self._stop.wait(0.05)
-
-        t = threading.Thread(target=check, daemon=True)
-        t.start()
-        t.join(timeout)
-        done.set()
+        deadline = time.monotonic() + timeout
+        while self.store.outbox_size() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
         return self.store.outbox_size() == 0
 
     def _run(self) -> None:

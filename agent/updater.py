@@ -115,6 +115,7 @@ class Updater:
         self._thread: threading.Thread | None = None
         self._assembler: ChunkAssembler | None = None
         self._staged: Loaded | None = None
+        self._verified_job: tuple[str, VerifiedUpdate] | None = None
         self._last_progress = 0.0
         self._stalls = 0
         self._connected = False
@@ -258,10 +259,13 @@ class Updater:
         return {"job": snap.job, "previous_slot": self.slots.pointer()["previous"], "timings": {}}
 
     def _verified(self) -> VerifiedUpdate:
-        """The journaled offer's metadata, verified again (signature and scope) without advancing the version."""
-        v = UpdateVerifier(self.verifier.root_bytes, device_id=self.c.device_id, profile=self.c.profile,
-                           cohort=self.c.cohort, update_version=0)
-        return v.verify_update(base64.b64decode(self.job["metadata"]))
+        """The journaled offer's metadata, verified again (signature and scope) without advancing the version: once
+        per job in this process (fetch, stage and probe all need it; after a restart it is checked afresh)."""
+        if self._verified_job is None or self._verified_job[0] != self.snap.job:
+            v = UpdateVerifier(self.verifier.root_bytes, device_id=self.c.device_id, profile=self.c.profile,
+                               cohort=self.c.cohort, update_version=0)
+            self._verified_job = (str(self.snap.job), v.verify_update(base64.b64decode(self.job["metadata"])))
+        return self._verified_job[1]
 
     # ------------------------------------------------------------------ actions
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import traceback
 import zipfile
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from sqlmodel import Session
@@ -34,12 +34,11 @@ class JobRunner:
     def __init__(self, database_url: str, data_dir: Path, workers: int = 1):
         self.database_url, self.data_dir, self.workers = database_url, data_dir, workers
         self._pool: ProcessPoolExecutor | None = None
-        self.futures: dict[int, Future] = {}
 
     def submit(self, job_id: int) -> None:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        self.futures[job_id] = self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir))
+        self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir))  # the outcome lands in the job row
 
     def shutdown(self) -> None:
         if self._pool is not None:

@@ -127,10 +127,9 @@ def list_devices(session: SessionDep, _: Viewer, request: Request,
         q = q.where(Device.active_version == model_version)
     if not include_decommissioned:
         q = q.where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
-    rows = session.exec(q.order_by(Device.id)).all() if tag else None
     if tag:  # JSON tags: filtered here so SQLite and PostgreSQL agree
         wanted = set(tag)
-        matching = [d for d in rows if wanted <= set(d.tags)]  # type: ignore[union-attr]
+        matching = [d for d in session.exec(q.order_by(Device.id)).all() if wanted <= set(d.tags)]
         return Page(total=len(matching), offset=offset, limit=limit, items=matching[offset:offset + limit])
     total = session.exec(select(func.count()).select_from(q.subquery())).one()
     items = session.exec(q.order_by(Device.id).offset(offset).limit(limit)).all()

@@ -39,9 +39,10 @@ def test_litert_backend_quantizes_float_io_itself(tflite_model):
     assert m.backend == "ai_edge_litert"
     assert m.inputs[0].dtype == "float32" and m.inputs[0].shape == (1, 16, 16, 3)  # NHWC, as converted
     x = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
-    got = m.run({m.inputs[0].name: x})
-    ref = LiteRTModel(tflite_model, {m.inputs[0].name: None}).run(x_dict := {m.inputs[0].name: x})
-    assert set(got) == set(ref) and x_dict
+    feed = {m.inputs[0].name: x}
+    got = m.run(feed)
+    ref = LiteRTModel(tflite_model, {m.inputs[0].name: None}).run(feed)
+    assert set(got) == set(ref)
     for k in got:
         np.testing.assert_allclose(got[k], ref[k])
 
