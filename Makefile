@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
 TFLITE_VENV := .venv-tflite
 
-.PHONY: test demo bench bench-delta bench-agent lint clean system-deps
+.PHONY: test demo bench bench-delta bench-agent bench-api lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-delta: $(STAMP)
 
 bench-agent: $(STAMP) system-deps
 	$(BIN)/python bench/agent_bench.py
+
+bench-api: $(STAMP) system-deps
+	$(BIN)/python bench/api_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
+from fleet_server.auth import TokenCache
 from fleet_server.db import make_engine
 from fleet_server.jobs import JobRunner
 from fleet_server.routes import artifacts, devices, models, tokens, trust
@@ -37,6 +38,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               "Authenticate with `Authorization: Bearer <API token>`.")
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
+    app.state.tokens = TokenCache(app.state.engine)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers)
     registry = CollectorRegistry()
@@ -66,6 +68,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(trust.router)
     app.include_router(models.router)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory a multi-worker uvicorn imports in each worker process."""
+    from fleet_server.logs import configure
+
+    configure()
+    return create_app(ServerSettings())
 
 
 class _Metrics:

@@ -1,6 +1,6 @@
 """``fleet-server``: serve the API, migrate the database, manage keys and tokens.
 
-    fleet-server serve [--host 127.0.0.1] [--port 8000]
+    fleet-server serve [--host 127.0.0.1] [--port 8000] [--workers N]
     fleet-server migrate
     fleet-server keys init --root-key-out PATH | keys show
     fleet-server tokens create NAME --role admin|operator|viewer | tokens revoke ID
@@ -54,8 +54,9 @@ def migrate() -> None:
 
 
 @app.command()
-def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000) -> None:
-    """Migrate, then serve the API with uvicorn."""
+def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[int, typer.Option()] = 8000,
+          workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes")] = 1) -> None:
+    """Migrate, then serve the API with uvicorn (settings from EF_SERVER_* / the settings file)."""
     import uvicorn
 
     from fleet_server.app import create_app
@@ -65,7 +66,11 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[in
     configure()
     s = _settings()
     upgrade(s.database_url)
-    uvicorn.run(create_app(s), host=host, port=port, log_config=None, access_log=False)  # our JSON access log
+    if workers == 1:
+        uvicorn.run(create_app(s), host=host, port=port, log_config=None, access_log=False)  # our JSON access log
+    else:  # each worker process builds its own app (engine, pools) from the same settings
+        uvicorn.run("fleet_server.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                    log_config=None, access_log=False)
 
 
 @keys_app.command("init")

@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PField
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -110,7 +110,8 @@ class EnrollmentTokenIssued(SQLModel):
 
 class Device(SQLModel, table=True):
     __tablename__ = "device"
-    __table_args__ = (UniqueConstraint("signing_public_key"),)
+    # (decommissioned_at, id): the device list's default filter and order, so an offset skips index entries only
+    __table_args__ = (UniqueConstraint("signing_public_key"), Index("ix_device_live_id", "decommissioned_at", "id"))
     id: str = Field(primary_key=True, max_length=64)
     profile: str = Field(max_length=64, index=True)
     tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -161,6 +162,12 @@ class DevicePublic(SQLModel):
     last_seen: datetime | None
     active_version: str | None
     active_sha256: str | None
+
+    @field_validator("enrolled_at", "decommissioned_at", "last_seen")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """Stored times are UTC; SQLite gives them back naive. Always answered with their offset (Z)."""
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class DevicePatch(SQLModel):

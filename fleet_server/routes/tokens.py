@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from sqlmodel import select
 
 from fleet_server.auth import Admin, SessionDep, audit, issue_token
@@ -28,7 +28,8 @@ def list_tokens(session: SessionDep, _: Admin):
 
 
 @router.delete("/tokens/{token_id}", response_model=ApiTokenPublic)
-def revoke_token(token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, admin: Admin):
+def revoke_token(token_id: Annotated[int, Path(ge=1, le=MAX_ID)], request: Request, session: SessionDep,
+                 admin: Admin):
     row = session.get(ApiToken, token_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no token {token_id}")
@@ -37,6 +38,7 @@ def revoke_token(token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: Sessi
         session.add(row)
         session.commit()
         session.refresh(row)
+        request.app.state.tokens.invalidate()
     public = ApiTokenPublic.model_validate(row, from_attributes=True)
     audit(session, actor=admin.name, action="token.revoke", target=f"token:{token_id}")
     return public

@@ -1,6 +1,7 @@
 """Tokens, audit, enrollment and devices on SQLite and PostgreSQL, failure cases included."""
 
 import secrets
+from datetime import datetime
 
 from fleet_protocol.metadata import UpdateVerifier
 
@@ -91,6 +92,14 @@ def test_device_list_filters_pages_tags_and_decommission(server):
     v = server.as_("viewer")
     page = server.get("/v1/devices", params={"limit": 10, "offset": 20}, headers=v).json()
     assert page["total"] == 25 and len(page["items"]) == 5
+    for item in page["items"]:  # the list's hand-built JSON says what the validated detail model says
+        detail = server.get(f"/v1/devices/{item['id']}", headers=v).json()
+        assert item.keys() == detail.keys() and item["tags"] == detail["tags"] and item["online"] is detail["online"]
+        assert item["enrolled_at"].endswith("Z") and detail["enrolled_at"].endswith("Z")
+        assert datetime.fromisoformat(item["enrolled_at"]) == datetime.fromisoformat(detail["enrolled_at"])
+        item.pop("enrolled_at"), detail.pop("enrolled_at")
+        assert item == detail
+    assert [d["id"] for d in server.get("/v1/devices", headers=v).json()["items"]] == sorted(ids)
     assert server.get("/v1/devices", params={"profile": "rpi5"}, headers=v).json()["total"] == 12
     assert server.get("/v1/devices", params={"tag": "even"}, headers=v).json()["total"] == 13
     assert server.get("/v1/devices", params={"online": True}, headers=v).json()["total"] == 0
