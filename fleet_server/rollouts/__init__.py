@@ -1,0 +1,1 @@
+"""The rollout engine: pure planner and gates, and the adapters that journal, sign, publish and ingest."""
