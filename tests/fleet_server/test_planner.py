@@ -17,7 +17,7 @@ from fleet_server.rollouts.planner import (
     plan,
 )
 
-P, O, INS, F = MemberStatus.PENDING, MemberStatus.OFFERED, MemberStatus.INSTALLED, MemberStatus.FAILED
+P, OFF, INS, F = MemberStatus.PENDING, MemberStatus.OFFERED, MemberStatus.INSTALLED, MemberStatus.FAILED
 
 
 def fleet(n, status=P, **kw):
@@ -57,9 +57,9 @@ def test_canary_then_waves_with_soak():
 
 def test_an_unfinished_stage_waits_and_a_wait_verdict_holds_it():
     s = Strategy(canary_percent=10, waves_percent=(50,))
-    members = [replace(m, status=O, offered_at=0) if i < 2 else m for i, m in enumerate(fleet(20))]
+    members = [replace(m, status=OFF, offered_at=0) if i < 2 else m for i, m in enumerate(fleet(20))]
     assert plan(View(RolloutState.RUNNING, 0, members, now=5), s).stage == 0
-    done = [replace(m, status=INS) if m.status is O else m for m in members]
+    done = [replace(m, status=INS) if m.status is OFF else m for m in members]
     held = plan(View(RolloutState.RUNNING, 0, done, now=5, verdict=Verdict.WAIT), s)
     assert held.stage == 0 and held.offer == () and "waiting" in held.notes[0]
 
@@ -76,10 +76,10 @@ def test_only_running_rollouts_offer():
 
 def test_rate_limit_defers_and_skipped_members_do_not_count():
     s = Strategy(canary_percent=100, waves_percent=(), rate_per_minute=3)
-    members = fleet(5) + [Member("zz", MemberStatus.SKIPPED)]
+    members = [*fleet(5), Member("zz", MemberStatus.SKIPPED)]
     p = plan(View(RolloutState.RUNNING, 0, members, now=0), s)
     assert len(p.offer) == 3 and "rate limit" in p.notes[0]
-    after = [replace(m, status=O, offered_at=0) if m.device_id in p.offer else m for m in members]
+    after = [replace(m, status=OFF, offered_at=0) if m.device_id in p.offer else m for m in members]
     assert plan(View(RolloutState.RUNNING, 0, after, now=59), s).offer == ()
     assert len(plan(View(RolloutState.RUNNING, 0, after, now=60.5), s).offer) == 2
 
@@ -95,7 +95,7 @@ def test_complete_when_the_last_stage_finished_and_late_joiners_are_offered():
 
 def test_stragglers_do_not_block_a_stage_past_its_timeout():
     s = Strategy(canary_percent=50, waves_percent=(), stage_timeout_s=60)
-    members = [Member("a", INS, offered_at=0), Member("b", O, offered_at=0, online=False), *fleet(2)]
+    members = [Member("a", INS, offered_at=0), Member("b", OFF, offered_at=0, online=False), *fleet(2)]
     assert plan(View(RolloutState.RUNNING, 0, members, now=30), s).stage == 0
     assert plan(View(RolloutState.RUNNING, 0, members, now=61), s).stage == 1
 
@@ -124,10 +124,10 @@ def test_invariants_over_simulated_rollouts(n, canary, rate, waves, outcomes, fa
         stage, finished_at = p.stage, p.stage_finished_at
         for d in p.offer:
             assert members[d].status is P, f"{d} offered twice"
-            members[d] = replace(members[d], status=O, offered_at=now)
+            members[d] = replace(members[d], status=OFF, offered_at=now)
             offers.append((now, d))
         for d, m in members.items():  # devices that were offered finish a step later
-            if m.status is O and m.offered_at < now:
+            if m.status is OFF and m.offered_at < now:
                 outcome = outcomes[int(d[1:]) % len(outcomes)]
                 if outcome != "stay" or now - m.offered_at > 400:
                     members[d] = replace(m, status=INS if outcome != "failed" else F, finished_at=now)
