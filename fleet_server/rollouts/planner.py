@@ -128,13 +128,11 @@ def plan(view: View, strategy: Strategy) -> Plan:
     pending = sorted((m for m in members if m.status is MemberStatus.PENDING), key=lambda m: m.device_id)
     notes: list[str] = []
 
-    finished_at = view.stage_finished_at
     stage_done = len(offered) >= targets[stage] and _settled(offered, view.now, strategy.stage_timeout_s)
-    if not stage_done:
-        finished_at = None
-    elif finished_at is None:
-        finished_at = view.now
-    if stage_done and stage < last:
+    finished_at: float | None = None
+    if stage_done:
+        finished_at = view.now if view.stage_finished_at is None else view.stage_finished_at
+    if finished_at is not None and stage < last:
         if view.verdict is Verdict.WAIT:
             notes.append(f"stage {stage} finished; waiting for enough finished devices to judge the gates")
         elif view.now - finished_at >= strategy.soak_s:
