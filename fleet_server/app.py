@@ -18,8 +18,11 @@ from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.auth import TokenCache
 from fleet_server.db import make_engine
+from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
-from fleet_server.routes import artifacts, devices, models, tokens, trust
+from fleet_server.rollouts.delivery import Delivery
+from fleet_server.rollouts.engine import RolloutEngine
+from fleet_server.routes import artifacts, devices, models, rollouts, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,15 @@ access_log = logging.getLogger("fleet_server.access")
 def create_app(settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if settings.rollout_engine:
+            _app.state.link.start()
+            _app.state.ingest.start()
+            _app.state.rollouts.start()
         yield
+        if settings.rollout_engine:
+            _app.state.rollouts.stop()
+            _app.state.link.stop()
+            _app.state.ingest.stop()
         _app.state.jobs.shutdown()
         _app.state.engine.dispose()
 
@@ -40,6 +51,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = make_engine(settings.database_url)
     app.state.tokens = TokenCache(app.state.engine)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
+    app.state.ingest = Ingest(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
+    app.state.link = FleetLink(settings.broker_url, f"fleet-server-{socket.gethostname()}-{instance_slot(settings)}",
+                               app.state.ingest.submit, username=settings.mqtt_username,
+                               password=settings.mqtt_password)
+    app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
+                                       tick_s=settings.engine_tick_s)
     app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers)
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
@@ -67,7 +85,32 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(trust.router)
     app.include_router(models.router)
+    app.include_router(rollouts.router)
     return app
+
+
+_slot_locks: list = []  # held for the life of the process
+
+
+def instance_slot(settings: ServerSettings) -> int:
+    """A small number stable across restarts (the lowest free one among this host's server processes), for the
+    server's MQTT client id: the broker keeps a persistent session per client id, and a shared subscription hands
+    messages round-robin to every session in its group, connected or not. A restarted server must therefore take
+    its old session back, or half of what devices send in the meantime would wait in an orphaned one."""
+    import fcntl
+
+    folder = settings.data_dir / "instances"
+    folder.mkdir(parents=True, exist_ok=True)
+    for slot in range(256):
+        f = open(folder / f"slot-{slot}.lock", "a")  # noqa: SIM115 - held open on purpose
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _slot_locks.append(f)
+        return slot
+    raise RuntimeError(f"more than 256 server processes share {folder}")
 
 
 def app_from_environment() -> FastAPI:

@@ -27,6 +27,8 @@ class ArtifactStore(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
+    def put_bytes(self, data: bytes) -> str: ...
+
 
 class LocalArtifactStore:
     def __init__(self, root: Path):
@@ -63,3 +65,21 @@ class LocalArtifactStore:
             return sha, size
         finally:
             tmp.unlink(missing_ok=True)
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store a small payload the server made itself (a delta, a per-device ciphertext)."""
+        sha = hashlib.sha256(data).hexdigest()
+        dest = self.path(sha)
+        if dest.is_file():
+            return sha
+        dest.parent.mkdir(exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, dest)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+        return sha

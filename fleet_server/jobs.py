@@ -136,8 +136,12 @@ def _convert(mv: ModelVersion, profiles: list[str], store, work: Path, progress)
         for report in converter.convert(load_profile(pid), work / "out"):
             fmt = next(f for f in ARTIFACT_NAMES if f.value == report.format)
             artifact = work / "out" / pid / ARTIFACT_NAMES[fmt]
-            sha = size = None
+            sha = size = probe_sha = None
             if report.shippable and artifact.exists():
+                if artifact.suffix in (".onnx", ".tflite") and evaluation.samples:
+                    probe_file = work / f"{pid}-{fmt.value}.probe.npz"
+                    probe_file.write_bytes(golden_probe(artifact, evaluation.samples[0]))
+                    probe_sha, _ = _put_file(store, probe_file)
                 if artifact.is_dir():
                     zipped = work / f"{pid}-{fmt.value}.zip"
                     _zip_dir(artifact, zipped)
@@ -148,9 +152,26 @@ def _convert(mv: ModelVersion, profiles: list[str], store, work: Path, progress)
             report_sha, _ = _put_file(store, report_file)
             results.append({"profile": pid, "format": report.format, "status": report.status.value,
                             "artifact_sha256": sha, "size": size, "report_sha256": report_sha,
-                            "reasons": report.reasons})
+                            "reasons": report.reasons, "probe_sha256": probe_sha,
+                            "fidelity": min((o.cosine for o in report.fidelity), default=None)})
             progress(f"{pid} {report.format}: {report.status.value}")
     return results
+
+
+def golden_probe(artifact: Path, sample: dict) -> bytes:
+    """The probe a device runs before switching: one evaluation sample and what this very artifact answers, computed
+    with the agent's own runtime wrapper (so the device compares like with like)."""
+    import io
+
+    import numpy as np
+
+    from agent.runtimes import load
+
+    model = load(artifact, threads=1)
+    outputs = model.run(sample)
+    buf = io.BytesIO()
+    np.savez(buf, **{f"in/{k}": v for k, v in sample.items()}, **{f"out/{k}": v for k, v in outputs.items()})
+    return buf.getvalue()
 
 
 def _put_file(store, path: Path) -> tuple[str, int]:

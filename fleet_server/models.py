@@ -11,7 +11,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic import Field as PField
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -252,3 +252,94 @@ class ConvertedArtifact(SQLModel, table=True):
     size: int | None = None
     report_sha256: str = Field(max_length=64)  # the JSON report, in the artifact store
     reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    probe_sha256: str | None = Field(default=None, max_length=64)  # golden inputs + this artifact's outputs (npz)
+    fidelity: float | None = None  # the report's headline agreement with FP32 (cosine or top-1), for the gates
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+class Rollout(SQLModel, table=True):
+    __tablename__ = "rollout"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(default="", max_length=100)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    state: str = Field(default="draft", max_length=16, index=True)  # planner.RolloutState
+    stage: int = 0
+    stage_finished_at: float | None = None  # epoch seconds (the planner's clock)
+    selector: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    strategy: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    gates: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    on_gate_failure: str = Field(default="pause", max_length=8)  # pause | abort (abort rolls back)
+    encrypt: bool = False
+    evaluation: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # the latest gate verdict
+    notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=100)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device's part in a rollout; ``job`` is the id its offer carries (unique, so events find their row)."""
+
+    __tablename__ = "rollout_device"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id"), UniqueConstraint("job"))
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(foreign_key="rollout.id", index=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64, index=True)
+    job: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16)  # planner.MemberStatus
+    reason: str = Field(default="", max_length=32)
+    detail: str = Field(default="", max_length=1000)
+    base_sha256: str | None = Field(default=None, max_length=64)  # what the device ran when offered
+    artifact_sha256: str | None = Field(default=None, max_length=64)
+    files: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # signed path → sha256
+    delivery: str = Field(default="", max_length=16)  # full | delta | encrypted
+    bytes_offered: int = 0
+    offered_at: float | None = None
+    finished_at: float | None = None
+    timings: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class DeltaCache(SQLModel, table=True):
+    """The best delta from one artifact to another, computed once per pair."""
+
+    __tablename__ = "delta_cache"
+    __table_args__ = (UniqueConstraint("base_sha256", "target_sha256"),)
+    id: int | None = Field(default=None, primary_key=True)
+    base_sha256: str = Field(max_length=64)
+    target_sha256: str = Field(max_length=64)
+    algorithm: str = Field(max_length=16)  # bsdiff4 | zstd | none (the full file was smaller)
+    delta_sha256: str | None = Field(default=None, max_length=64)
+    length: int = 0
+
+
+class TelemetryWindow(SQLModel, table=True):
+    """One telemetry batch from a device. (device_id, seq) is unique: a QoS 1 redelivery is stored once."""
+
+    __tablename__ = "telemetry_window"
+    __table_args__ = (UniqueConstraint("device_id", "seq"), Index("ix_telemetry_device_end", "device_id",
+                                                                   "window_end"))
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64)
+    seq: int = Field(sa_type=BigInteger)
+    window_start: float
+    window_end: float = Field(index=True)
+    model_version: str | None = Field(default=None, max_length=64)
+    requests: int = 0
+    errors: int = 0
+    latency_edges: list[float] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    latency_counts: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    cpu_percent: float | None = None
+    rss_mb: float | None = None
+    inputs: list[dict] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class EngineLease(SQLModel, table=True):
+    """Which server process runs the rollout engine (one at a time; another takes over when the lease lapses)."""
+
+    __tablename__ = "engine_lease"
+    name: str = Field(primary_key=True, max_length=32)
+    holder: str = Field(max_length=100)
+    expires_at: float

@@ -19,4 +19,8 @@ class ServerSettings(BaseSettings):
     token_bytes: int = Field(default=32, ge=16, le=64)
     page_size_max: int = Field(default=500, ge=1)
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    mqtt_username: str | None = None  # the server's own broker account (fleet-wide rights)
+    mqtt_password: str | None = None
+    rollout_engine: bool = True  # connect to the broker, ingest device messages, run rollouts
+    engine_tick_s: float = Field(default=0.5, gt=0, le=60)
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy

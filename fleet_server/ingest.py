@@ -1,0 +1,245 @@
+"""The server's MQTT side: one persistent paho client (MQTT 5, shared subscriptions so replicas split the traffic)
+and the ingest worker that validates every device message and writes it in batches.
+
+- ``evt``: update progress and results → the device's rollout row (statuses only move forward);
+- ``state``: what the device runs → the device row; ``online``: its last will / birth message → online, last seen;
+- ``tm``: telemetry batches, stored once per (device, seq) — a QoS 1 redelivery is not counted twice;
+- ``dl/<job>/req``: chunk requests, answered from the artifact store for files the job lists.
+
+A message that does not parse, names an unknown or decommissioned device, or breaks a limit is counted and logged,
+never fatal. The worker commits every ``BATCH_S`` or ``BATCH_MAX`` messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from fleet_protocol import messages, topics
+from fleet_protocol.errors import ProtocolError
+from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
+
+log = logging.getLogger(__name__)
+BATCH_S = 0.1
+BATCH_MAX = 2000
+QUEUE_MAX = 100_000
+ORDER = {"pending": 0, "offered": 1, "downloading": 2, "installed": 3, "failed": 3, "rolled_back": 4}
+
+
+class FleetLink:
+    """The server's MQTT client: connects in the background (and keeps reconnecting), subscribes on every connect,
+    hands each message to ``on_message(topic, payload)``."""
+
+    def __init__(self, broker_url: str, client_id: str, on_message, *, username: str | None = None,
+                 password: str | None = None):
+        u = urlparse(broker_url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)
+        self.connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        if u.scheme == "mqtts":
+            self.client.tls_set()
+        self.client.reconnect_delay_set(0.2, 5)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = lambda c, ud, msg: on_message(msg.topic, msg.payload)
+        self._started = False
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the server: %s", reason_code)
+            return
+        for t in topics.server_subscriptions():
+            client.subscribe(t, qos=1)
+        self.connected.set()
+
+    def start(self) -> FleetLink:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600  # the broker keeps our subscriptions and queues while we restart
+        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        self.client.loop_start()
+        self._started = True
+        return self
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos)
+
+    def stop(self) -> None:
+        if self._started:
+            with contextlib.suppress(Exception):
+                self.client.disconnect()
+            self.client.loop_stop()
+            self._started = False
+
+
+class Ingest:
+    """Validates and writes what devices send; answers chunk requests through ``publish``."""
+
+    def __init__(self, engine: Engine, delivery, publish):
+        self.engine, self.delivery, self.publish = engine, delivery, publish
+        self.queue: queue.Queue = queue.Queue(QUEUE_MAX)
+        self.counts: Counter = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._jobs: dict[str, tuple[str, dict]] = {}  # job → (device, files): chunk requests need no query
+
+    def start(self) -> Ingest:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """From paho's thread: never blocks it for long (a full queue drops and counts)."""
+        try:
+            self.queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.counts["dropped_queue_full"] += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = []
+            deadline = time.monotonic() + BATCH_S
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception:  # a database outage: keep the worker, count the loss, log it
+                    self.counts["batch_failed"] += len(batch)
+                    log.exception("ingest batch of %d failed", len(batch))
+
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        parsed = []
+        for topic_text, payload in batch:
+            try:
+                t = topics.parse(topic_text)
+                m = messages.parse(payload)
+            except (ProtocolError, ValueError) as e:
+                self.counts["invalid"] += 1
+                log.warning("invalid device message on %s: %s", topic_text[:120], str(e)[:200])
+                continue
+            expected = {"evt": messages.UpdateEvent, "state": messages.DeviceState, "online": messages.Online,
+                        "tm": messages.TelemetryBatch, "dl-req": messages.ChunkRequest}.get(t.kind)
+            if expected is None or not isinstance(m, expected):
+                self.counts["invalid"] += 1
+                continue
+            parsed.append((t, m))
+        if not parsed:
+            return
+        with Session(self.engine) as s:
+            ids = {t.device for t, _ in parsed}
+            live = {d.id: d for d in s.exec(select(Device).where(Device.id.in_(ids)))  # type: ignore[attr-defined]
+                    if d.decommissioned_at is None}
+            telemetry: list[tuple[str, messages.TelemetryBatch]] = []
+            for t, m in parsed:
+                device = live.get(t.device)
+                if device is None:
+                    self.counts["refused_unknown_device"] += 1
+                    continue
+                self.counts[t.kind] += 1
+                if isinstance(m, messages.TelemetryBatch):
+                    telemetry.append((device.id, m))
+                elif isinstance(m, messages.UpdateEvent):
+                    self._event(s, device, m)
+                elif isinstance(m, messages.DeviceState):
+                    device.active_version, device.active_sha256 = m.active_version, m.active_sha256
+                    device.online, device.last_seen = True, utcnow()
+                    s.add(device)
+                    self._reconcile(s, device.id, m)
+                elif isinstance(m, messages.Online):
+                    device.online, device.last_seen = m.online, utcnow()
+                    s.add(device)
+                elif isinstance(m, messages.ChunkRequest):
+                    self._chunks(s, device.id, m)
+            if telemetry:
+                self._telemetry(s, telemetry)
+            s.commit()
+
+    def _event(self, s: Session, device: Device, m: messages.UpdateEvent) -> None:
+        row = s.exec(select(RolloutDevice).where(RolloutDevice.job == m.job)).first()
+        if row is None or row.device_id != device.id:
+            self.counts["event_unknown_job"] += 1
+            return
+        if m.result == "ok" and m.state == "committed":
+            new = "installed"
+        elif m.result == "ok" and m.state == "rolled_back":
+            new = "rolled_back"
+        elif m.result == "failed":
+            new = "failed"
+        else:
+            new = "downloading"
+        if ORDER[new] < ORDER.get(row.status, 0) or (new == row.status and new != "downloading"):
+            return  # a redelivered or late event never moves a device backwards
+        if new == "failed" and row.status == "installed":
+            return  # a failed rollback attempt leaves the device on the new version: keep it visible as installed
+        row.status = new
+        if new != "downloading":
+            row.finished_at = m.ts if new != "rolled_back" else row.finished_at
+            row.reason, row.detail = m.reason.value, m.detail[:1000]
+            row.timings = {**row.timings, **m.timings_ms}
+        s.add(row)
+
+    def _reconcile(self, s: Session, device_id: str, m: messages.DeviceState) -> None:
+        """A device that runs a rollout's artifact has installed it, even if its result event was lost."""
+        if not m.active_sha256:
+            return
+        for row in s.exec(select(RolloutDevice).where(RolloutDevice.device_id == device_id,
+                                                      RolloutDevice.status.in_(("offered", "downloading")))):  # type: ignore[attr-defined]
+            if row.artifact_sha256 == m.active_sha256:
+                row.status, row.finished_at, row.reason = "installed", m.ts, "ok"
+                row.detail = "reconciled from the device's state report"
+                s.add(row)
+                self.counts["reconciled"] += 1
+
+    def _telemetry(self, s: Session, batch: list[tuple[str, messages.TelemetryBatch]]) -> None:
+        devices = {d for d, _ in batch}
+        seqs = {m.seq for _, m in batch}
+        seen = set(s.exec(select(TelemetryWindow.device_id, TelemetryWindow.seq)  # type: ignore[call-overload]
+                          .where(TelemetryWindow.device_id.in_(devices),  # type: ignore[attr-defined]
+                                 TelemetryWindow.seq.in_(seqs))).all())  # type: ignore[attr-defined]
+        for device_id, m in batch:
+            if (device_id, m.seq) in seen:
+                self.counts["tm_duplicate"] += 1
+                continue
+            seen.add((device_id, m.seq))
+            s.add(TelemetryWindow(
+                device_id=device_id, seq=m.seq, window_start=m.window_start, window_end=m.window_end,
+                model_version=m.model_version, requests=m.requests, errors=sum(m.errors.values()),
+                latency_edges=list(m.latency_ms.edges) if m.latency_ms else None,
+                latency_counts=list(m.latency_ms.counts) if m.latency_ms else None,
+                cpu_percent=m.cpu_percent, rss_mb=m.rss_mb,
+                inputs=[i.model_dump(mode="json") for i in m.inputs]))
+
+    def _chunks(self, s: Session, device_id: str, m: messages.ChunkRequest) -> None:
+        known = self._jobs.get(m.job)
+        if known is None:
+            row = s.exec(select(RolloutDevice).where(RolloutDevice.job == m.job)).first()
+            if row is None:
+                self.counts["chunk_unknown_job"] += 1
+                return
+            known = self._jobs[m.job] = (row.device_id, dict(row.files))
+        owner, files = known
+        if owner != device_id:
+            self.counts["chunk_wrong_device"] += 1
+            return
+        for chunk in self.delivery.chunks(m.job, files, m):
+            self.publish(topics.topic(device_id, "dl", m.job), chunk.to_bytes())

@@ -1,0 +1,142 @@
+"""Per-device update delivery: pick the delivery (a cached delta from what the device runs, else the full artifact,
+encrypted to the device when asked), sign the update metadata for that one device, and serve the chunks it asks for.
+
+Files are named in the signed metadata by content (``blobs/<sha256>``), so serving a chunk needs only the job's list
+of files (a device may fetch nothing else) and the artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from fleet_protocol import delta, messages
+from fleet_protocol.chunks import ChunkManifest, manifest_for
+from fleet_protocol.metadata import ArtifactInfo, DeltaInfo, Probe, Provenance, Scope, UpdateSpec, build_update
+from fleet_server import keys
+from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice
+
+log = logging.getLogger(__name__)
+CHUNK_SIZE = 64 * 1024
+OFFER_TTL = timedelta(days=7)
+DELTA_ALGORITHMS = {"bsdiff4", "zstd-patch", "onnx-tensors"}
+
+
+class DeliveryError(Exception):
+    """This device cannot be offered this artifact (the reason goes to its rollout row)."""
+
+
+class Delivery:
+    def __init__(self, data_dir: Path, store, chunk_size: int = CHUNK_SIZE):
+        self.data_dir, self.store, self.chunk_size = Path(data_dir), store, chunk_size
+        self._manifests: dict[str, ChunkManifest] = {}
+        self._lock = threading.Lock()
+        self._last_version = 0
+
+    def _version(self) -> int:
+        """Update metadata versions only grow for a device: milliseconds, strictly increasing in this process."""
+        with self._lock:
+            self._last_version = max(int(time.time() * 1000), self._last_version + 1)
+            return self._last_version
+
+    def _manifest(self, sha: str, payload: bytes | None = None) -> ChunkManifest:
+        m = self._manifests.get(sha)
+        if m is None:
+            m = manifest_for(payload if payload is not None else self.store.path(sha).read_bytes(), self.chunk_size)
+            self._manifests[sha] = m
+        return m
+
+    def best_delta(self, session: Session, base_sha: str, target_sha: str) -> DeltaCache | None:
+        """The cached delta for this pair, computed once (None when the full file is as small or no base is known)."""
+        row = session.exec(select(DeltaCache).where(DeltaCache.base_sha256 == base_sha,
+                                                    DeltaCache.target_sha256 == target_sha)).first()
+        if row is None:
+            if not self.store.exists(base_sha):
+                return None
+            patch = delta.encode(self.store.path(base_sha).read_bytes(), self.store.path(target_sha).read_bytes())
+            sha = None
+            if patch.algorithm in DELTA_ALGORITHMS:
+                sha = hashlib.sha256(patch.data).hexdigest()
+                self.store.put_bytes(patch.data)
+            row = DeltaCache(base_sha256=base_sha, target_sha256=target_sha, algorithm=patch.algorithm,
+                             delta_sha256=sha, length=len(patch.data))
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+        return row if row.delta_sha256 else None
+
+    def offer(self, session: Session, *, member: RolloutDevice, device: Device, mv: ModelVersion,
+              art: ConvertedArtifact, encrypt: bool) -> messages.UpdateOffer:
+        """Sign the offer for one device and fill in the member's files and delivery (the caller commits)."""
+        if art.artifact_sha256 is None:
+            raise DeliveryError("no artifact")
+        target = art.artifact_sha256
+        probe_bytes = self.store.path(art.probe_sha256).read_bytes() if art.probe_sha256 else None
+        if probe_bytes is None:
+            raise DeliveryError("the artifact has no probe data (convert it again)")
+        files = {}
+        body_sha, length = target, art.size or self.store.path(target).stat().st_size
+        encrypted_for = None
+        if encrypt:
+            if not device.x25519_public_key:
+                raise DeliveryError("encrypted delivery asked, but the device registered no X25519 key")
+            from fleet_protocol.crypto import encrypt_for, key_id
+
+            recipient = bytes.fromhex(device.x25519_public_key)
+            body = encrypt_for(recipient, self.store.path(target).read_bytes(), aad=device.id.encode())
+            body_sha, length = self.store.put_bytes(body), len(body)  # stored: served after a restart too
+            manifest = self._manifest(body_sha, body)
+            encrypted_for = key_id(recipient)
+        else:
+            manifest = self._manifest(target)
+        path = f"blobs/{body_sha}"
+        files[path] = body_sha
+        artifact = ArtifactInfo(path=path, sha256=body_sha, length=length, format=art.format, profile=art.profile,
+                                model=mv.name, model_version=mv.version, chunks=manifest)
+        deltas: tuple[DeltaInfo, ...] = ()
+        delivery = "encrypted" if encrypt else "full"
+        offered_bytes = length
+        if not encrypt and device.active_sha256 and device.active_sha256 != target:
+            cached = self.best_delta(session, device.active_sha256, target)
+            if cached is not None and cached.delta_sha256 and cached.length < length:
+                dpath = f"blobs/{cached.delta_sha256}"
+                deltas = (DeltaInfo(path=dpath, algorithm=cached.algorithm,  # type: ignore[arg-type]
+                                    base_sha256=device.active_sha256, sha256=cached.delta_sha256,
+                                    length=cached.length, chunks=self._manifest(cached.delta_sha256)),)
+                files[dpath] = cached.delta_sha256
+                delivery, offered_bytes = "delta", cached.length
+        fidelity = {"min_cosine": art.fidelity} if art.fidelity is not None else {}
+        spec = UpdateSpec(scope=Scope(devices=(device.id,), profile=device.profile), artifact=artifact, deltas=deltas,
+                          probe=Probe(inputs_sha256=hashlib.sha256(probe_bytes).hexdigest(), atol=1e-2, rtol=1e-2,
+                                      min_cosine=0.999),
+                          provenance=Provenance(source_sha256=mv.source_sha256,
+                                                calibration_sha256=mv.calibration_sha256,
+                                                converter_version="edgefleet", fidelity=fidelity),
+                          encrypted_for=encrypted_for)
+        metadata = build_update(spec, [keys.online_signer(self.data_dir)], version=self._version(),
+                                expires=datetime.now(UTC) + OFFER_TTL)
+        roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned
+        member.files, member.delivery, member.bytes_offered = files, delivery, offered_bytes
+        member.base_sha256, member.artifact_sha256 = device.active_sha256, target
+        return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes,
+                                    base_sha256=device.active_sha256 if deltas else None)
+
+    def chunks(self, job: str, files: dict, request: messages.ChunkRequest) -> list[messages.ChunkData]:
+        """The requested chunks of one of the job's files (nothing for a file the job does not list)."""
+        sha = files.get(request.path or next(iter(files), ""))
+        if sha is None or not self.store.exists(sha):
+            return []
+        manifest = self._manifest(sha)
+        out = []
+        with open(self.store.path(sha), "rb") as f:
+            for i in sorted(set(request.indices)):
+                if i < manifest.count:
+                    f.seek(i * manifest.chunk_size)
+                    out.append(messages.ChunkData(job=job, index=i, data=f.read(manifest.chunk_size)))
+        return out

@@ -1,0 +1,272 @@
+"""The rollout engine: the thin loop around the pure planner and gates.
+
+Every tick, for each running rollout: add devices that match its selector and are not members yet (skipped, with the
+reason, when their profile has no releasable artifact), judge the gates on what finished, ask the planner, and act.
+An offer is journaled first (member row → ``offered`` with its job, files and time, committed) and published after,
+so a restart never offers a device twice: an ``offered`` member is only ever re-sent the same job, which the agent
+de-duplicates. One process runs the engine at a time, by a lease row in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from fleet_protocol import messages, topics
+from fleet_server.models import (
+    ConvertedArtifact,
+    Device,
+    EngineLease,
+    ModelVersion,
+    Rollout,
+    RolloutDevice,
+    TelemetryWindow,
+    utcnow,
+)
+from fleet_server.rollouts.delivery import Delivery, DeliveryError
+from fleet_server.rollouts.gates import Evidence, Gates, LatencyHistogram, evaluate, failure_counts, merge
+from fleet_server.rollouts.planner import (
+    IN_FLIGHT,
+    Member,
+    MemberStatus,
+    RolloutState,
+    Strategy,
+    Verdict,
+    View,
+    plan,
+)
+
+log = logging.getLogger(__name__)
+LEASE_S = 10.0
+RESEND_AFTER_S = 30.0  # an offered device that said nothing gets the same job again (the agent de-duplicates)
+
+
+def releasable(session: Session, model_version_id: int) -> dict[str, ConvertedArtifact]:
+    """Profile → the newest artifact that passed its profile's fidelity gate and can run on an agent."""
+    rows = session.exec(select(ConvertedArtifact).where(ConvertedArtifact.model_version_id == model_version_id,
+                                                        ConvertedArtifact.status == "shippable")
+                        .order_by(ConvertedArtifact.id)).all()  # type: ignore[arg-type]
+    return {r.profile: r for r in rows if r.format in ("onnx-int8", "tflite-int8") and r.artifact_sha256}
+
+
+def selector_matches(selector: dict, device: Device) -> bool:
+    if device.decommissioned_at is not None:
+        return False
+    if selector.get("devices") and device.id not in selector["devices"]:
+        return False
+    if selector.get("profiles") and device.profile not in selector["profiles"]:
+        return False
+    return set(selector.get("tags") or []) <= set(device.tags)
+
+
+class RolloutEngine:
+    def __init__(self, db: Engine, delivery: Delivery, publish, *, tick_s: float = 0.5, holder: str | None = None):
+        self.db, self.delivery, self.publish, self.tick_s = db, delivery, publish, tick_s
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
+        self._wake = threading.Event()
+
+    def start(self) -> RolloutEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._lease():
+                    self.tick()
+            except Exception:  # a database outage or a bug in one tick: log, and try again next tick
+                log.exception("rollout engine tick failed")
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    def _lease(self) -> bool:
+        now = time.time()
+        with Session(self.db) as s:
+            lease = s.get(EngineLease, "rollouts")
+            if lease is None:
+                s.add(EngineLease(name="rollouts", holder=self.holder, expires_at=now + LEASE_S))
+                try:
+                    s.commit()
+                    return True
+                except Exception:  # another process created it first
+                    s.rollback()
+                    return False
+            result = s.execute(update(EngineLease).where(EngineLease.name == "rollouts")  # type: ignore[arg-type]
+                               .where((EngineLease.holder == self.holder) | (EngineLease.expires_at < now))  # type: ignore[arg-type]
+                               .values(holder=self.holder, expires_at=now + LEASE_S))
+            s.commit()
+            return result.rowcount == 1  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ one tick
+
+    def tick(self, now: float | None = None) -> None:
+        with Session(self.db) as s:
+            running = s.exec(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)).all()
+        for rollout_id in running:
+            self.step(rollout_id, now if now is not None else time.time())
+
+    def step(self, rollout_id: int, now: float) -> None:
+        with Session(self.db) as s:
+            r = s.get(Rollout, rollout_id)
+            if r is None or r.state != RolloutState.RUNNING.value:
+                return
+            mv = s.get(ModelVersion, r.model_version_id)
+            artifacts = releasable(s, r.model_version_id)
+            self._join(s, r, artifacts)
+            rows = s.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)).all()
+            evaluation = self._evaluate(s, r, mv, rows, artifacts)
+            online = {d.id: d.online for d in s.exec(select(Device).where(
+                Device.id.in_([m.device_id for m in rows])))}  # type: ignore[attr-defined]
+            members = [Member(m.device_id, MemberStatus(m.status), m.offered_at, m.finished_at,
+                              online.get(m.device_id, False)) for m in rows]
+            strategy = Strategy(**r.strategy)
+            verdict = Verdict(evaluation["verdict"])
+            p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at), strategy)
+            r.evaluation, r.stage, r.stage_finished_at = evaluation, p.stage, p.stage_finished_at
+            if p.notes:
+                r.notes = [*r.notes, *(f"{time.strftime('%H:%M:%S', time.gmtime(now))} {n}" for n in p.notes
+                                       if not r.notes or not r.notes[-1].endswith(n))][-50:]
+            if p.halt:
+                self._halt(s, r, rows, evaluation)
+                return
+            if p.complete:
+                r.state, r.finished_at = RolloutState.COMPLETED.value, utcnow()
+                s.add(r)
+                s.commit()
+                log.info("rollout %s completed", r.id)
+                return
+            by_id = {m.device_id: m for m in rows}
+            outgoing: list[tuple[str, bytes]] = []
+            for device_id in p.offer:
+                member, device = by_id[device_id], s.get(Device, device_id)
+                art = artifacts.get(device.profile) if device else None
+                if device is None or art is None:
+                    member.status, member.reason = MemberStatus.SKIPPED.value, "no_artifact"
+                    s.add(member)
+                    continue
+                try:
+                    offer = self.delivery.offer(s, member=member, device=device, mv=mv, art=art, encrypt=r.encrypt)
+                except DeliveryError as e:
+                    member.status, member.reason, member.detail = MemberStatus.SKIPPED.value, "undeliverable", str(e)
+                    s.add(member)
+                    continue
+                member.status, member.offered_at = MemberStatus.OFFERED.value, now
+                s.add(member)
+                outgoing.append((topics.topic(device_id, "cmd"), offer.to_bytes()))
+            for m in rows:  # offers that went unanswered: the same job again (a redelivery, not a second offer)
+                if m.status == MemberStatus.OFFERED.value and m.offered_at and now - m.offered_at > RESEND_AFTER_S \
+                        and online.get(m.device_id) and m.device_id not in p.offer:
+                    device = s.get(Device, m.device_id)
+                    art = artifacts.get(device.profile) if device else None
+                    if device is not None and art is not None:
+                        try:
+                            offer = self.delivery.offer(s, member=m, device=device, mv=mv, art=art,
+                                                        encrypt=r.encrypt)
+                        except DeliveryError:
+                            continue
+                        m.offered_at = now
+                        s.add(m)
+                        outgoing.append((topics.topic(m.device_id, "cmd"), offer.to_bytes()))
+            s.add(r)
+            s.commit()  # journaled before a byte is published
+        for topic, payload in outgoing:
+            self.publish(topic, payload)
+
+    def _join(self, s: Session, r: Rollout, artifacts: dict) -> None:
+        """Devices that match the selector and are not members yet (dynamic rollouts)."""
+        known = set(s.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == r.id)).all())
+        q = select(Device).where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
+        if r.selector.get("profiles"):
+            q = q.where(Device.profile.in_(r.selector["profiles"]))  # type: ignore[attr-defined]
+        if r.selector.get("devices"):
+            q = q.where(Device.id.in_(r.selector["devices"]))  # type: ignore[attr-defined]
+        added = 0
+        for d in s.exec(q):
+            if d.id in known or not selector_matches(r.selector, d):
+                continue
+            member = RolloutDevice(rollout_id=r.id, device_id=d.id, job=f"r{r.id}-{d.id}"[:64])
+            if d.profile not in artifacts:
+                member.status, member.reason = MemberStatus.SKIPPED.value, "no_artifact"
+                member.detail = f"no releasable artifact of this version for profile {d.profile}"
+            s.add(member)
+            added += 1
+        if added:
+            s.commit()
+
+    def _evaluate(self, s: Session, r: Rollout, mv: ModelVersion | None, rows, artifacts: dict) -> dict:
+        gates = Gates(**r.gates)
+        finished, failed = failure_counts([m.status for m in rows])
+        label = f"{mv.name} {mv.version}" if mv else ""
+        installed = {m.device_id: m for m in rows if m.status == MemberStatus.INSTALLED.value}
+        requests = errors = 0
+        before: list[LatencyHistogram] = []
+        after: list[LatencyHistogram] = []
+        if installed and (gates.max_error_rate is not None or gates.max_p99_ratio is not None):
+            windows = s.exec(select(TelemetryWindow).where(
+                TelemetryWindow.device_id.in_(list(installed)))).all()  # type: ignore[attr-defined]
+            for w in windows:
+                m = installed[w.device_id]
+                h = LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts)) if w.latency_edges else None
+                if w.model_version == label and m.finished_at and w.window_end >= m.finished_at:
+                    requests, errors = requests + w.requests, errors + w.errors
+                    if h:
+                        after.append(h)
+                elif h and w.model_version != label and m.offered_at and w.window_end <= m.offered_at:
+                    before.append(h)
+        fidelities = [a.fidelity for a in artifacts.values() if a.fidelity is not None]
+        ev = Evidence(finished=finished, failed=failed, requests_after=requests, errors_after=errors,
+                      latency_before=merge(before), latency_after=merge(after),
+                      fidelity=min(fidelities) if fidelities else None)
+        result = evaluate(gates, ev).as_dict()
+        result["at"] = time.time()
+        return result
+
+    def _halt(self, s: Session, r: Rollout, rows, evaluation: dict) -> None:
+        reasons = "; ".join(evaluation["reasons"])
+        if r.on_gate_failure == "abort":
+            r.state, r.finished_at = RolloutState.ABORTED.value, utcnow()
+            r.notes = [*r.notes, f"gate failed ({reasons}): aborted, rolling back updated devices"][-50:]
+            s.add(r)
+            s.commit()
+            self.roll_back(r.id, reason=f"health gate failed: {reasons}")
+        else:
+            r.state = RolloutState.PAUSED.value
+            r.notes = [*r.notes, f"gate failed ({reasons}): paused"][-50:]
+            s.add(r)
+            s.commit()
+        log.warning("rollout %s halted by its gates: %s", r.id, reasons)
+
+    def roll_back(self, rollout_id: int, reason: str) -> int:
+        """Order every device this rollout installed (or is installing) back to its previous model."""
+        with Session(self.db) as s:
+            rows = s.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)).all()
+            targets = [(m.device_id, m.job) for m in rows
+                       if m.status == MemberStatus.INSTALLED.value or MemberStatus(m.status) in IN_FLIGHT]
+        for device_id, job in targets:
+            order = messages.RollbackOrder(job=job, reason=reason[:500])
+            self.publish(topics.topic(device_id, "cmd"), order.to_bytes())
+        return len(targets)
+
+
+def strategy_dict(strategy: Strategy) -> dict:
+    d = asdict(strategy)
+    d["waves_percent"] = list(d["waves_percent"])
+    return d

@@ -1,0 +1,210 @@
+"""Rollouts: create, start, pause, resume, abort, rollback; progress, gate verdicts and per-device status."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PField
+from sqlalchemy import func
+from sqlmodel import select
+
+from fleet_server.auth import Operator, SessionDep, Viewer, audit
+from fleet_server.limits import MAX_ID, MAX_OFFSET
+from fleet_server.models import ModelVersion, Rollout, RolloutDevice, utcnow
+from fleet_server.rollouts.engine import releasable, strategy_dict
+from fleet_server.rollouts.gates import Gates
+from fleet_server.rollouts.planner import RolloutState, Strategy
+
+router = APIRouter(prefix="/v1", tags=["rollouts"])
+RolloutId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+class Selector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    profiles: list[str] = PField(default=[], max_length=32)
+    tags: list[str] = PField(default=[], max_length=32, description="every tag must be present (groups are tags)")
+    devices: list[str] = PField(default=[], max_length=10_000)
+
+
+class StrategyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    canary_percent: float = PField(default=10.0, gt=0, le=100)
+    waves_percent: list[float] = PField(default=[50.0, 100.0], max_length=20)
+    rate_per_minute: int = PField(default=1000, ge=1, le=1_000_000)
+    soak_s: float = PField(default=0.0, ge=0, le=7 * 86400)
+    stage_timeout_s: float = PField(default=3600.0, gt=0, le=30 * 86400)
+
+
+class GatesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_failure_share: float = PField(default=0.2, ge=0, le=1)
+    min_finished: int = PField(default=1, ge=1, le=1_000_000)
+    max_error_rate: float | None = PField(default=None, ge=0, le=1)
+    max_p99_ratio: float | None = PField(default=None, gt=0, le=1000)
+    min_requests: int = PField(default=20, ge=1, le=10_000_000)
+    min_fidelity: float | None = PField(default=None, ge=-1, le=1)
+
+
+class RolloutCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "classifier 1.1 to the lab", "model": "defect-classifier", "version": "1.1.0",
+        "selector": {"profiles": ["rpi5"], "tags": ["site:lab"]},
+        "strategy": {"canary_percent": 10, "waves_percent": [50, 100], "rate_per_minute": 100, "soak_s": 300},
+        "gates": {"max_failure_share": 0.1, "min_finished": 2, "max_p99_ratio": 1.5},
+        "on_gate_failure": "abort", "start": True}]})
+    name: str = PField(default="", max_length=100)
+    model: str = PField(max_length=64)
+    version: str = PField(max_length=64)
+    selector: Selector = Selector()
+    strategy: StrategyIn = StrategyIn()
+    gates: GatesIn = GatesIn()
+    on_gate_failure: Literal["pause", "abort"] = "pause"
+    encrypt: bool = False
+    start: bool = False
+
+
+class RolloutPublic(BaseModel):
+    id: int
+    name: str
+    model: str
+    version: str
+    state: str
+    stage: int
+    selector: dict
+    strategy: dict
+    gates: dict
+    on_gate_failure: str
+    encrypt: bool
+    counts: dict[str, int]
+    evaluation: dict
+    notes: list[str]
+
+
+class MemberPublic(BaseModel):
+    device_id: str
+    status: str
+    reason: str
+    detail: str
+    delivery: str
+    bytes_offered: int
+    offered_at: float | None
+    finished_at: float | None
+    timings: dict
+
+
+def _public(session, r: Rollout) -> RolloutPublic:
+    mv = session.get(ModelVersion, r.model_version_id)
+    counts = dict(session.exec(select(RolloutDevice.status, func.count())  # type: ignore[call-overload]
+                               .where(RolloutDevice.rollout_id == r.id).group_by(RolloutDevice.status)).all())
+    return RolloutPublic(id=r.id, name=r.name, model=mv.name if mv else "", version=mv.version if mv else "",
+                         state=r.state, stage=r.stage, selector=r.selector, strategy=r.strategy, gates=r.gates,
+                         on_gate_failure=r.on_gate_failure, encrypt=r.encrypt, counts=counts,
+                         evaluation=r.evaluation, notes=r.notes)
+
+
+def _rollout(session, rollout_id: int) -> Rollout:
+    r = session.get(Rollout, rollout_id)
+    if r is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout {rollout_id}")
+    return r
+
+
+@router.post("/rollouts", status_code=status.HTTP_201_CREATED, response_model=RolloutPublic)
+def create_rollout(body: RolloutCreate, request: Request, session: SessionDep, op: Operator):
+    mv = session.exec(select(ModelVersion).where(ModelVersion.name == body.model,
+                                                 ModelVersion.version == body.version)).first()
+    if mv is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model version {body.model} {body.version}")
+    if not releasable(session, mv.id):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"{body.model} {body.version} has no releasable artifact for "
+                                                      "any agent profile: convert it first")
+    try:
+        strategy = Strategy(**{**body.strategy.model_dump(), "waves_percent": tuple(body.strategy.waves_percent)})
+        Gates(**body.gates.model_dump())
+    except ValueError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    r = Rollout(name=body.name, model_version_id=mv.id, selector=body.selector.model_dump(),
+                strategy=strategy_dict(strategy), gates=body.gates.model_dump(), on_gate_failure=body.on_gate_failure,
+                encrypt=body.encrypt, created_by=op.name)
+    if body.start:
+        r.state, r.started_at = RolloutState.RUNNING.value, utcnow()
+    session.add(r)
+    session.commit()
+    session.refresh(r)
+    audit(session, actor=op.name, action="rollout.create", target=f"rollout:{r.id}",
+          detail=f"{body.model} {body.version}{' started' if body.start else ''}")
+    _wake(request)
+    return _public(session, r)
+
+
+@router.get("/rollouts", response_model=list[RolloutPublic])
+def list_rollouts(session: SessionDep, _: Viewer, state: str | None = None,
+                  offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                  limit: Annotated[int, Query(ge=1, le=200)] = 50):
+    q = select(Rollout).order_by(Rollout.id.desc())  # type: ignore[union-attr]
+    if state:
+        q = q.where(Rollout.state == state)
+    return [_public(session, r) for r in session.exec(q.offset(offset).limit(limit))]
+
+
+@router.get("/rollouts/{rollout_id}", response_model=RolloutPublic)
+def get_rollout(rollout_id: RolloutId, session: SessionDep, _: Viewer):
+    return _public(session, _rollout(session, rollout_id))
+
+
+@router.get("/rollouts/{rollout_id}/devices", response_model=list[MemberPublic])
+def rollout_devices(rollout_id: RolloutId, session: SessionDep, _: Viewer, status_: Annotated[
+        str | None, Query(alias="status")] = None, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200):
+    _rollout(session, rollout_id)
+    q = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id).order_by(RolloutDevice.device_id)
+    if status_:
+        q = q.where(RolloutDevice.status == status_)
+    return [MemberPublic.model_validate(m, from_attributes=True) for m in session.exec(q.offset(offset).limit(limit))]
+
+
+TRANSITIONS = {  # operation → (states it applies to, the state after)
+    "start": ({RolloutState.DRAFT}, RolloutState.RUNNING),
+    "pause": ({RolloutState.RUNNING}, RolloutState.PAUSED),
+    "resume": ({RolloutState.PAUSED}, RolloutState.RUNNING),
+    "abort": ({RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED}, RolloutState.ABORTED),
+    "rollback": ({RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTED, RolloutState.COMPLETED},
+                 RolloutState.ABORTED),
+}
+
+
+@router.post("/rollouts/{rollout_id}/{operation}", response_model=RolloutPublic)
+def operate(rollout_id: RolloutId, operation: Literal["start", "pause", "resume", "abort", "rollback"],
+            request: Request, session: SessionDep, op: Operator):
+    """start / pause / resume / abort (no new offers; devices keep what they run) / rollback (abort, and order every
+    device this rollout updated back to its previous model)."""
+    r = _rollout(session, rollout_id)
+    allowed, after = TRANSITIONS[operation]
+    if RolloutState(r.state) not in allowed:
+        audit(session, actor=op.name, action=f"rollout.{operation}", target=f"rollout:{r.id}", outcome="denied",
+              status_code=409, detail=f"rollout is {r.state}")
+        raise HTTPException(status.HTTP_409_CONFLICT, f"cannot {operation} a rollout that is {r.state}")
+    r.state = after.value
+    if operation == "start":
+        r.started_at = utcnow()
+    if after is RolloutState.ABORTED:
+        r.finished_at = r.finished_at or utcnow()
+    r.notes = [*r.notes, f"{operation} by {op.name}"][-50:]
+    session.add(r)
+    session.commit()
+    session.refresh(r)
+    ordered = 0
+    if operation == "rollback":
+        ordered = request.app.state.rollouts.roll_back(r.id, reason=f"rollback ordered by {op.name}")
+    audit(session, actor=op.name, action=f"rollout.{operation}", target=f"rollout:{r.id}",
+          detail=f"{ordered} device(s) ordered back" if operation == "rollback" else "")
+    _wake(request)
+    return _public(session, r)
+
+
+def _wake(request: Request) -> None:
+    engine = getattr(request.app.state, "rollouts", None)
+    if engine is not None:
+        engine.wake()
