@@ -22,6 +22,7 @@ from fleet_server.models import (
     JobStatus,
     ModelVersion,
     ModelVersionCreate,
+    Rollout,
 )
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -97,6 +98,15 @@ def delete_model_version(name: str, version: str, session: SessionDep, op: Opera
                                                                               JobStatus.RUNNING]))).first()
     if busy is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"conversion job {busy.id} is still working on it")
+    rollout = session.exec(select(Rollout).where(Rollout.model_version_id == mv.id)
+                           .order_by(Rollout.id.desc())).first()  # type: ignore[union-attr]
+    if rollout is not None:
+        live = rollout.state in ("draft", "running", "paused")
+        audit(session, actor=op.name, action="model.delete", target=f"model:{name}:{version}", outcome="denied",
+              status_code=409, detail=f"rollout {rollout.id} ({rollout.state})")
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"rollout {rollout.id} ({rollout.state}) "
+                            + ("is using this version" if live else "shipped this version: it stays for the record"))
     for row in session.exec(select(ConvertedArtifact).where(ConvertedArtifact.model_version_id == mv.id)).all():
         session.delete(row)
     for row in session.exec(select(ConversionJob).where(ConversionJob.model_version_id == mv.id)).all():

@@ -73,9 +73,22 @@ def test_a_conversion_job_runs_in_the_pool_and_its_artifacts_download(server, re
     assert art["format"] == "onnx-int8" and art["status"] in ("shippable", "refused")
     report = server.get(f"/v1/artifacts/{art['report_sha256']}", headers=server.as_("viewer")).json()
     assert report["profile"] == "jetson-orin-nano" and report["fidelity"]
+    rollout = {"model": "classifier", "version": "1.0.0", "selector": {"profiles": ["jetson-orin-nano"]}}
     if art["status"] == "shippable":
         blob = server.get(f"/v1/artifacts/{art['artifact_sha256']}", headers=server.as_("viewer")).content
         assert len(blob) == art["size"] and report["artifact_sha256"] == art["artifact_sha256"]
-    assert server.delete("/v1/models/classifier/1.0.0", headers=op).status_code == 204
-    assert server.get("/v1/models/classifier/1.0.0", headers=server.as_("viewer")).status_code == 404
+        probe = np.load(io.BytesIO(server.get(f"/v1/artifacts/{art['probe_sha256']}",
+                                              headers=server.as_("viewer")).content))
+        assert {"in/x", "out/y"} <= set(probe.files) and art["fidelity"] > 0.99  # the golden probe devices run
+        made = server.post("/v1/rollouts", json=rollout, headers=op)
+        assert made.status_code == 201 and made.json()["state"] == "draft"
+        r = server.delete("/v1/models/classifier/1.0.0", headers=op)
+        assert r.status_code == 409 and "is using this version" in r.json()["detail"]
+        assert server.post(f"/v1/rollouts/{made.json()['id']}/abort", headers=op).json()["state"] == "aborted"
+        r = server.delete("/v1/models/classifier/1.0.0", headers=op)
+        assert r.status_code == 409 and "stays for the record" in r.json()["detail"]
+    else:
+        assert server.post("/v1/rollouts", json=rollout, headers=op).status_code == 409
+        assert server.delete("/v1/models/classifier/1.0.0", headers=op).status_code == 204
+        assert server.get("/v1/models/classifier/1.0.0", headers=server.as_("viewer")).status_code == 404
     server.app.state.jobs.shutdown()
