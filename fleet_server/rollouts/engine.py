@@ -156,39 +156,39 @@ class RolloutEngine:
             by_id = {m.device_id: m for m in rows}
             outgoing: list[tuple[str, bytes]] = []
             for device_id in p.offer:
-                member, device = by_id[device_id], s.get(Device, device_id)
-                art = artifacts.get(device.profile) if device else None
-                if device is None or art is None:
-                    member.status, member.reason = MemberStatus.SKIPPED.value, "no_artifact"
-                    s.add(member)
-                    continue
-                try:
-                    offer = self.delivery.offer(s, member=member, device=device, mv=mv, art=art, encrypt=r.encrypt)
-                except DeliveryError as e:
-                    member.status, member.reason, member.detail = MemberStatus.SKIPPED.value, "undeliverable", str(e)
-                    s.add(member)
-                    continue
-                member.status, member.offered_at = MemberStatus.OFFERED.value, now
+                member = by_id[device_id]
+                payload = self._offer(s, member, mv, artifacts, r.encrypt)
+                if payload is None:
+                    member.status = MemberStatus.SKIPPED.value
+                else:
+                    member.status, member.offered_at = MemberStatus.OFFERED.value, now
+                    outgoing.append((topics.topic(device_id, "cmd"), payload))
                 s.add(member)
-                outgoing.append((topics.topic(device_id, "cmd"), offer.to_bytes()))
             for m in rows:  # offers that went unanswered: the same job again (a redelivery, not a second offer)
-                if m.status == MemberStatus.OFFERED.value and m.offered_at and now - m.offered_at > RESEND_AFTER_S \
-                        and online.get(m.device_id) and m.device_id not in p.offer:
-                    device = s.get(Device, m.device_id)
-                    art = artifacts.get(device.profile) if device else None
-                    if device is not None and art is not None:
-                        try:
-                            offer = self.delivery.offer(s, member=m, device=device, mv=mv, art=art,
-                                                        encrypt=r.encrypt)
-                        except DeliveryError:
-                            continue
+                if (m.status == MemberStatus.OFFERED.value and m.offered_at and now - m.offered_at > RESEND_AFTER_S
+                        and online.get(m.device_id)):
+                    payload = self._offer(s, m, mv, artifacts, r.encrypt)
+                    if payload is not None:
                         m.offered_at = now
                         s.add(m)
-                        outgoing.append((topics.topic(m.device_id, "cmd"), offer.to_bytes()))
+                        outgoing.append((topics.topic(m.device_id, "cmd"), payload))
             s.add(r)
             s.commit()  # journaled before a byte is published
         for topic, payload in outgoing:
             self.publish(topic, payload)
+
+    def _offer(self, s: Session, member: RolloutDevice, mv, artifacts: dict, encrypt: bool) -> bytes | None:
+        """The signed offer for one member, or None with the reason on the member (no artifact, undeliverable)."""
+        device = s.get(Device, member.device_id)
+        art = artifacts.get(device.profile) if device else None
+        if device is None or art is None:
+            member.reason, member.detail = "no_artifact", "no releasable artifact for this device's profile"
+            return None
+        try:
+            return self.delivery.offer(s, member=member, device=device, mv=mv, art=art, encrypt=encrypt).to_bytes()
+        except DeliveryError as e:
+            member.reason, member.detail = "undeliverable", str(e)[:1000]
+            return None
 
     def _join(self, s: Session, r: Rollout, artifacts: dict) -> None:
         """Devices that match the selector and are not members yet (dynamic rollouts)."""
@@ -224,7 +224,8 @@ class RolloutEngine:
                 TelemetryWindow.device_id.in_(list(installed)))).all()  # type: ignore[attr-defined]
             for w in windows:
                 m = installed[w.device_id]
-                h = LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts)) if w.latency_edges else None
+                h = (LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts))
+                     if w.latency_edges and w.latency_counts else None)
                 if w.model_version == label and m.finished_at and w.window_end >= m.finished_at:
                     requests, errors = requests + w.requests, errors + w.errors
                     if h:
@@ -246,7 +247,7 @@ class RolloutEngine:
             r.notes = [*r.notes, f"gate failed ({reasons}): aborted, rolling back updated devices"][-50:]
             s.add(r)
             s.commit()
-            self.roll_back(r.id, reason=f"health gate failed: {reasons}")
+            self.roll_back(rollout_id=r.id or 0, reason=f"health gate failed: {reasons}")
         else:
             r.state = RolloutState.PAUSED.value
             r.notes = [*r.notes, f"gate failed ({reasons}): paused"][-50:]
