@@ -22,7 +22,7 @@ from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.engine import RolloutEngine
-from fleet_server.routes import artifacts, devices, models, rollouts, tokens, trust
+from fleet_server.routes import artifacts, devices, models, rollouts, telemetry, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(trust.router)
     app.include_router(models.router)
     app.include_router(rollouts.router)
+    app.include_router(telemetry.router)
     return app
 
 

@@ -424,3 +424,26 @@ def grouped_conv_net(path: Path, *, size: int = 48, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     return export(GroupedConvNet(), (torch.randn(1, 3, size, size),), path, input_names=["input"],
                   output_names=["logits"])
+
+
+def slow_mlp(path: Path, *, layers: int = 30, width: int = 256, seed: int = 0) -> Path:
+    """Same interface as ``mlp_opset`` (x: 1×3×16×16 → y: 1×10) but ~100× the work in a small file: the input as
+    48 rows of 16, then one shared square MatMul applied ``layers`` times. A model that makes latency regress."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array([48, 16], dtype=np.int64), "shape"),
+             numpy_helper.from_array((rng.standard_normal((16, width)) / 4).astype(np.float32), "w_in"),
+             numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.standard_normal((width, 10)) * 0.05).astype(np.float32), "w_out")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
+                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
+    nodes += [helper.make_node("ReduceMean", [f"h{layers}"], ["pooled"], axes=[0], keepdims=1),
+              helper.make_node("MatMul", ["pooled", "w_out"], ["y"])]
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path

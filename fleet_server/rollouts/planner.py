@@ -7,6 +7,7 @@ eligible members (``ceil(share × n)``, at least 1, the last stage always everyo
 target at no more than ``rate_per_minute`` offers in any 60 s; it is finished when every device offered so far has
 finished (installed, failed, rolled back) or ``stage_timeout_s`` passed since its last offer; it advances once its
 soak time has passed since it finished and the gates pass on what finished. A failed gate stops new offers at once.
+Within a stage, online devices are offered first.
 Members that join later (enrolled or matched afterwards) are offered in the current stage's turn: while the rollout
 is in its last stage at once (rate permitting), before that as part of the growing target.
 """
@@ -125,7 +126,10 @@ def plan(view: View, strategy: Strategy) -> Plan:
     last = len(targets) - 1
     stage = min(view.stage, last)
     offered = [m for m in members if m.status is not MemberStatus.PENDING]
-    pending = sorted((m for m in members if m.status is MemberStatus.PENDING), key=lambda m: m.device_id)
+    # online devices first: a canary that cannot receive its offer tells nothing; offline ones are still offered in
+    # their turn (the broker queues the offer in their persistent session)
+    pending = sorted((m for m in members if m.status is MemberStatus.PENDING), key=lambda m: (not m.online,
+                                                                                              m.device_id))
     notes: list[str] = []
 
     stage_done = len(offered) >= targets[stage] and _settled(offered, view.now, strategy.stage_timeout_s)

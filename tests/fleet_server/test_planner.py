@@ -93,6 +93,12 @@ def test_complete_when_the_last_stage_finished_and_late_joiners_are_offered():
     assert p.offer == ("late",) and not p.complete
 
 
+def test_online_devices_go_first():
+    members = [Member("a", P, online=False), Member("b", P), Member("c", P, online=False), Member("d", P)]
+    s = Strategy(canary_percent=50, waves_percent=())
+    assert plan(View(RolloutState.RUNNING, 0, members, now=0), s).offer == ("b", "d")
+
+
 def test_stragglers_do_not_block_a_stage_past_its_timeout():
     s = Strategy(canary_percent=50, waves_percent=(), stage_timeout_s=60)
     members = [Member("a", INS, offered_at=0), Member("b", OFF, offered_at=0, online=False), *fleet(2)]

@@ -1,8 +1,11 @@
 """Rollouts end to end: a real Mosquitto, `fleet-server serve`, and real `fleet-agent run` processes."""
 
+import http.client
+import io
 import threading
 import time
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -135,3 +138,111 @@ class CommandSpy:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class Traffic:
+    """Inference requests to every agent's local API, ~30/s each, bounded in time, so devices report latency."""
+
+    def __init__(self, agents, seconds: float = 120.0):
+        buf = io.BytesIO()
+        np.save(buf, np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32))
+        self.body, self.agents, self.deadline = buf.getvalue(), agents, time.monotonic() + seconds
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conns = {a.port: http.client.HTTPConnection("127.0.0.1", a.port, timeout=5) for a in self.agents}
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            for conn in conns.values():
+                try:
+                    conn.request("POST", "/v1/predict", body=self.body, headers={"Content-Type": "application/x-npy"})
+                    conn.getresponse().read()
+                    self.sent += 1
+                except (OSError, http.client.HTTPException):
+                    conn.close()  # reconnects on the next request
+            time.sleep(0.03)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_a_latency_regression_trips_the_gate_aborts_and_rolls_back(live, models, tmp_path):
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    live.register("classifier", "2.0.0", zoo.slow_mlp(tmp_path / "slow.onnx", layers=200))  # ~10 ms vs ~0.05 ms
+    agents = live.enroll(3)
+    for a in agents:
+        a.start()
+    live.wait_online(agents)
+    base = live.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 100, "waves_percent": []})
+    assert live.wait_state(base["id"], {"completed", "paused"})["state"] == "completed"
+    traffic = Traffic(agents)
+    try:
+        time.sleep(3)  # a baseline on the old model: several telemetry windows per device
+        slow = live.rollout(model="classifier", version="2.0.0",
+                            strategy={"canary_percent": 30, "waves_percent": []},
+                            gates={"max_p99_ratio": 3.0, "min_requests": 60}, on_gate_failure="abort")
+        aborted = live.wait_state(slow["id"], {"aborted", "completed", "paused"})
+        assert aborted["state"] == "aborted", (aborted["evaluation"], aborted["notes"])
+        assert "p99 latency" in " ".join(aborted["evaluation"]["reasons"])
+        assert aborted["evaluation"]["figures"]["p99_ratio"] > 3
+        live.wait(lambda: "installed" not in live.get(slow["id"])["counts"], 30, "the updated devices rolled back",
+                  lambda: live.members(slow["id"]))
+    finally:
+        traffic.stop()
+    statuses = sorted(m["status"] for m in live.members(slow["id"]).values())
+    assert statuses == ["pending", "pending", "rolled_back"], statuses  # the wave never went out
+    assert {a.model()["version"] for a in agents} == {"1.0.0"}  # every device back on the old version
+    assert traffic.sent > 100
+
+
+def test_a_device_offline_in_its_wave_gets_the_update_when_it_reconnects(live, models):
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    agents = live.enroll(3)
+    for a in agents:
+        a.start()
+    live.wait_online(agents)
+    offline = agents[2]
+    offline.stop()
+    gone = live.device_id(offline)
+    live.wait(lambda: not live.http.get(f"/v1/devices/{gone}").json()["online"], 20, "the device offline")
+    r = live.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 30, "waves_percent": []})
+    live.wait(lambda: live.members(r["id"])[gone]["status"] == "offered", 60, "the wave offered to it",
+              lambda: live.members(r["id"]))
+    time.sleep(1)
+    assert live.get(r["id"])["state"] == "running" and live.get(r["id"])["counts"].get("installed") == 2
+    offline.start()
+    done = live.wait_state(r["id"], {"completed", "paused", "aborted"})
+    assert done["state"] == "completed" and done["counts"] == {"installed": 3}
+    assert offline.model()["version"] == "1.0.0"
+
+
+def test_duplicate_qos1_telemetry_is_counted_once(live, models):
+    agents = live.enroll(1)
+    device = live.device_id(agents[0])
+    batch = messages.TelemetryBatch(seq=7, window_start=time.time() - 1, window_end=time.time(),
+                                    model_version="classifier 1.0.0", requests=10, errors={"bad_input": 1})
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="replayer", protocol=mqtt.MQTTv5)
+    host, port = live.broker_url.removeprefix("mqtt://").split(":")
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        for _ in range(3):  # what a QoS 1 redelivery looks like to the server: the same batch again
+            client.publish(topics.topic(device, "tm"), batch.to_bytes(), qos=1).wait_for_publish(5)
+        client.publish(topics.topic(device, "tm"), b"{not json", qos=1).wait_for_publish(5)
+        client.publish(topics.topic("nobody-here", "tm"), batch.to_bytes(), qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+    def windows():
+        return live.http.get(f"/v1/devices/{device}/telemetry").json()["windows"]
+
+    live.wait(lambda: len(windows()) >= 1, 20, "the telemetry stored")
+    time.sleep(1)
+    [w] = windows()
+    assert w["seq"] == 7 and w["requests"] == 10 and w["errors"] == 1
+    counts = live.http.get("/v1/ingest/stats").json()
+    assert counts["tm_duplicate"] >= 2 and counts["invalid"] >= 1 and counts["refused_unknown_device"] >= 1
