@@ -181,7 +181,8 @@ class LocalApi:
             seconds = time.perf_counter() - t0
         finally:
             self.serving.leave()
-        self.telemetry.record(seconds * 1e3, inputs=feeds)
+        # outputs ride along as "out/<name>": the server compares their distributions (drift, A/B tests)
+        self.telemetry.record(seconds * 1e3, inputs={**feeds, **{f"out/{k}": v for k, v in outputs.items()}})
         self.metrics.requests.labels("ok").inc()
         self.metrics.latency.observe(seconds)
         return _encode(encoding, outputs, loaded, seconds)

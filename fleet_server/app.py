@@ -22,7 +22,7 @@ from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.engine import RolloutEngine
-from fleet_server.routes import artifacts, devices, models, rollouts, telemetry, tokens, trust
+from fleet_server.routes import artifacts, devices, insights, models, rollouts, telemetry, tokens, trust
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                app.state.ingest.submit, username=settings.mqtt_username,
                                password=settings.mqtt_password)
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
-                                       tick_s=settings.engine_tick_s)
+                                       tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
+                                       drift_window_s=settings.drift_window_s)
     app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers)
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
@@ -87,6 +88,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(rollouts.router)
     app.include_router(telemetry.router)
+    app.include_router(insights.router)
     return app
 
 

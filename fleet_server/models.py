@@ -203,6 +203,9 @@ class ModelVersion(SQLModel, table=True):
     evaluation_sha256: str | None = Field(default=None, max_length=64)
     inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     outputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # per input: the calibration data's histogram (quantile edges, shares) and moments — the drift reference
+    reference_stats: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False,
+                                                                         server_default="{}"))
     created_at: datetime = Field(default_factory=utcnow)
     created_by: str = Field(default="", max_length=100)
 
@@ -343,3 +346,39 @@ class EngineLease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=32)
     holder: str = Field(max_length=100)
     expires_at: float
+
+
+class DriftAlert(SQLModel, table=True):
+    """An input of a model version whose recent fleet statistics drifted from its calibration data (PSI ≥ 0.25).
+    One open alert per (model, input), updated while the drift lasts, closed when it subsides."""
+
+    __tablename__ = "drift_alert"
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="model_version.id", index=True)
+    input_name: str = Field(max_length=128)
+    psi: float
+    level: str = Field(max_length=16)
+    values: int = 0
+    devices: int = 0
+    open: bool = Field(default=True, index=True)
+    first_seen: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow)
+
+
+class ABTest(SQLModel, table=True):
+    """Two model versions over one cohort, split by a stable hash of the device id; each arm ships as a rollout."""
+
+    __tablename__ = "ab_test"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(default="", max_length=100)
+    model_a_id: int = Field(foreign_key="model_version.id")
+    model_b_id: int = Field(foreign_key="model_version.id")
+    selector: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    split_percent: float = 50.0  # the share of the cohort on B
+    rollout_a_id: int | None = Field(default=None, foreign_key="rollout.id")
+    rollout_b_id: int | None = Field(default=None, foreign_key="rollout.id")
+    devices_a: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    devices_b: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: float = 0.0  # epoch seconds: telemetry from here on counts
+    created_at: datetime = Field(default_factory=utcnow)
+    created_by: str = Field(default="", max_length=100)

@@ -23,4 +23,6 @@ class ServerSettings(BaseSettings):
     mqtt_password: str | None = None
     rollout_engine: bool = True  # connect to the broker, ingest device messages, run rollouts
     engine_tick_s: float = Field(default=0.5, gt=0, le=60)
+    drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
+    drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy

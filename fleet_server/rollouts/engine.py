@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
+from fleet_server.insights import watch_drift
 from fleet_server.models import (
     ConvertedArtifact,
     Device,
@@ -68,8 +69,11 @@ def selector_matches(selector: dict, device: Device) -> bool:
 
 
 class RolloutEngine:
-    def __init__(self, db: Engine, delivery: Delivery, publish, *, tick_s: float = 0.5, holder: str | None = None):
+    def __init__(self, db: Engine, delivery: Delivery, publish, *, tick_s: float = 0.5, holder: str | None = None,
+                 drift_interval_s: float = 60.0, drift_window_s: float = 900.0):
         self.db, self.delivery, self.publish, self.tick_s = db, delivery, publish, tick_s
+        self.drift_interval_s, self.drift_window_s = drift_interval_s, drift_window_s
+        self._drift_due = 0.0
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
@@ -120,8 +124,14 @@ class RolloutEngine:
     def tick(self, now: float | None = None) -> None:
         with Session(self.db) as s:
             running = s.exec(select(Rollout.id).where(Rollout.state == RolloutState.RUNNING.value)).all()
+        now = now if now is not None else time.time()
         for rollout_id in running:
-            self.step(rollout_id, now if now is not None else time.time())
+            if rollout_id is not None:
+                self.step(rollout_id, now)
+        if now >= self._drift_due:
+            self._drift_due = now + self.drift_interval_s
+            with Session(self.db) as s:
+                watch_drift(s, now, self.drift_window_s)
 
     def step(self, rollout_id: int, now: float) -> None:
         with Session(self.db) as s:

@@ -8,11 +8,13 @@ import tempfile
 from pathlib import Path as FsPath
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from firmware_profiles import builtin_profile_ids
+from fleet_server import drift
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID
 from fleet_server.models import (
@@ -26,10 +28,12 @@ from fleet_server.models import (
 )
 
 router = APIRouter(prefix="/v1", tags=["models"])
+REFERENCE_SAMPLES = 512  # calibration samples the drift reference is computed from
 
 
-def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[str]]:
-    """The source loads as a model and the calibration data fits it: checked now, not when a job runs."""
+def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[str], dict]:
+    """The source loads as a model and the calibration data fits it: checked now, not when a job runs. Returns the
+    inputs, outputs and the calibration data's statistics per input (the drift reference)."""
     from converters.calibration import load_dataset
     from converters.errors import ConvertError
     from converters.source import load_source
@@ -46,10 +50,12 @@ def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[s
         shutil.copyfile(store.path(body.calibration_sha256), calib)
         try:
             source = load_source(src, work / "w")
-            load_dataset(calib, source.inputs, limit=8)
+            data = load_dataset(calib, source.inputs, limit=REFERENCE_SAMPLES)
         except ConvertError as e:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-        return [i.describe() for i in source.inputs], [o.describe() for o in source.outputs]
+        ref = drift.reference({i.name: np.concatenate([np.ravel(smp[i.name]) for smp in data.samples])
+                               for i in source.inputs})
+        return [i.describe() for i in source.inputs], [o.describe() for o in source.outputs], ref
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -63,8 +69,8 @@ def _version(session, name: str, version: str) -> ModelVersion:
 
 @router.post("/models", status_code=status.HTTP_201_CREATED, response_model=ModelVersion)
 def create_model_version(body: ModelVersionCreate, request: Request, session: SessionDep, op: Operator):
-    inputs, outputs = _validate_source(request.app.state.artifacts, body)
-    mv = ModelVersion(**body.model_dump(), inputs=inputs, outputs=outputs, created_by=op.name)
+    inputs, outputs, ref = _validate_source(request.app.state.artifacts, body)
+    mv = ModelVersion(**body.model_dump(), inputs=inputs, outputs=outputs, reference_stats=ref, created_by=op.name)
     session.add(mv)
     try:
         session.commit()

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 from sqlmodel import Session
 
+from fleet_server import drift
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.auth import issue_token
 from fleet_server.db import make_engine
@@ -47,7 +48,8 @@ class LiveFleet:
 
     def start_server(self) -> None:
         env = {**os.environ, "EF_SERVER_DATABASE_URL": self.db_url, "EF_SERVER_DATA_DIR": str(self.data),
-               "EF_SERVER_BROKER_URL": self.broker_url, "EF_SERVER_ENGINE_TICK_S": "0.2"}
+               "EF_SERVER_BROKER_URL": self.broker_url, "EF_SERVER_ENGINE_TICK_S": "0.2",
+               "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3"}
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(self.port)],
                                        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -81,9 +83,10 @@ class LiveFleet:
         probe = self.store.put_bytes(golden_probe(probe_from or model, {"x": x}))
         report = self.store.put_bytes(b"{}")
         with Session(self.db) as s:
+            calibration = np.random.default_rng(11).standard_normal((64, 3, 16, 16)).astype(np.float32)
             mv = ModelVersion(name=name, version=version, source_sha256=sha, source_format="onnx",
-                              calibration_sha256=hashlib.sha256(b"calibration").hexdigest(), inputs=["x"],
-                              outputs=["y"], created_by="test")
+                              calibration_sha256=hashlib.sha256(calibration.tobytes()).hexdigest(), inputs=["x"],
+                              outputs=["y"], reference_stats=drift.reference({"x": calibration}), created_by="test")
             s.add(mv)
             s.commit()
             s.refresh(mv)

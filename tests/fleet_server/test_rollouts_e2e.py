@@ -143,9 +143,9 @@ class CommandSpy:
 class Traffic:
     """Inference requests to every agent's local API, ~30/s each, bounded in time, so devices report latency."""
 
-    def __init__(self, agents, seconds: float = 120.0):
+    def __init__(self, agents, seconds: float = 120.0, shift: float = 0.0):
         buf = io.BytesIO()
-        np.save(buf, np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32))
+        np.save(buf, np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32) + shift)
         self.body, self.agents, self.deadline = buf.getvalue(), agents, time.monotonic() + seconds
         self.sent = 0
         self._stop = threading.Event()
@@ -246,3 +246,61 @@ def test_duplicate_qos1_telemetry_is_counted_once(live, models):
     assert w["seq"] == 7 and w["requests"] == 10 and w["errors"] == 1
     counts = live.http.get("/v1/ingest/stats").json()
     assert counts["tm_duplicate"] >= 2 and counts["invalid"] >= 1 and counts["refused_unknown_device"] >= 1
+
+
+def test_shifted_inputs_raise_a_drift_alert(live, models):
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    agents = live.enroll(2)
+    for a in agents:
+        a.start()
+    live.wait_online(agents)
+    r = live.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 100, "waves_percent": []})
+    assert live.wait_state(r["id"], {"completed", "paused"})["state"] == "completed"
+    traffic = Traffic(agents)
+    try:
+        live.wait(lambda: live.http.get("/v1/models/classifier/1.0.0/drift").json()["inputs"]["x"]["values"] > 0,
+                  20, "input statistics arriving")
+        calm = live.http.get("/v1/models/classifier/1.0.0/drift").json()
+        assert calm["inputs"]["x"]["level"] == "stable" and calm["devices"] == 2, calm
+    finally:
+        traffic.stop()
+    time.sleep(4)  # the calm traffic leaves the 3 s drift window
+    traffic = Traffic(agents, shift=2.0)
+    try:
+        live.wait(lambda: live.http.get("/v1/alerts").json(), 30, "a drift alert")
+    finally:
+        traffic.stop()
+    [alert] = live.http.get("/v1/alerts").json()
+    assert alert["input_name"] == "x" and alert["psi"] >= 0.25 and alert["level"] == "drift" and alert["open"]
+
+
+def test_an_ab_test_splits_the_cohort_and_reports_both_arms(live, models, tmp_path):
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    live.register("classifier", "2.0.0", zoo.slow_mlp(tmp_path / "slow.onnx", layers=60))
+    agents = live.enroll(4, tags=("ab",))
+    for a in agents:
+        a.start()
+    live.wait_online(agents)
+    made = live.http.post("/v1/abtests", json={"name": "slow head", "a": {"model": "classifier", "version": "1.0.0"},
+                                               "b": {"model": "classifier", "version": "2.0.0"},
+                                               "selector": {"tags": ["ab"]}, "split_percent": 50})
+    assert made.status_code == 201, made.text
+    test = made.json()
+    assert sorted(test["devices_a"] + test["devices_b"]) == sorted(live.device_id(a) for a in agents)
+    for arm in ("a", "b"):
+        assert live.wait_state(test["rollouts"][arm], {"completed", "paused"})["state"] == "completed"
+    by_id = {live.device_id(a): a for a in agents}
+    assert {by_id[d].model()["version"] for d in test["devices_a"]} == {"1.0.0"}
+    assert {by_id[d].model()["version"] for d in test["devices_b"]} == {"2.0.0"}
+    traffic = Traffic(agents)
+    try:
+        live.wait(lambda: min(live.http.get(f"/v1/abtests/{test['id']}/report").json()[arm]["latency_samples"]
+                              for arm in ("a", "b")) >= 100, 40, "samples in both arms")
+    finally:
+        traffic.stop()
+    report = live.http.get(f"/v1/abtests/{test['id']}/report").json()
+    assert report["a"]["version"] == "1.0.0" and report["b"]["version"] == "2.0.0"
+    assert report["a"]["error_rate"] == 0 and report["a"]["error_rate_ci95"][1] < 0.1
+    lat = report["difference"]["latency_mean_ms"]
+    assert lat["b_minus_a"] > 0 and lat["significant"] and lat["ci95"][0] > 0  # B is slower, and provably so
+    assert set(report["a"]["outputs"]) == {"y"} and report["b"]["outputs"]["y"]["values"] > 0
