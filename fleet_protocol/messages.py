@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -83,6 +84,18 @@ class ChunkData(_Msg):
     job: ID
     index: int = Field(ge=0)
     data: B64
+
+
+_JOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def chunk_bytes(job: str, index: int, data_b64: str) -> bytes:
+    """``ChunkData(job, index, data).to_bytes()`` from already base64-encoded data, byte for byte: a server that
+    sends the same chunks to many devices encodes each chunk once instead of once per device."""
+    if not _JOB.match(job) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"invalid chunk job {job!r} or index {index!r}")
+    return (f'{{"v":{SCHEMA_VERSION},"type":"chunk","job":"{job}","index":{index},"data":"'.encode()
+            + data_b64.encode("ascii") + b'"}')
 
 
 # ----------------------------------------------------------------------------- device → server

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 BATCH_S = 0.1
 BATCH_MAX = 2000
 QUEUE_MAX = 100_000
+CHUNK_ACK_TIMEOUT_S = 10.0
 ORDER = {"pending": 0, "offered": 1, "downloading": 2, "installed": 3, "failed": 3, "rolled_back": 4}
 
 
@@ -74,8 +75,8 @@ class FleetLink:
         self._started = True
         return self
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos)
 
     def stop(self) -> None:
         if self._started:
@@ -91,6 +92,8 @@ class Ingest:
     def __init__(self, engine: Engine, delivery, publish):
         self.engine, self.delivery, self.publish = engine, delivery, publish
         self.queue: queue.Queue = queue.Queue(QUEUE_MAX)
+        self.chunk_queue: queue.Queue = queue.Queue(QUEUE_MAX)
+        self._chunk_thread = threading.Thread(target=self._serve_chunks, name="chunks", daemon=True)
         self.counts: Counter = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
@@ -98,11 +101,13 @@ class Ingest:
 
     def start(self) -> Ingest:
         self._thread.start()
+        self._chunk_thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._chunk_thread.join(10)
 
     def submit(self, topic: str, payload: bytes) -> None:
         """From paho's thread: never blocks it for long (a full queue drops and counts)."""
@@ -241,5 +246,28 @@ class Ingest:
         if owner != device_id:
             self.counts["chunk_wrong_device"] += 1
             return
-        for chunk in self.delivery.chunks(m.job, files, m):
-            self.publish(topics.topic(device_id, "dl", m.job), chunk.to_bytes())
+        try:
+            self.chunk_queue.put_nowait((device_id, files, m))
+        except queue.Full:
+            self.counts["chunk_dropped"] += 1  # the device asks again when its download stalls
+
+    def _serve_chunks(self) -> None:
+        """Answers chunk requests on its own thread, so a wave's downloads never delay events and telemetry. After
+        each answer it waits (bounded) for the broker to take the last chunk: the server's memory holds about one
+        answer in flight instead of the whole wave's bytes."""
+        while not self._stop.is_set():
+            try:
+                device_id, files, m = self.chunk_queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                last = None
+                for payload in self.delivery.chunks(m.job, files, m):
+                    last = self.publish(topics.topic(device_id, "dl", m.job), payload)
+                    self.counts["chunks_sent"] += 1
+                if last is not None:
+                    with contextlib.suppress(RuntimeError, ValueError):  # not connected: the device asks again
+                        last.wait_for_publish(CHUNK_ACK_TIMEOUT_S)
+            except Exception:  # a missing file or a broker hiccup: the device re-requests on its stall timer
+                self.counts["chunk_failed"] += 1
+                log.exception("serving chunks for %s failed", m.job)

@@ -7,24 +7,27 @@ of files (a device may fetch nothing else) and the artifact store.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlmodel import Session, select
 
 from fleet_protocol import delta, messages
-from fleet_protocol.chunks import ChunkManifest, manifest_for
+from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, manifest_for
 from fleet_protocol.metadata import ArtifactInfo, DeltaInfo, Probe, Provenance, Scope, UpdateSpec, build_update
 from fleet_server import keys
 from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice
 
 log = logging.getLogger(__name__)
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 256 KiB: a few MB move in a dozen messages per device
 OFFER_TTL = timedelta(days=7)
+CHUNK_CACHE = 128  # encoded chunks kept (~45 MB at 256 KiB): a wave asks for the same few files
 DELTA_ALGORITHMS = {"bsdiff4", "zstd-patch", "onnx-tensors"}
 
 
@@ -36,6 +39,7 @@ class Delivery:
     def __init__(self, data_dir: Path, store, chunk_size: int = CHUNK_SIZE):
         self.data_dir, self.store, self.chunk_size = Path(data_dir), store, chunk_size
         self._manifests: dict[str, ChunkManifest] = {}
+        self._chunk_cache: OrderedDict[tuple[str, int], str] = OrderedDict()  # (sha, index) → base64, LRU
         self._lock = threading.Lock()
         self._last_version = 0
 
@@ -127,16 +131,28 @@ class Delivery:
         return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes,
                                     base_sha256=device.active_sha256 if deltas else None)
 
-    def chunks(self, job: str, files: dict, request: messages.ChunkRequest) -> list[messages.ChunkData]:
-        """The requested chunks of one of the job's files (nothing for a file the job does not list)."""
+    def chunks(self, job: str, files: dict, request: messages.ChunkRequest) -> list[bytes]:
+        """The requested chunks of one of the job's files, as wire bytes (nothing for a file the job does not list).
+        Each chunk is read and base64-encoded once and reused for every device that asks for it."""
         sha = files.get(request.path or next(iter(files), ""))
         if sha is None or not self.store.exists(sha):
             return []
         manifest = self._manifest(sha)
-        out = []
+        return [messages.chunk_bytes(job, i, self._encoded(sha, i, manifest.chunk_size))
+                for i in sorted(set(request.indices)) if i < manifest.count]
+
+    def _encoded(self, sha: str, index: int, chunk_size: int) -> str:
+        key = (sha, index)
+        with self._lock:
+            hit = self._chunk_cache.get(key)
+            if hit is not None:
+                self._chunk_cache.move_to_end(key)
+                return hit
         with open(self.store.path(sha), "rb") as f:
-            for i in sorted(set(request.indices)):
-                if i < manifest.count:
-                    f.seek(i * manifest.chunk_size)
-                    out.append(messages.ChunkData(job=job, index=i, data=f.read(manifest.chunk_size)))
-        return out
+            f.seek(index * chunk_size)
+            encoded = base64.b64encode(f.read(chunk_size)).decode("ascii")
+        with self._lock:
+            self._chunk_cache[key] = encoded
+            while len(self._chunk_cache) > CHUNK_CACHE:
+                self._chunk_cache.popitem(last=False)
+        return encoded

@@ -103,3 +103,16 @@ def test_subscriptions_and_acl():
     assert topics.device_subscriptions("dev-1") == ["ef/v1/d/dev-1/cmd", "ef/v1/d/dev-1/dl/+"]
     assert all(s.startswith("$share/fleet/ef/v1/d/+/") for s in topics.server_subscriptions())
     assert topics.acl_pattern() == "pattern readwrite ef/v1/d/%u/#"
+
+
+def test_prebuilt_chunk_bytes_match_the_model_and_refuse_bad_ids():
+    import base64
+
+    from fleet_protocol.messages import ChunkData, chunk_bytes
+
+    data = bytes(range(256)) * 5
+    assert chunk_bytes("r7-dev-a", 2, base64.b64encode(data).decode()) == \
+        ChunkData(job="r7-dev-a", index=2, data=data).to_bytes()
+    for job, index in (('x"y', 0), ("", 0), ("ok", -1)):
+        with pytest.raises(ValueError):
+            chunk_bytes(job, index, "")

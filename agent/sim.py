@@ -1,0 +1,282 @@
+"""Many lightweight simulated devices in one process that speak the real protocol, for benchmarks and scale tests.
+
+Each device is a real paho MQTT 5 client with its own client id (and credentials when given): it subscribes to its
+``cmd`` and ``dl/+`` topics, reports online and its state (the artifact it runs), verifies every offer with
+``fleet_protocol``'s ``UpdateVerifier`` against the pinned root (signature, device, profile, version, expiry), fetches
+the delta for the artifact it runs (or the full file) in chunks over MQTT, checks every chunk and the whole file
+against the signed hashes, rebuilds the target, reports ``committed`` and its new state, and follows rollback
+orders. It sends telemetry batches on demand. What it leaves out is the model itself: no runtime, no probe run
+(the probe's signed hash is checked), no slots on disk. Failures on command: ``fail_probe`` (reports
+``probe_failed``), ``offline`` (never connects).
+
+Paho's own network loop (one thread per client, ``select()``) stops near 339 clients per process here; this drives
+all clients from one ``epoll`` loop through ``loop_read`` / ``loop_write`` / ``loop_misc``. Applying the same
+delta to the same base gives the same bytes, so the rebuilt target is computed once per (base, patch) pair and
+shared; every device still receives and verifies its own patch bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import resource
+import select
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleet_protocol import delta, messages, topics
+from fleet_protocol.errors import ProtocolError
+from fleet_protocol.metadata import UpdateVerifier
+
+REQUEST_TIMEOUT_S = 3.0
+_rebuilt: dict[tuple[str, str], bytes] = {}
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass
+class _Download:
+    job: str
+    path: str
+    sha256: str
+    length: int
+    chunk_size: int
+    chunk_sha256: tuple[str, ...]
+    target_sha256: str
+    base_sha256: str | None  # a delta's base, or None for the full file
+    parts: dict[int, bytes] = field(default_factory=dict)
+    asked_at: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class SimDevice:
+    def __init__(self, fleet: SimFleet, device_id: str, *, profile: str, active_sha256: str | None,
+                 password: str | None = None, fail_probe: bool = False):
+        self.fleet, self.id, self.profile = fleet, device_id, profile
+        self.active, self.previous = active_sha256, None
+        self.fail_probe = fail_probe
+        self.verifier = UpdateVerifier(fleet.root, device_id=device_id, profile=profile)
+        self.download: _Download | None = None
+        self.installed: list[str] = []  # jobs committed
+        self.update_seconds: list[float] = []
+        self.seq = 0
+        self.connected = False
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
+        if password is not None:
+            self.client.username_pw_set(device_id, password)
+        will = messages.Online(online=False).to_bytes()
+        self.client.will_set(topics.topic(device_id, "online"), will, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------------ MQTT
+
+    def connect(self, host: str, port: int) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(host, port, keepalive=60, clean_start=False, properties=props)
+
+    def publish(self, kind: str, msg) -> None:
+        self.client.publish(topics.topic(self.id, kind), msg.to_bytes(), qos=1, retain=kind in ("online", "state"))
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.fleet.counts["connect_refused"] += 1
+            return
+        for t in topics.device_subscriptions(self.id):
+            client.subscribe(t, qos=1)
+        self.connected = True
+        self.publish("online", messages.Online(online=True, ts=time.time()))
+        self.report_state()
+
+    def report_state(self) -> None:
+        self.publish("state", messages.DeviceState(active_version=None, active_sha256=self.active, root_version=1,
+                                                   update_version=self.verifier.update_version, ts=time.time()))
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            m = messages.parse(msg.payload)
+        except (ProtocolError, ValueError):
+            self.fleet.counts["invalid"] += 1
+            return
+        if isinstance(m, messages.UpdateOffer):
+            self._offer(m)
+        elif isinstance(m, messages.ChunkData):
+            self._chunk(m)
+        elif isinstance(m, messages.RollbackOrder):
+            self._rollback(m)
+
+    # ------------------------------------------------------------------ updates
+
+    def _event(self, job: str, state: str, result: str, reason: messages.Reason = messages.Reason.OK,
+               detail: str = "") -> None:
+        self.publish("evt", messages.UpdateEvent(job=job, state=state, result=result, reason=reason, detail=detail,  # type: ignore[arg-type]
+                                                 progress=1.0 if result != "pending" else 0.0, ts=time.time()))
+
+    def _offer(self, offer: messages.UpdateOffer) -> None:
+        if self.download is not None:
+            if self.download.job != offer.job:
+                self._event(offer.job, "rejected", "failed", messages.Reason.INTERNAL, "busy")
+            return
+        if offer.job in self.installed:
+            return  # a redelivery of what is done
+        try:
+            verified = self.verifier.verify_update(offer.metadata)
+        except ProtocolError as e:
+            self.fleet.counts["offer_refused"] += 1
+            self._event(offer.job, "failed", "failed", messages.Reason.BAD_SIGNATURE, str(e)[:200])
+            return
+        spec = verified.spec
+        if offer.probe is None or hashlib.sha256(offer.probe).hexdigest() != spec.probe.inputs_sha256:
+            self._event(offer.job, "failed", "failed", messages.Reason.MALFORMED, "probe data does not match")
+            return
+        d = verified.delta_from(self.active) if self.active else None
+        info = d if d is not None else spec.artifact
+        manifest = info.chunks
+        if manifest is None:
+            self._event(offer.job, "failed", "failed", messages.Reason.MALFORMED, "no chunk manifest")
+            return
+        self.download = _Download(job=offer.job, path=info.path, sha256=info.sha256, length=info.length,
+                                  chunk_size=manifest.chunk_size, chunk_sha256=manifest.chunk_sha256,
+                                  target_sha256=spec.artifact.sha256, base_sha256=self.active if d else None)
+        self.fleet.counts["delta" if d else "full"] += 1
+        self._event(offer.job, "downloading", "pending")
+        self._ask()
+
+    def _ask(self) -> None:
+        dl = self.download
+        if dl is None:
+            return
+        missing = [i for i in range(len(dl.chunk_sha256)) if i not in dl.parts]
+        for k in range(0, len(missing), 4096):
+            req = messages.ChunkRequest(job=dl.job, path=dl.path, indices=tuple(missing[k:k + 4096]))
+            self.client.publish(topics.topic(self.id, "dl-req", dl.job), req.to_bytes(), qos=1)
+        dl.asked_at = time.monotonic()
+
+    def _chunk(self, m: messages.ChunkData) -> None:
+        dl = self.download
+        if dl is None or m.job != dl.job or m.index >= len(dl.chunk_sha256) or m.index in dl.parts:
+            return
+        if hashlib.sha256(m.data).hexdigest() != dl.chunk_sha256[m.index]:
+            self.fleet.counts["bad_chunk"] += 1
+            return
+        dl.parts[m.index] = m.data
+        if len(dl.parts) == len(dl.chunk_sha256):
+            self._finish(dl)
+
+    def _finish(self, dl: _Download) -> None:
+        self.download = None
+        payload = b"".join(dl.parts[i] for i in range(len(dl.chunk_sha256)))
+        if len(payload) != dl.length or hashlib.sha256(payload).hexdigest() != dl.sha256:
+            self._event(dl.job, "failed", "failed", messages.Reason.HASH_MISMATCH, "download does not match")
+            return
+        if dl.base_sha256 is not None:
+            key = (dl.base_sha256, dl.sha256)
+            if key not in _rebuilt:
+                base = self.fleet.blobs.get(dl.base_sha256)
+                if base is None:
+                    self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "base not held")
+                    return
+                _rebuilt[key] = delta.apply(base, payload)
+            target = _rebuilt[key]
+            if hashlib.sha256(target).hexdigest() != dl.target_sha256:
+                self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "rebuilt target mismatch")
+                return
+        if self.fail_probe:
+            self._event(dl.job, "failed", "failed", messages.Reason.PROBE_FAILED, "simulated probe failure")
+            return
+        self.previous, self.active = self.active, dl.target_sha256
+        self.installed.append(dl.job)
+        self.update_seconds.append(time.monotonic() - dl.started)
+        self._event(dl.job, "committed", "ok")
+        self.report_state()
+
+    def _rollback(self, order: messages.RollbackOrder) -> None:
+        if self.previous is None:
+            return
+        self.active, self.previous = self.previous, None
+        self._event(order.job, "rolled_back", "ok", messages.Reason.ROLLED_BACK, order.reason)
+        self.report_state()
+
+    def tick(self, now: float) -> None:
+        if self.download is not None and now - self.download.asked_at > REQUEST_TIMEOUT_S:
+            self.fleet.counts["re_requests"] += 1
+            self._ask()
+
+    def telemetry(self, requests: int = 100, model_version: str | None = None) -> None:
+        self.publish("tm", messages.TelemetryBatch(seq=self.seq, window_start=time.time() - 1, window_end=time.time(),
+                                                   model_version=model_version, requests=requests))
+        self.seq += 1
+
+
+class SimFleet:
+    """The devices of one process and the epoll loop that drives them."""
+
+    def __init__(self, broker_url: str, root: bytes, *, blobs: dict[str, bytes] | None = None):
+        from collections import Counter
+
+        u = urlparse(broker_url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 1883
+        self.root = root
+        self.blobs = blobs or {}  # sha256 → bytes the devices already hold (delta bases)
+        self.devices: list[SimDevice] = []
+        self.counts: Counter = Counter()
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, SimDevice] = {}
+        raise_fd_limit()
+
+    def add(self, device_id: str, **kw) -> SimDevice:
+        d = SimDevice(self, device_id, **kw)
+        self.devices.append(d)
+        return d
+
+    def connect_all(self, timeout: float = 60.0) -> float:
+        t0 = time.monotonic()
+        for d in self.devices:
+            d.connect(self.host, self.port)
+            sock = d.client.socket()
+            self._by_fd[sock.fileno()] = d
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            d.client.loop_write()
+        self.run(lambda: all(d.connected for d in self.devices), timeout)
+        return time.monotonic() - t0
+
+    def run(self, until, timeout: float) -> bool:
+        """Drive every client until ``until()`` is true or ``timeout`` passes; True if it became true."""
+        deadline = time.monotonic() + timeout
+        last_misc = 0.0
+        while time.monotonic() < deadline:
+            for fd, _ in self._epoll.poll(0.02):
+                d = self._by_fd.get(fd)
+                if d is not None:
+                    d.client.loop_read(100)
+            now = time.monotonic()
+            for d in self.devices:
+                if d.client.want_write():
+                    d.client.loop_write()
+            if now - last_misc > 0.5:
+                last_misc = now
+                for d in self.devices:
+                    d.client.loop_misc()
+                    d.tick(now)
+            if until():
+                return True
+        return False
+
+    def close(self) -> None:
+        for d in self.devices:
+            with contextlib.suppress(Exception):  # best effort on the way out
+                d.client.disconnect()
+                d.client.loop_write()
+        self._epoll.close()
