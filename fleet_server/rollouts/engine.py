@@ -48,6 +48,7 @@ from fleet_server.rollouts.planner import (
 log = logging.getLogger(__name__)
 LEASE_S = 10.0
 RESEND_AFTER_S = 30.0  # an offered device that said nothing gets the same job again (the agent de-duplicates)
+JOIN_EVERY_S = 2.0  # how often a running rollout looks for devices that newly match its selector
 
 
 def releasable(session: Session, model_version_id: int) -> dict[str, ConvertedArtifact]:
@@ -74,6 +75,7 @@ class RolloutEngine:
         self.db, self.delivery, self.publish, self.tick_s = db, delivery, publish, tick_s
         self.drift_interval_s, self.drift_window_s = drift_interval_s, drift_window_s
         self._drift_due = 0.0
+        self._join_due: dict[int, float] = {}
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
@@ -134,28 +136,32 @@ class RolloutEngine:
                 watch_drift(s, now, self.drift_window_s)
 
     def step(self, rollout_id: int, now: float) -> None:
+        """One planning round for one rollout. Reads the members as plain columns (no ORM objects: this runs every
+        tick over every member) and loads rows only for the devices it offers to."""
         with Session(self.db) as s:
             r = s.get(Rollout, rollout_id)
             if r is None or r.state != RolloutState.RUNNING.value:
                 return
             mv = s.get(ModelVersion, r.model_version_id)
             artifacts = releasable(s, r.model_version_id)
-            self._join(s, r, artifacts)
-            rows = s.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)).all()
-            evaluation = self._evaluate(s, r, mv, rows, artifacts)
-            online = {d.id: d.online for d in s.exec(select(Device).where(
-                Device.id.in_([m.device_id for m in rows])))}  # type: ignore[attr-defined]
-            members = [Member(m.device_id, MemberStatus(m.status), m.offered_at, m.finished_at,
-                              online.get(m.device_id, False)) for m in rows]
-            strategy = Strategy(**r.strategy)
+            if now >= self._join_due.get(rollout_id, 0.0):
+                self._join_due[rollout_id] = now + JOIN_EVERY_S
+                self._join(s, r, artifacts)
+            members = [Member(d, MemberStatus(st), off, fin, bool(online)) for d, st, off, fin, online in s.exec(
+                select(RolloutDevice.device_id, RolloutDevice.status, RolloutDevice.offered_at,  # type: ignore[call-overload]
+                       RolloutDevice.finished_at, Device.online)
+                .join(Device, Device.id == RolloutDevice.device_id)  # type: ignore[arg-type]
+                .where(RolloutDevice.rollout_id == rollout_id))]
+            evaluation = self._evaluate(s, r, mv, members, artifacts)
             verdict = Verdict(evaluation["verdict"])
-            p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at), strategy)
+            p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at),
+                     Strategy(**r.strategy))
             r.evaluation, r.stage, r.stage_finished_at = evaluation, p.stage, p.stage_finished_at
             if p.notes:
                 r.notes = [*r.notes, *(f"{time.strftime('%H:%M:%S', time.gmtime(now))} {n}" for n in p.notes
                                        if not r.notes or not r.notes[-1].endswith(n))][-50:]
             if p.halt:
-                self._halt(s, r, rows, evaluation)
+                self._halt(s, r, evaluation)
                 return
             if p.complete:
                 r.state, r.finished_at = RolloutState.COMPLETED.value, utcnow()
@@ -163,10 +169,15 @@ class RolloutEngine:
                 s.commit()
                 log.info("rollout %s completed", r.id)
                 return
-            by_id = {m.device_id: m for m in rows}
+            resend = {m.device_id for m in members if m.status is MemberStatus.OFFERED and m.offered_at
+                      and now - m.offered_at > RESEND_AFTER_S and m.online}
+            wanted = set(p.offer) | resend
+            rows = {m.device_id: m for m in s.exec(select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout_id,
+                RolloutDevice.device_id.in_(wanted)))} if wanted else {}  # type: ignore[attr-defined]
             outgoing: list[tuple[str, bytes]] = []
-            for device_id in p.offer:
-                member = by_id[device_id]
+            for device_id in p.offer:  # first offers; then the unanswered ones again, as the same job
+                member = rows[device_id]
                 payload = self._offer(s, member, mv, artifacts, r.encrypt)
                 if payload is None:
                     member.status = MemberStatus.SKIPPED.value
@@ -174,14 +185,13 @@ class RolloutEngine:
                     member.status, member.offered_at = MemberStatus.OFFERED.value, now
                     outgoing.append((topics.topic(device_id, "cmd"), payload))
                 s.add(member)
-            for m in rows:  # offers that went unanswered: the same job again (a redelivery, not a second offer)
-                if (m.status == MemberStatus.OFFERED.value and m.offered_at and now - m.offered_at > RESEND_AFTER_S
-                        and online.get(m.device_id)):
-                    payload = self._offer(s, m, mv, artifacts, r.encrypt)
-                    if payload is not None:
-                        m.offered_at = now
-                        s.add(m)
-                        outgoing.append((topics.topic(m.device_id, "cmd"), payload))
+            for device_id in resend - set(p.offer):
+                member = rows[device_id]
+                payload = self._offer(s, member, mv, artifacts, r.encrypt)
+                if payload is not None:
+                    member.offered_at = now
+                    s.add(member)
+                    outgoing.append((topics.topic(device_id, "cmd"), payload))
             s.add(r)
             s.commit()  # journaled before a byte is published
         for topic, payload in outgoing:
@@ -201,31 +211,35 @@ class RolloutEngine:
             return None
 
     def _join(self, s: Session, r: Rollout, artifacts: dict) -> None:
-        """Devices that match the selector and are not members yet (dynamic rollouts)."""
-        known = set(s.exec(select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == r.id)).all())
-        q = select(Device).where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
+        """Devices that match the selector and are not members yet (dynamic rollouts): only non-members are read,
+        as plain columns."""
+        members = select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == r.id)
+        q = select(Device.id, Device.profile, Device.tags).where(  # type: ignore[call-overload]
+            Device.decommissioned_at.is_(None), Device.id.not_in(members))  # type: ignore[union-attr,attr-defined]
         if r.selector.get("profiles"):
             q = q.where(Device.profile.in_(r.selector["profiles"]))  # type: ignore[attr-defined]
         if r.selector.get("devices"):
             q = q.where(Device.id.in_(r.selector["devices"]))  # type: ignore[attr-defined]
+        wanted_tags = set(r.selector.get("tags") or [])
         added = 0
-        for d in s.exec(q):
-            if d.id in known or not selector_matches(r.selector, d):
+        for device_id, profile, tags in s.exec(q):
+            if not wanted_tags <= set(tags or []):
                 continue
-            member = RolloutDevice(rollout_id=r.id, device_id=d.id, job=f"r{r.id}-{d.id}"[:64])
-            if d.profile not in artifacts:
+            member = RolloutDevice(rollout_id=r.id or 0, device_id=device_id, job=f"r{r.id}-{device_id}"[:64])
+            if profile not in artifacts:
                 member.status, member.reason = MemberStatus.SKIPPED.value, "no_artifact"
-                member.detail = f"no releasable artifact of this version for profile {d.profile}"
+                member.detail = f"no releasable artifact of this version for profile {profile}"
             s.add(member)
             added += 1
         if added:
             s.commit()
 
-    def _evaluate(self, s: Session, r: Rollout, mv: ModelVersion | None, rows, artifacts: dict) -> dict:
+    def _evaluate(self, s: Session, r: Rollout, mv: ModelVersion | None, members: list[Member],
+                  artifacts: dict) -> dict:
         gates = Gates(**r.gates)
-        finished, failed = failure_counts([m.status for m in rows])
+        finished, failed = failure_counts([m.status.value for m in members])
         label = f"{mv.name} {mv.version}" if mv else ""
-        installed = {m.device_id: m for m in rows if m.status == MemberStatus.INSTALLED.value}
+        installed = {m.device_id: m for m in members if m.status is MemberStatus.INSTALLED}
         requests = errors = 0
         before: list[LatencyHistogram] = []
         after: list[LatencyHistogram] = []
@@ -250,7 +264,7 @@ class RolloutEngine:
         result["at"] = time.time()
         return result
 
-    def _halt(self, s: Session, r: Rollout, rows, evaluation: dict) -> None:
+    def _halt(self, s: Session, r: Rollout, evaluation: dict) -> None:
         reasons = "; ".join(evaluation["reasons"])
         if r.on_gate_failure == "abort":
             r.state, r.finished_at = RolloutState.ABORTED.value, utcnow()
