@@ -35,7 +35,7 @@ from fleet_protocol.errors import ProtocolError
 from fleet_protocol.metadata import UpdateVerifier
 
 REQUEST_TIMEOUT_S = 3.0
-_rebuilt: dict[tuple[str, str], bytes] = {}
+_rebuilt: dict[tuple[str, str], str] = {}  # (base, patch) → the rebuilt target's sha256
 
 
 def raise_fd_limit() -> int:
@@ -87,8 +87,9 @@ class SimDevice:
         props.SessionExpiryInterval = 3600
         self.client.connect(host, port, keepalive=60, clean_start=False, properties=props)
 
-    def publish(self, kind: str, msg) -> None:
-        self.client.publish(topics.topic(self.id, kind), msg.to_bytes(), qos=1, retain=kind in ("online", "state"))
+    def publish(self, kind: str, msg) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topics.topic(self.id, kind), msg.to_bytes(), qos=1,
+                                   retain=kind in ("online", "state"))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -188,9 +189,8 @@ class SimDevice:
                 if base is None:
                     self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "base not held")
                     return
-                _rebuilt[key] = delta.apply(base, payload)
-            target = _rebuilt[key]
-            if hashlib.sha256(target).hexdigest() != dl.target_sha256:
+                _rebuilt[key] = hashlib.sha256(delta.apply(base, payload)).hexdigest()  # apply checks it too
+            if _rebuilt[key] != dl.target_sha256:
                 self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "rebuilt target mismatch")
                 return
         if self.fail_probe:
@@ -214,10 +214,12 @@ class SimDevice:
             self.fleet.counts["re_requests"] += 1
             self._ask()
 
-    def telemetry(self, requests: int = 100, model_version: str | None = None) -> None:
-        self.publish("tm", messages.TelemetryBatch(seq=self.seq, window_start=time.time() - 1, window_end=time.time(),
-                                                   model_version=model_version, requests=requests))
+    def telemetry(self, requests: int = 100, model_version: str | None = None) -> mqtt.MQTTMessageInfo:
+        info = self.publish("tm", messages.TelemetryBatch(seq=self.seq, window_start=time.time() - 1,
+                                                          window_end=time.time(), model_version=model_version,
+                                                          requests=requests))
         self.seq += 1
+        return info
 
 
 class SimFleet:
