@@ -65,7 +65,8 @@ def run_one(name: str, url: str, tmp: Path, broker: Broker, args) -> dict:
     port = free_port()
     env = {**os.environ, "EF_SERVER_DATABASE_URL": url, "EF_SERVER_DATA_DIR": str(data),
            "EF_SERVER_BROKER_URL": broker.url}
-    server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port)], env=env,
+    server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port),
+                               "--workers", str(args.workers)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -104,7 +105,8 @@ def run_one(name: str, url: str, tmp: Path, broker: Broker, args) -> dict:
         server.wait(30)
         db.dispose()
     published = sum(p["published"] for p in pubs)
-    return {"database": name, "devices": args.devices, "published": published, "stored": stored,
+    return {"database": name, "workers": args.workers, "devices": args.devices, "published": published,
+            "stored": stored,
             "lost": published - stored, "seconds": round(seconds, 2), "msgs_per_s": round(stored / seconds),
             "publish_seconds": round(max(p["seconds"] for p in pubs), 2),
             "server_cpu_s": round(usage["server"][0] - cpu0["server"], 1),
@@ -118,6 +120,7 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--per-device", type=int, default=20)
     ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes (each ingests a share)")
     ap.add_argument("--db", choices=["SQLite", "PostgreSQL"], action="append", default=None)
     args = ap.parse_args()
     rows = []
@@ -140,11 +143,12 @@ def main() -> int:
     finally:
         if pg is not None:
             pg.stop()
-    print("| database | devices | messages | stored | lost | msgs/s into the database | server CPU / RSS | "
-          "broker CPU / RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| database | server workers | devices | messages | stored | lost | msgs/s into the database | "
+          "server CPU / RSS | broker CPU / RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['database']} | {r['devices']:,} | {r['published']:,} | {r['stored']:,} | {r['lost']} | "
+        print(f"| {r['database']} | {r['workers']} | {r['devices']:,} | {r['published']:,} | {r['stored']:,} | "
+              f"{r['lost']} | "
               f"{r['msgs_per_s']:,} | {r['server_cpu_s']} s / {r['server_peak_rss_mb']} MB | "
               f"{r['broker_cpu_s']} s / {r['broker_peak_rss_mb']} MB |")
     out = ROOT / "bench" / "results"

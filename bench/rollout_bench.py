@@ -100,16 +100,30 @@ def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, bas
     fleet.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out += _descendants(int(child))
+    except OSError:
+        pass
+    return out
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
-    """CPU seconds used and peak RSS (MB) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    hwm = 0.0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
+    """CPU seconds used and peak RSS (MB) of a process and its live children (uvicorn's workers), from /proc."""
+    cpu = hwm = 0.0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with open(f"/proc/{p}/status") as f:
+                hwm += next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), 0.0)
+        except OSError:
+            continue
     return cpu, hwm
 
 
