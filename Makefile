@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
 TFLITE_VENV := .venv-tflite
 
-.PHONY: test demo bench bench-delta bench-agent bench-api lint clean system-deps
+.PHONY: test demo bench bench-delta bench-agent bench-api bench-rollout bench-ingest lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-agent: $(STAMP) system-deps
 
 bench-api: $(STAMP) system-deps
 	$(BIN)/python bench/api_bench.py
+
+bench-rollout: $(STAMP) system-deps
+	$(BIN)/python bench/rollout_bench.py
+
+bench-ingest: $(STAMP) system-deps
+	$(BIN)/python bench/ingest_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
