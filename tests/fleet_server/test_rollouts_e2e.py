@@ -304,3 +304,37 @@ def test_an_ab_test_splits_the_cohort_and_reports_both_arms(live, models, tmp_pa
     lat = report["difference"]["latency_mean_ms"]
     assert lat["b_minus_a"] > 0 and lat["significant"] and lat["ci95"][0] > 0  # B is slower, and provably so
     assert set(report["a"]["outputs"]) == {"y"} and report["b"]["outputs"]["y"]["values"] > 0
+
+
+def test_simulated_devices_speak_the_protocol_through_a_rollout(live, models):
+    """agent/sim.py (the benchmarks' devices) against the real server: verified offers, chunked downloads, results."""
+    import hashlib
+
+    from sqlmodel import Session
+
+    from agent.sim import SimFleet
+    from fleet_server.keys import pinned_root
+    from fleet_server.models import Device
+
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    ids = [f"sim-{i:02d}" for i in range(20)]
+    with Session(live.db) as s:
+        s.add_all([Device(id=d, profile="rpi5", signing_public_key=hashlib.sha256(d.encode()).hexdigest(),
+                          mqtt_password_hash="x") for d in ids])
+        s.commit()
+    fleet = SimFleet(live.broker_url, pinned_root(live.data))
+    sims = [fleet.add(d, profile="rpi5", active_sha256=None, fail_probe=(d == "sim-00")) for d in ids]
+    try:
+        assert fleet.connect_all(30) < 30
+        live.wait(lambda: live.http.get("/v1/devices", params={"online": True}).json()["total"] == 20, 20,
+                  "the simulated devices online")
+        r = live.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 100, "waves_percent": []},
+                         gates={"max_failure_share": 0.5})
+        target = hashlib.sha256(models["1.0.0"].read_bytes()).hexdigest()
+        assert fleet.run(lambda: sum(d.active == target for d in sims) == 19, 60)
+        done = live.wait_state(r["id"], {"completed", "paused", "aborted"})
+    finally:
+        fleet.close()
+    assert done["state"] == "completed" and done["counts"] == {"installed": 19, "failed": 1}
+    assert live.members(r["id"])["sim-00"]["reason"] == "probe_failed"
+    assert fleet.counts["full"] == 20 and not fleet.counts["bad_chunk"] and not fleet.counts["offer_refused"]
