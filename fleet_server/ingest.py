@@ -120,7 +120,8 @@ class Ingest:
             self.counts["dropped_queue_full"] += 1
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        """Until stopped and drained (the link stops first, so what was received is written before exit)."""
+        while not (self._stop.is_set() and self.queue.empty()):
             batch = []
             deadline = time.monotonic() + BATCH_S
             while len(batch) < BATCH_MAX:
@@ -129,11 +130,44 @@ class Ingest:
                 except queue.Empty:
                     break
             if batch:
-                try:
-                    self._write(batch)
-                except Exception:  # a database outage: keep the worker, count the loss, log it
-                    self.counts["batch_failed"] += len(batch)
-                    log.exception("ingest batch of %d failed", len(batch))
+                self._write_retrying(batch)
+
+    def _write_retrying(self, batch: list[tuple[str, bytes]]) -> None:
+        """A database outage holds the batch and retries with backoff (messages queue up behind it, bounded by
+        QUEUE_MAX) instead of dropping it; only a shutdown during the outage gives it up, counted. When the
+        database answers but the batch keeps failing, a message in it is the cause: the batch is written one message
+        at a time and only the ones that fail are dropped (counted, logged)."""
+        delay, failures = 0.5, 0
+        while True:
+            try:
+                self._write(batch)
+                return
+            except Exception:
+                failures += 1
+                if failures >= 3 and len(batch) > 1 and self._database_ok():
+                    for one in batch:
+                        try:
+                            self._write([one])
+                        except Exception:
+                            self.counts["poison"] += 1
+                            log.exception("a message on %s cannot be written; dropped", one[0][:120])
+                    return
+                if self._stop.is_set():
+                    self.counts["lost_at_shutdown"] += len(batch)
+                    log.exception("ingest batch of %d given up at shutdown", len(batch))
+                    return
+                self.counts["batch_retries"] += 1
+                log.warning("ingest batch of %d failed; retrying in %.1f s", len(batch), delay, exc_info=True)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _database_ok(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception:
+            return False
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         parsed = []

@@ -86,9 +86,18 @@ class RolloutEngine:
         return self
 
     def stop(self) -> None:
+        """Stop ticking and hand the lease back, so a restarted server takes over at once instead of waiting for
+        it to lapse."""
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+        try:
+            with Session(self.db) as s:
+                s.execute(update(EngineLease).where(EngineLease.name == "rollouts",  # type: ignore[arg-type]
+                                                    EngineLease.holder == self.holder).values(expires_at=0.0))
+                s.commit()
+        except Exception:  # the database is gone: the lease lapses by itself
+            log.warning("could not release the engine lease", exc_info=True)
 
     def wake(self) -> None:
         self._wake.set()
