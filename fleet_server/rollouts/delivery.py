@@ -27,6 +27,7 @@ from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVers
 log = logging.getLogger(__name__)
 CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 256 KiB: a few MB move in a dozen messages per device
 OFFER_TTL = timedelta(days=7)
+MANIFEST_CACHE = 10_000
 CHUNK_CACHE = 128  # encoded chunks kept (~45 MB at 256 KiB): a wave asks for the same few files
 DELTA_ALGORITHMS = {"bsdiff4", "zstd-patch", "onnx-tensors"}
 
@@ -53,6 +54,8 @@ class Delivery:
         m = self._manifests.get(sha)
         if m is None:
             m = manifest_for(payload if payload is not None else self.store.path(sha).read_bytes(), self.chunk_size)
+            if len(self._manifests) >= MANIFEST_CACHE:  # per-device ciphertexts would otherwise grow it forever
+                self._manifests.clear()
             self._manifests[sha] = m
         return m
 
