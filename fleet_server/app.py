@@ -13,10 +13,12 @@ from urllib.parse import urlparse
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
+from sqlmodel import Session
 
 from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.auth import TokenCache
+from fleet_server.broker import BrokerSync
 from fleet_server.db import make_engine
 from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
@@ -50,6 +52,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.tokens = TokenCache(app.state.engine)
+    app.state.broker_sync = BrokerSync(settings.broker_files_dir, pid_file=settings.broker_pid_file,
+                                       server_user=settings.mqtt_username or "fleet-server",
+                                       server_password=settings.mqtt_password)
+    if settings.broker_files_dir is not None:  # the broker can start from these before any enrollment
+        with Session(app.state.engine) as session:
+            app.state.broker_sync.sync(session)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
     app.state.ingest = Ingest(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))

@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from sqlmodel import Session, select
@@ -19,6 +22,7 @@ from sqlmodel import Session, select
 from fleet_protocol.topics import ROOT
 from fleet_server.models import Device
 
+log = logging.getLogger(__name__)
 ITERATIONS = 101  # Mosquitto's default; passwords are 192-bit random, so the KDF's cost buys nothing here
 
 
@@ -74,3 +78,34 @@ def write_broker_files(session: Session, out: Path, *, server_user: str, server_
     _atomic(out / "passwd", "\n".join(lines) + "\n", mode)
     _atomic(out / "acl", acl(server_user), mode)
     return out / "passwd", out / "acl", len(devices)
+
+
+class BrokerSync:
+    """Keeps Mosquitto's files in step with the database: rewritten and the broker reloaded (SIGHUP through its pid
+    file) on every enrollment and decommission, so a new device can connect at once and a decommissioned one is
+    locked out at once. Without a files folder it does nothing (the operator runs ``fleet-server broker-config``)."""
+
+    def __init__(self, out: Path | None, *, pid_file: Path | None, server_user: str, server_password: str | None):
+        self.out, self.pid_file, self.server_user = out, pid_file, server_user
+        self.server_password = server_password or ""
+        self._lock = threading.Lock()
+
+    def sync(self, session: Session) -> int | None:
+        """Rewrite the files and reload the broker; the number of device accounts (None when not configured)."""
+        if self.out is None:
+            return None
+        with self._lock:
+            _, _, n = write_broker_files(session, self.out, server_user=self.server_user,
+                                         server_password_hash=mosquitto_hash(self.server_password))
+            self.reload()
+            return n
+
+    def reload(self) -> bool:
+        if self.pid_file is None:
+            return False
+        try:
+            os.kill(int(self.pid_file.read_text().strip()), signal.SIGHUP)
+            return True
+        except (OSError, ValueError) as e:
+            log.warning("could not reload the broker through %s: %s", self.pid_file, e)
+            return False

@@ -19,6 +19,8 @@ class ServerSettings(BaseSettings):
     token_bytes: int = Field(default=32, ge=16, le=64)
     page_size_max: int = Field(default=500, ge=1)
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    broker_files_dir: Path | None = None  # when set: Mosquitto's passwd and acl, rewritten on every (de)enrollment
+    broker_pid_file: Path | None = None  # Mosquitto's pid_file, for the reload (SIGHUP) after each rewrite
     mqtt_username: str | None = None  # the server's own broker account (fleet-wide rights)
     mqtt_password: str | None = None
     rollout_engine: bool = True  # connect to the broker, ingest device messages, run rollouts

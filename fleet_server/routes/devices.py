@@ -107,6 +107,7 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
     session.add(device)
     session.add(row)
     session.commit()
+    request.app.state.broker_sync.sync(session)  # the new account works as soon as this answer arrives
     audit(session, actor=f"device:{device_id}", action="device.enroll", target=f"device:{device_id}")
     try:
         root = keys.pinned_root(settings.data_dir).decode()
@@ -224,7 +225,7 @@ def patch_device(device_id: str, body: DevicePatch, session: SessionDep, op: Ope
 
 
 @router.post("/devices/{device_id}/decommission", response_model=DevicePublic)
-def decommission(device_id: str, session: SessionDep, admin: Admin):
+def decommission(device_id: str, request: Request, session: SessionDep, admin: Admin):
     """Revokes the device's credentials: its MQTT password stops working and its messages are refused."""
     d = _device(session, device_id)
     if d.decommissioned_at is None:
@@ -234,6 +235,7 @@ def decommission(device_id: str, session: SessionDep, admin: Admin):
         session.add(d)
         session.commit()
         session.refresh(d)
+        request.app.state.broker_sync.sync(session)  # locked out of the broker now, not at the next reload
     public = DevicePublic.model_validate(d, from_attributes=True)
     audit(session, actor=admin.name, action="device.decommission", target=f"device:{device_id}")
     return public

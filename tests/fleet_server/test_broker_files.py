@@ -74,3 +74,62 @@ def test_generated_files_confine_devices_and_lock_out_decommissioned_ones(server
             c.disconnect()
     finally:
         broker.stop()
+
+
+def test_enrollment_and_decommission_rewrite_and_reload_the_broker(database_url, tmp_path):
+    """The server keeps a real Mosquitto's accounts in step: a device enrolled through the API connects at once
+    with its own credentials, reaches only its own topics, and is locked out by its decommission."""
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+    from fleet_server.auth import issue_token
+    from fleet_server.keys import init_keys
+    from fleet_server.migrate import upgrade
+    from fleet_server.models import Role
+    from fleet_server.settings import ServerSettings
+
+    upgrade(database_url)
+    files, pid = tmp_path / "broker-files", tmp_path / "mosquitto.pid"
+    settings = ServerSettings(database_url=database_url, data_dir=tmp_path / "data", broker_url="mqtt://127.0.0.1:1",
+                              broker_files_dir=files, broker_pid_file=pid, mqtt_username="fleet-server",
+                              mqtt_password="server-pw", rollout_engine=False)
+    init_keys(settings.data_dir, tmp_path / "root.pem")
+    app = create_app(settings)  # writes the files the broker starts from
+    with Session(app.state.engine) as s:
+        _, admin = issue_token(s, name="admin", role=Role.ADMIN, created_by="test")
+    headers = {"Authorization": f"Bearer {admin}"}
+    broker = Broker(tmp_path / "mq", extra=f"password_file {files / 'passwd'}\nacl_file {files / 'acl'}\n"
+                                           f"pid_file {pid}\n")
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true\n", "allow_anonymous false\n"))
+    broker.start()
+    client = TestClient(app)
+    try:
+        token = client.post("/v1/enrollment-tokens", json={"max_uses": 2, "profile": "rpi5"},
+                            headers=headers).json()["token"]
+        a = client.post("/v1/enroll", json={"token": token, "signing_public_key": secrets.token_hex(32)}).json()
+        b = client.post("/v1/enroll", json={"token": token, "signing_public_key": secrets.token_hex(32)}).json()
+        time.sleep(0.5)  # the reload after b's enrollment
+        dev_b, rc = connect(broker.port, b["mqtt_username"], b["mqtt_password"])
+        assert rc is not None and not rc.is_failure  # enrolled a moment ago, no operator step
+        got_b = []
+        dev_b.on_message = lambda c, u, m: got_b.append(m.topic)
+        dev_b.subscribe(f"ef/v1/d/{a['device_id']}/cmd", qos=1)  # another device's commands: refused by the ACL
+        dev_b.subscribe(f"ef/v1/d/{b['device_id']}/cmd", qos=1)
+        srv, rc = connect(broker.port, "fleet-server", "server-pw")
+        assert not rc.is_failure
+        time.sleep(0.3)
+        srv.publish(f"ef/v1/d/{a['device_id']}/cmd", b"{}", qos=1).wait_for_publish(5)
+        srv.publish(f"ef/v1/d/{b['device_id']}/cmd", b"{}", qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+        assert got_b == [f"ef/v1/d/{b['device_id']}/cmd"]  # a's command never reached b
+        assert client.post(f"/v1/devices/{a['device_id']}/decommission", headers=headers).status_code == 200
+        time.sleep(0.5)
+        _, rc = connect(broker.port, a["mqtt_username"], a["mqtt_password"])
+        assert rc is not None and rc.is_failure  # locked out by the reload that followed
+        for c in (srv, dev_b):
+            c.loop_stop()
+            c.disconnect()
+    finally:
+        client.close()
+        broker.stop()
+        app.state.engine.dispose()
