@@ -16,8 +16,14 @@ from fleet_server.rollouts.gates import LatencyHistogram, merge, quantile
 MAX_WINDOWS = 50_000
 
 
-def _label(mv: ModelVersion) -> str:
+def version_label(mv: ModelVersion) -> str:
     return f"{mv.name} {mv.version}"  # what agents put in their telemetry
+
+
+def latency_histogram(w: TelemetryWindow) -> LatencyHistogram | None:
+    if not w.latency_edges or not w.latency_counts:
+        return None
+    return LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts))
 
 
 def _windows(session: Session, *, label: str, since: float, devices: Sequence[str] | None = None):
@@ -28,7 +34,7 @@ def _windows(session: Session, *, label: str, since: float, devices: Sequence[st
 
 
 def drift_report(session: Session, mv: ModelVersion, since: float) -> dict:
-    windows = _windows(session, label=_label(mv), since=since)
+    windows = _windows(session, label=version_label(mv), since=since)
     observed = [s for w in windows for s in w.inputs if not str(s.get("name", "")).startswith("out/")]
     return {"model": mv.name, "version": mv.version, "since": since, "windows": len(windows),
             "devices": len({w.device_id for w in windows}),
@@ -43,7 +49,7 @@ def watch_drift(session: Session, now: float, window_s: float) -> int:
     labels = set(session.exec(select(TelemetryWindow.model_version)  # type: ignore[call-overload]
                               .where(TelemetryWindow.window_end >= now - window_s).distinct()).all())
     for mv in session.exec(select(ModelVersion)).all():
-        if _label(mv) not in labels or not mv.reference_stats:
+        if version_label(mv) not in labels or not mv.reference_stats:
             continue
         report = drift_report(session, mv, now - window_s)
         for name, r in report["inputs"].items():
@@ -117,10 +123,9 @@ def _outputs(windows) -> dict[str, dict]:
 
 
 def _arm(session: Session, mv: ModelVersion, devices: list[str], since: float) -> dict:
-    windows = _windows(session, label=_label(mv), since=since, devices=devices) if devices else []
+    windows = _windows(session, label=version_label(mv), since=since, devices=devices) if devices else []
     requests, errors = sum(w.requests for w in windows), sum(w.errors for w in windows)
-    h = merge(LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts)) for w in windows
-              if w.latency_edges and w.latency_counts)
+    h = merge(h for h in map(latency_histogram, windows) if h is not None)
     n, mean, var = _moments(h)
     ci = _wilson(errors, requests)
     return {"model": mv.name, "version": mv.version, "devices": len(devices),

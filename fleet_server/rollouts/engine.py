@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
-from fleet_server.insights import watch_drift
+from fleet_server.insights import latency_histogram, version_label, watch_drift
 from fleet_server.models import (
     ConvertedArtifact,
     Device,
@@ -247,7 +247,7 @@ class RolloutEngine:
                   artifacts: dict) -> dict:
         gates = Gates(**r.gates)
         finished, failed = failure_counts([m.status.value for m in members])
-        label = f"{mv.name} {mv.version}" if mv else ""
+        label = version_label(mv) if mv else ""
         installed = {m.device_id: m for m in members if m.status is MemberStatus.INSTALLED}
         requests = errors = 0
         before: list[LatencyHistogram] = []
@@ -257,8 +257,7 @@ class RolloutEngine:
                 TelemetryWindow.device_id.in_(list(installed)))).all()  # type: ignore[attr-defined]
             for w in windows:
                 m = installed[w.device_id]
-                h = (LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts))
-                     if w.latency_edges and w.latency_counts else None)
+                h = latency_histogram(w)
                 if w.model_version == label and m.finished_at and w.window_end >= m.finished_at:
                     requests, errors = requests + w.requests, errors + w.errors
                     if h:

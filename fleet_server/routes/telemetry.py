@@ -11,18 +11,13 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from sqlmodel import select
 
 from fleet_server.auth import SessionDep, Viewer
+from fleet_server.insights import latency_histogram
 from fleet_server.limits import MAX_ID
 from fleet_server.models import Device, RolloutDevice, TelemetryWindow
-from fleet_server.rollouts.gates import LatencyHistogram, merge, quantile
+from fleet_server.rollouts.gates import merge, quantile
 
 router = APIRouter(prefix="/v1", tags=["telemetry"])
 MAX_WINDOWS = 100_000  # a cohort query reads at most this many windows (newest first)
-
-
-def _hist(w: TelemetryWindow) -> LatencyHistogram | None:
-    if not w.latency_edges or not w.latency_counts:
-        return None
-    return LatencyHistogram(tuple(w.latency_edges), tuple(w.latency_counts))
 
 
 def _percentiles(hists) -> dict:
@@ -45,7 +40,7 @@ def device_telemetry(device_id: str, session: SessionDep, _: Viewer,
     return {"device_id": device_id, "windows": [
         {"seq": w.seq, "window_start": w.window_start, "window_end": w.window_end, "model_version": w.model_version,
          "requests": w.requests, "errors": w.errors, "cpu_percent": w.cpu_percent, "rss_mb": w.rss_mb,
-         **_percentiles([_hist(w)])} for w in reversed(rows)]}
+         **_percentiles([latency_histogram(w)])} for w in reversed(rows)]}
 
 
 @router.get("/telemetry")
@@ -83,7 +78,7 @@ def cohort_telemetry(session: SessionDep, _: Viewer,
         series.append({"start": key * bucket_s, "devices": len({w.device_id for w in ws}), "requests": requests,
                        "errors": errors, "error_rate": errors / requests if requests else None,
                        "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
-                       "rss_mb_max": max(rss) if rss else None, **_percentiles(_hist(w) for w in ws)})
+                       "rss_mb_max": max(rss) if rss else None, **_percentiles(latency_histogram(w) for w in ws)})
     out: dict = {"windows": len(rows), "truncated": len(rows) == MAX_WINDOWS, "bucket_s": bucket_s,
                  "series": series}
     if rollout is not None:
