@@ -338,3 +338,18 @@ def test_simulated_devices_speak_the_protocol_through_a_rollout(live, models):
     assert done["state"] == "completed" and done["counts"] == {"installed": 19, "failed": 1}
     assert live.members(r["id"])["sim-00"]["reason"] == "probe_failed"
     assert fleet.counts["full"] == 20 and not fleet.counts["bad_chunk"] and not fleet.counts["offer_refused"]
+
+
+def test_encrypted_delivery_to_a_real_agent(live, models):
+    """A rollout that asks for encryption: each device gets the artifact sealed to its enrolled X25519 key."""
+    live.register("classifier", "1.0.0", models["1.0.0"])
+    [agent] = live.enroll(1)
+    agent.start()
+    live.wait_online([agent])
+    r = live.rollout(model="classifier", version="1.0.0", encrypt=True,
+                     strategy={"canary_percent": 100, "waves_percent": []})
+    done = live.wait_state(r["id"], {"completed", "paused", "aborted"})
+    assert done["state"] == "completed", live.members(r["id"])
+    [member] = live.members(r["id"]).values()
+    assert member["delivery"] == "encrypted" and member["bytes_offered"] > models["1.0.0"].stat().st_size
+    assert agent.model()["version"] == "1.0.0"
