@@ -135,7 +135,8 @@ def enroll(args: argparse.Namespace) -> None:
 
     try:
         done = do_enroll(server=args.server, token=args.token, profile=args.profile, config=args.config,
-                         state_dir=args.state_dir, tags=args.tag or [], api_port=args.api_port, force=args.force)
+                         state_dir=args.state_dir, tags=args.tag or [], api_port=args.api_port, force=args.force,
+                         client_cert=args.client_cert)
     except EnrollError as e:
         echo(f"error: {e}", err=True)
         raise Exit(1) from e
@@ -164,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tag", action="append", help="a tag for this device (repeatable)")
     e.add_argument("--api-port", type=int, default=8470)
     e.add_argument("--force", action="store_true", help="enroll again over an existing config")
+    e.add_argument("--client-cert", action="store_true",
+                   help="also get a TLS client certificate from the fleet CA (mutual TLS with the broker)")
     return p
 
 

@@ -22,6 +22,7 @@ from fleet_server.broker import BrokerSync
 from fleet_server.db import make_engine
 from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
+from fleet_server.pki import FleetCA
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.routes import artifacts, devices, insights, models, rollouts, telemetry, tokens, trust
@@ -29,6 +30,14 @@ from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("fleet_server.access")
+
+
+def _link_tls(settings: ServerSettings) -> dict[str, str | None]:
+    """The server's own TLS to the broker: trust the configured CA file, else the fleet CA, else the system's."""
+    ca = settings.broker_ca_file or (settings.pki_folder / "ca.crt" if FleetCA.exists(settings.pki_folder) else None)
+    return {"ca_certs": str(ca) if ca else None,
+            "certfile": str(settings.broker_cert_file) if settings.broker_cert_file else None,
+            "keyfile": str(settings.broker_key_file) if settings.broker_key_file else None}
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -54,7 +63,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.tokens = TokenCache(app.state.engine)
     app.state.broker_sync = BrokerSync(settings.broker_files_dir, pid_file=settings.broker_pid_file,
                                        server_user=settings.mqtt_username or "fleet-server",
-                                       server_password=settings.mqtt_password)
+                                       server_password=settings.mqtt_password, pki_dir=settings.pki_folder)
     if settings.broker_files_dir is not None:  # the broker can start from these before any enrollment
         with Session(app.state.engine) as session:
             app.state.broker_sync.sync(session)
@@ -63,7 +72,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.ingest = Ingest(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
     app.state.link = FleetLink(settings.broker_url, f"fleet-server-{socket.gethostname()}-{instance_slot(settings)}",
                                app.state.ingest.submit, username=settings.mqtt_username,
-                               password=settings.mqtt_password)
+                               password=settings.mqtt_password, tls=_link_tls(settings))
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
                                        tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
                                        drift_window_s=settings.drift_window_s)

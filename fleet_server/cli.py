@@ -5,6 +5,8 @@
     fleet-server keys init --root-key-out PATH | keys show
     fleet-server tokens create NAME --role admin|operator|viewer | tokens revoke ID
     fleet-server enroll-token create [--max-uses N] [--expires-in SECONDS] [--profile P] [--tag T ...]
+    fleet-server pki init | pki broker-cert --out DIR --host H... | pki client-cert NAME --out DIR
+    fleet-server broker-config --out DIR [--conf FILE --plain-port P --tls-port P --mtls-port P --pid-file F]
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys.")
 tokens_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 enroll_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
+pki_app = typer.Typer(no_args_is_help=True, help="The fleet's TLS certificate authority.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(enroll_app, name="enroll-token")
+app.add_typer(pki_app, name="pki")
 
 
 def _settings():
@@ -167,12 +171,20 @@ def enroll_token_create(max_uses: int = 1, expires_in: int = 7 * 24 * 3600, prof
 
 
 @app.command("broker-config")
-def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's passwd and acl files.")],
+def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's passwd, acl (and crl.pem).")],
                   server_user: Annotated[str, typer.Option(help="The server's own MQTT account.")] = "fleet-server",
+                  conf: Annotated[Path | None, typer.Option(help="Also write a complete mosquitto.conf here.")] = None,
+                  bind: Annotated[str, typer.Option(help="Listeners' address (with --conf).")] = "127.0.0.1",
+                  plain_port: Annotated[int | None, typer.Option(help="Password listener without TLS.")] = None,
+                  tls_port: Annotated[int | None, typer.Option(help="Password listener over TLS.")] = None,
+                  mtls_port: Annotated[int | None, typer.Option(help="Client-certificate (mutual TLS) listener.")]
+                  = None,
+                  pid_file: Annotated[Path | None, typer.Option(help="Mosquitto's pid file (with --conf).")] = None,
                   ) -> None:
-    """Write Mosquitto's password file and ACL from the database (reload the broker with SIGHUP afterwards)."""
+    """Write Mosquitto's password file, ACL and (with a fleet CA) CRL from the database, optionally a whole
+    mosquitto.conf around them; reload a running broker with SIGHUP afterwards."""
     from fleet_server.auth import new_secret
-    from fleet_server.broker import mosquitto_hash, write_broker_files
+    from fleet_server.broker import mosquitto_conf, mosquitto_hash, write_broker_files
 
     s = _settings()
     secret = s.data_dir / "broker" / "server.password"
@@ -182,8 +194,76 @@ def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's
         secret.chmod(0o600)
     with _session(s) as session:
         passwd, acl, n = write_broker_files(session, out, server_user=server_user,
-                                            server_password_hash=mosquitto_hash(secret.read_text().strip()))
-    typer.echo(f"wrote {passwd} ({n} device accounts + {server_user}) and {acl}")
+                                            server_password_hash=mosquitto_hash(secret.read_text().strip()),
+                                            pki_dir=s.pki_folder)
+    typer.echo(f"wrote {passwd} ({n} device accounts + {server_user}) and {acl}; the server's password is in "
+               f"{secret}")
+    if conf is not None:
+        if (tls_port or mtls_port) and not (out / "broker.crt").exists():
+            typer.echo(f"error: TLS listeners need {out}/broker.crt: run `fleet-server pki broker-cert --out {out}`",
+                       err=True)
+            raise typer.Exit(2)
+        try:
+            text = mosquitto_conf(out, bind=bind, plain_port=plain_port, tls_port=tls_port, mtls_port=mtls_port,
+                                  pid_file=pid_file)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
+        conf.write_text(text)
+        typer.echo(f"wrote {conf}")
+
+
+@pki_app.command("init")
+def pki_init() -> None:
+    """Create the fleet CA (ca.key, ca.crt) in the PKI folder (EF_SERVER_PKI_DIR, default <data_dir>/pki)."""
+    from fleet_server.pki import FleetCA, PKIError
+
+    folder = _settings().pki_folder
+    try:
+        ca = FleetCA.init(folder)
+    except PKIError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"fleet CA → {folder}/ca.crt (key: {folder}/ca.key, 0600); serial {ca.cert.serial_number:x}")
+
+
+@pki_app.command("broker-cert")
+def pki_broker_cert(out: Annotated[Path, typer.Option(help="The broker files folder (broker.key, broker.crt, "
+                                                           "ca.crt).")],
+                    host: Annotated[list[str], typer.Option(help="Names/addresses devices use for the broker.")]
+                    ) -> None:
+    """Issue the broker's TLS server certificate from the fleet CA."""
+    from fleet_server.pki import FleetCA, PKIError, write_pair
+
+    try:
+        ca = FleetCA.load(_settings().pki_folder)
+        key, issued = ca.issue_server(host)
+    except PKIError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    write_pair(out, "broker", key, issued.cert_pem)
+    (out / "ca.crt").write_bytes(ca.cert_pem)
+    typer.echo(f"broker certificate for {', '.join(host)} → {out}/broker.crt (until {issued.not_after:%Y-%m-%d})")
+
+
+@pki_app.command("client-cert")
+def pki_client_cert(name: Annotated[str, typer.Argument(help="The MQTT username the certificate stands for.")],
+                    out: Annotated[Path, typer.Option(help="Folder for <name>.key and <name>.crt.")]) -> None:
+    """Issue a client certificate (the server's own account on a mutual-TLS listener, an operator's tool)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fleet_server.pki import FleetCA, PKIError, make_csr, new_key, write_pair
+
+    key = new_key()
+    try:
+        issued = FleetCA.load(_settings().pki_folder).sign_client(make_csr(key), name)
+    except PKIError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    k, c = write_pair(out, name, pem, issued.cert_pem)
+    typer.echo(f"client certificate for {name} → {c} (key {k})")
 
 
 def main() -> None:

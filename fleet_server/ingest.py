@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections import Counter
@@ -47,15 +48,15 @@ class FleetLink:
     hands each message to ``on_message(topic, payload)``."""
 
     def __init__(self, broker_url: str, client_id: str, on_message, *, username: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, tls: dict[str, str | None] | None = None):
         u = urlparse(broker_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)
         self.connected = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username:
             self.client.username_pw_set(username, password)
-        if u.scheme == "mqtts":
-            self.client.tls_set()
+        if u.scheme == "mqtts":  # the broker's certificate is always verified (CA file, else the system's)
+            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT, **(tls or {}))
         self.client.reconnect_delay_set(0.2, 5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()

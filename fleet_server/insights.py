@@ -73,12 +73,17 @@ def watch_drift(session: Session, now: float, window_s: float) -> int:
 # ----------------------------------------------------------------------------- A/B
 
 
-def in_b(test_id: int, device_id: str, split_percent: float) -> bool:
-    """A stable assignment: the same device lands in the same arm of the same test, on every replica."""
+def split(test_id: int, cohort: list[str], split_percent: float) -> tuple[list[str], list[str]]:
+    """Arms A and B: the cohort ordered by a hash of (test, device), the first ``split_percent`` of it on B.
+
+    The assignment is stable (the same cohort gives the same arms on every replica) and its sizes are exact, with
+    at least one device per arm from two devices up: a per-device hash threshold would leave an arm empty for one
+    small cohort in eight (4 devices at 50%)."""
     import hashlib
 
-    h = int.from_bytes(hashlib.sha256(f"ab{test_id}:{device_id}".encode()).digest()[:8], "big")
-    return (h % 10_000) < split_percent * 100
+    ranked = sorted(cohort, key=lambda d: hashlib.sha256(f"ab{test_id}:{d}".encode()).digest())
+    n_b = min(max(round(len(ranked) * split_percent / 100), 1), len(ranked) - 1) if len(ranked) >= 2 else 0
+    return sorted(ranked[n_b:]), sorted(ranked[:n_b])
 
 
 def _wilson(errors: int, n: int, z: float = 1.96) -> tuple[float, float] | None:

@@ -119,6 +119,7 @@ class Device(SQLModel, table=True):
     signing_public_key: str = Field(max_length=200)  # Ed25519, hex
     x25519_public_key: str | None = Field(default=None, max_length=200)  # hex, for encrypted delivery
     mqtt_password_hash: str = Field(max_length=200)  # Mosquitto's $7$ PBKDF2-SHA512 form
+    client_cert_serial: str | None = Field(default=None, max_length=64)  # hex; revoked (CRL) at decommission
     enrollment_token_id: int | None = Field(default=None, foreign_key="enrollment_token.id")
     enrolled_at: datetime = Field(default_factory=utcnow)
     decommissioned_at: datetime | None = None
@@ -140,6 +141,9 @@ class EnrollRequest(BaseModel):  # pydantic directly: SQLModel's Field does not 
                                            description="X25519 public key for encrypted delivery, hex")
     agent_version: str = PField(default="", max_length=64)
     tags: list[str] = PField(default=[], max_length=32)
+    client_csr: str | None = PField(default=None, max_length=16384,
+                                    description="PEM certificate signing request for a TLS client certificate "
+                                                "(mutual TLS with the broker); the subject is set by the server")
 
 
 class EnrollResponse(SQLModel):
@@ -149,6 +153,8 @@ class EnrollResponse(SQLModel):
     mqtt_password: str  # shown once
     broker_url: str
     trust_root: str  # the pinned root metadata (JSON text)
+    broker_ca: str | None = None  # the fleet CA (PEM) that signed the broker's certificate, when there is one
+    client_cert: str | None = None  # the device's TLS client certificate (PEM), when it sent a CSR
 
 
 class DevicePublic(SQLModel):

@@ -14,7 +14,12 @@ class ServerSettings(BaseSettings):
 
     database_url: str = "sqlite:///./fleet-data/fleet.db"
     data_dir: Path = Path("./fleet-data")  # artifacts, keys (online only), generated broker files
-    broker_url: str = "mqtt://127.0.0.1:1883"
+    broker_url: str = "mqtt://127.0.0.1:1883"  # how the server reaches the broker
+    device_broker_url: str | None = None  # how devices reach it (told at enrollment); default: broker_url
+    broker_ca_file: Path | None = None  # the server's trust for an mqtts:// broker_url (default: the fleet CA)
+    broker_cert_file: Path | None = None  # the server's own TLS client certificate, for a mutual-TLS listener
+    broker_key_file: Path | None = None
+    pki_dir: Path | None = None  # the fleet CA (ca.key, ca.crt); default: <data_dir>/pki
     public_url: str = "http://127.0.0.1:8000"
     token_bytes: int = Field(default=32, ge=16, le=64)
     page_size_max: int = Field(default=500, ge=1)
@@ -28,3 +33,7 @@ class ServerSettings(BaseSettings):
     drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
+
+    @property
+    def pki_folder(self) -> Path:
+        return self.pki_dir or self.data_dir / "pki"

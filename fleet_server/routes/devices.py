@@ -32,6 +32,7 @@ from fleet_server.models import (
     Page,
     utcnow,
 )
+from fleet_server.pki import FleetCA, PKIError
 
 router = APIRouter(prefix="/v1", tags=["devices"])
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
@@ -98,11 +99,18 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
         raise HTTPException(status.HTTP_409_CONFLICT, "a device with this signing key is already enrolled")
     settings = request.app.state.settings
     device_id = f"dev-{body.signing_public_key[:16]}"
+    ca = _fleet_ca(settings.pki_folder, required=body.client_csr is not None)
+    issued = None
+    if body.client_csr is not None:
+        try:
+            issued = ca.sign_client(body.client_csr, device_id)
+        except PKIError as e:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     password = new_secret("", 24)
     device = Device(id=device_id, profile=profile, tags=_check_tags([*row.tags, *body.tags]),
                     agent_version=body.agent_version, signing_public_key=body.signing_public_key,
                     x25519_public_key=body.x25519_public_key, mqtt_password_hash=mosquitto_hash(password),
-                    enrollment_token_id=row.id)
+                    client_cert_serial=f"{issued.serial:x}" if issued else None, enrollment_token_id=row.id)
     row.uses += 1
     session.add(device)
     session.add(row)
@@ -114,7 +122,22 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
     except keys.KeysError as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
     return EnrollResponse(device_id=device_id, profile=profile, mqtt_username=device_id, mqtt_password=password,
-                          broker_url=settings.broker_url, trust_root=root)
+                          broker_url=settings.device_broker_url or settings.broker_url, trust_root=root,
+                          broker_ca=ca.cert_pem.decode() if ca else None,
+                          client_cert=issued.cert_pem.decode() if issued else None)
+
+
+def _fleet_ca(folder, *, required: bool) -> FleetCA | None:
+    """The fleet CA, loaded per enrollment (rare; a rotated CA is picked up without a restart)."""
+    if not FleetCA.exists(folder):
+        if required:
+            raise HTTPException(status.HTTP_409_CONFLICT, "this server issues no client certificates: it has no "
+                                                          "fleet CA (fleet-server pki init)")
+        return None
+    try:
+        return FleetCA.load(folder)
+    except PKIError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
 
 
 _PUBLIC = list(DevicePublic.model_fields)

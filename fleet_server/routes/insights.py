@@ -83,12 +83,7 @@ def create_abtest(body: ABTestCreate, request: Request, session: SessionDep, op:
     session.add(test)
     session.commit()
     session.refresh(test)
-    test.devices_b = [d for d in cohort if insights.in_b(test.id or 0, d, body.split_percent)]
-    test.devices_a = [d for d in cohort if d not in set(test.devices_b)]
-    if not test.devices_a or not test.devices_b:
-        session.delete(test)
-        session.commit()
-        raise HTTPException(status.HTTP_409_CONFLICT, "the split left one arm empty: widen the cohort or the split")
+    test.devices_a, test.devices_b = insights.split(test.id or 0, cohort, body.split_percent)
     strategy = strategy_dict(Strategy(**{**body.strategy.model_dump(),
                                          "waves_percent": tuple(body.strategy.waves_percent)}))
     arms = []

@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fleet_server import insights
 from fleet_server.drift import compare, psi, rebin, reference
 
 
@@ -36,3 +39,12 @@ def test_same_distribution_is_stable_and_a_shift_is_drift():
 def test_constant_inputs_and_empty_observations():
     ref = reference({"c": np.zeros(100)})
     assert len(ref["c"]["edges"]) == 2 and psi(ref["c"]["shares"], np.zeros(1)) == 0.0
+
+
+@given(st.lists(st.text(alphabet="0123456789abcdef", min_size=4, max_size=8), min_size=2, max_size=60, unique=True),
+       st.floats(min_value=0.5, max_value=99.5), st.integers(min_value=1, max_value=10**6))
+def test_ab_split_is_exact_stable_and_never_leaves_an_arm_empty(cohort, percent, test_id):
+    a, b = insights.split(test_id, cohort, percent)
+    assert a and b and sorted(a + b) == sorted(cohort) and not set(a) & set(b)
+    assert abs(len(b) - len(cohort) * percent / 100) <= 1  # exact up to rounding (and the one-per-arm floor)
+    assert insights.split(test_id, list(reversed(cohort)), percent) == (a, b)  # order of the query is irrelevant

@@ -58,3 +58,30 @@ def test_enroll_writes_keys_credentials_and_a_working_config(live_server, tmp_pa
     down = fleet_agent("enroll", "--server", f"http://127.0.0.1:{free_port()}", "--token", token, "--config",
                        str(tmp_path / "c.toml"), "--state-dir", str(tmp_path / "s3"), cwd=tmp_path)
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_enroll_with_a_client_certificate_keeps_the_tls_key_on_the_device(live_server, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    from fleet_server.pki import FleetCA
+
+    url, server = live_server
+    token = server.post("/v1/enrollment-tokens", json={"profile": "jetson-orin-nano", "max_uses": 2},
+                        headers=server.as_("admin")).json()["token"]
+    no_ca = fleet_agent("enroll", "--server", url, "--token", token, "--config", str(tmp_path / "x.toml"),
+                        "--state-dir", str(tmp_path / "x"), "--client-cert", cwd=tmp_path)
+    assert no_ca.returncode == 1 and "no fleet CA" in no_ca.stderr and not (tmp_path / "x.toml").exists()
+    ca = FleetCA.init(server.app.state.settings.pki_folder)
+    cfg = tmp_path / "agent.toml"
+    done = fleet_agent("enroll", "--server", url, "--token", token, "--config", str(cfg), "--state-dir",
+                       str(tmp_path / "state"), "--client-cert", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    settings = load_settings(cfg)
+    assert settings.tls_ca.read_bytes() == ca.cert_pem and stat.S_IMODE(settings.tls_key.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(settings.tls_cert.read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == settings.device_id
+    key = serialization.load_pem_private_key(settings.tls_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()  # its own key, made here
+    cert.verify_directly_issued_by(ca.cert)  # signed by the fleet CA
