@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
 TFLITE_VENV := .venv-tflite
 
-.PHONY: test demo bench bench-delta bench-agent bench-api bench-rollout bench-ingest lint clean system-deps
+.PHONY: test demo demo-convert bench bench-delta bench-agent bench-api bench-rollout bench-ingest lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,11 @@ system-deps:
 test: $(STAMP) $(TFLITE_VENV)/.installed system-deps
 	$(BIN)/python -m pytest
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(BIN)/python scripts/demo.py
+
+demo-convert: $(STAMP)
+	$(BIN)/python scripts/convert_demo.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/convert_bench.py

@@ -50,6 +50,13 @@ class Model(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+NCHW_TO_NHWC = (0, 2, 3, 1)
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(spec) and all(d is None or d == s for d, s in zip(spec, shape, strict=True))
+
+
 def check_feeds(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Names, ranks, fixed dimensions and dtypes against the model; float64/int lists are cast where lossless."""
     want = {t.name: t for t in model.inputs}
@@ -59,8 +66,10 @@ def check_feeds(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     for name, value in feeds.items():
         spec = want[name]
         arr = np.asarray(value)
-        if arr.ndim != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, arr.shape,
-                                                                                        strict=True)):
+        if not _fits(arr.shape, spec.shape) and getattr(model, "nhwc_from_nchw", False) and arr.ndim == 4 \
+                and _fits(arr.shape[:1] + arr.shape[2:] + arr.shape[1:2], spec.shape):
+            arr = arr.transpose(NCHW_TO_NHWC)  # the source model's NCHW, as the converter made it NHWC for TFLite
+        if not _fits(arr.shape, spec.shape):
             raise InputError(f"input {name!r}: shape {list(arr.shape)} does not fit {list(spec.shape)} "
                              "(None = any)")
         if arr.dtype != np.dtype(spec.dtype):
@@ -122,6 +131,12 @@ def tflite_interpreter_class(prefer: str | None = None):
 
 
 class TfliteModel:
+    """A .tflite behind the same interface as ONNX: quantized I/O presented as float32, and 4-D inputs accepted
+    in the ONNX source's NCHW as well (the converter makes image inputs NHWC for TFLite; an application talking to
+    devices of several profiles sends one layout). A shape that fits as given is always taken as given."""
+
+    nhwc_from_nchw = True
+
     def __init__(self, path: Path, *, threads: int = 2, prefer: str | None = None):
         module, interpreter = tflite_interpreter_class(prefer)
         self.backend = module

@@ -27,7 +27,7 @@ from agent import probe as probing
 from agent.api import Loaded, Serving
 from agent.machine import Action, Event, Snapshot, State, step
 from agent.outbox import Outbox
-from agent.runtimes import Model, RuntimeLoadError
+from agent.runtimes import Model, RuntimeLoadError, check_feeds
 from agent.slots import SlotError, SlotInfo, SlotStore, sha256_file
 from agent.store import Store
 from agent.telemetry import Telemetry
@@ -460,7 +460,7 @@ class Updater:
         model = self._loader(self.slots.path(info))
         golden = probing.read_golden(base64.b64decode(self.job["probe"]))
         try:
-            got = model.run({k: v for k, v in golden.inputs.items()})
+            got = model.run(check_feeds(model, dict(golden.inputs)))  # the same path as a request takes
         except Exception as e:  # the runtime's own error types
             raise StepFailed(Reason.PROBE_FAILED, f"the model fails on the golden inputs: {str(e)[:300]}") from e
         pr = verified.spec.probe

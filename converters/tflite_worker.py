@@ -110,6 +110,29 @@ def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> tuple[byte
 MAX_DENIED_OPS = 4
 
 
+def _onnx_output_names(path: str) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(path, load_external_data=False).graph.output]
+
+
+def name_outputs(tflite: bytes, names: list[str]) -> bytes:
+    """The signature's outputs named as the ONNX model names them. onnx2tf keys them ``output_0``, ``output_1``...
+    in ONNX order; an agent serving this model next to ONNX devices must answer with the same names."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite))
+    for sig in model.signatureDefs or []:
+        keyed = {m.name.decode(): m for m in sig.outputs}
+        if set(keyed) == set(names) or len(keyed) != len(names):
+            continue
+        if not all(k.rsplit("_", 1)[-1].isdigit() for k in keyed):
+            continue
+        for k, name in zip(sorted(keyed, key=lambda k: int(k.rsplit("_", 1)[-1])), names, strict=True):
+            keyed[k].name = name.encode()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def _refused_kernel(tflite: bytes, calib: dict) -> tuple[str, str] | None:
     """Run the model once with LiteRT: (op, message) when a kernel refuses to invoke, else None."""
     import numpy as np
@@ -168,8 +191,9 @@ def run(job: dict) -> dict:
         fp32, int8, notes = _convert(job, out, pseudo, calib)
         notes.insert(0, f"TFLite has no builtin kernel for {', '.join(ops)}: replaced with onnx2tf's builtin "
                         f"approximations ({', '.join(pseudo)}); the fidelity figures include the approximation")
-    (out / "model.fp32.tflite").write_bytes(fp32)
-    (out / "model.int8.tflite").write_bytes(int8)
+    names = _onnx_output_names(job["onnx"])
+    (out / "model.fp32.tflite").write_bytes(name_outputs(fp32, names))
+    (out / "model.int8.tflite").write_bytes(name_outputs(int8, names))
     return {"fp32": str(out / "model.fp32.tflite"), "int8": str(out / "model.int8.tflite"),
             "float_ops": _float_ops(int8), "notes": notes}
 

@@ -165,10 +165,10 @@ def golden_probe(artifact: Path, sample: dict) -> bytes:
 
     import numpy as np
 
-    from agent.runtimes import load
+    from agent.runtimes import check_feeds, load
 
     model = load(artifact, threads=1)
-    outputs = model.run(sample)
+    outputs = model.run(check_feeds(model, sample))
     buf = io.BytesIO()
     np.savez(buf, **{f"in/{k}": v for k, v in sample.items()}, **{f"out/{k}": v for k, v in outputs.items()})
     return buf.getvalue()

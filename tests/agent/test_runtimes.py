@@ -48,6 +48,28 @@ def test_litert_backend_quantizes_float_io_itself(tflite_model):
 
 
 @pytest.mark.slow
+def test_a_converted_tflite_model_keeps_the_onnx_interface(tflite_model, tmp_path):
+    """One application, devices of several profiles: the TFLite artifact answers with the ONNX output names and
+    takes the ONNX source's NCHW input (the converter made it NHWC), exactly like the ONNX artifact."""
+    import onnxruntime as ort
+
+    m = runtimes.load(tflite_model)
+    assert [o.name for o in m.outputs] == ["y"]  # onnx2tf's "output_0", renamed by the converter
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    got = m.run(runtimes.check_feeds(m, {"x": x}))
+    nhwc = m.run(runtimes.check_feeds(m, {"x": x.transpose(0, 2, 3, 1)}))
+    np.testing.assert_array_equal(got["y"], nhwc["y"])  # both layouts, the same answer
+    ref = ort.InferenceSession(str(zoo.mlp_opset(tmp_path / "m.onnx", opset=13, seed=0))).run(None, {"x": x})[0]
+    cos = float((got["y"].ravel() @ ref.ravel()) / np.linalg.norm(got["y"]) / np.linalg.norm(ref))
+    assert cos > 0.95  # the same model (INT8 on synthetic calibration), not a transposed one
+    with pytest.raises(runtimes.InputError, match="does not fit"):
+        runtimes.check_feeds(m, {"x": np.zeros((1, 16, 3, 16), np.float32)})
+    onnx = runtimes.load(tmp_path / "m.onnx")
+    with pytest.raises(runtimes.InputError):  # ONNX models take only their own layout
+        runtimes.check_feeds(onnx, {"x": x.transpose(0, 2, 3, 1)})
+
+
+@pytest.mark.slow
 def test_tflite_runtime_fallback_in_its_numpy1_environment(tflite_model, tmp_path):
     if not TFLITE_VENV.exists():
         if os.environ.get("CI"):
