@@ -5,9 +5,11 @@ Each device is a real paho MQTT 5 client with its own client id (and credentials
 ``fleet_protocol``'s ``UpdateVerifier`` against the pinned root (signature, device, profile, version, expiry), fetches
 the delta for the artifact it runs (or the full file) in chunks over MQTT, checks every chunk and the whole file
 against the signed hashes, rebuilds the target, reports ``committed`` and its new state, and follows rollback
-orders. It sends telemetry batches on demand. What it leaves out is the model itself: no runtime, no probe run
-(the probe's signed hash is checked), no slots on disk. Failures on command: ``fail_probe`` (reports
-``probe_failed``), ``offline`` (never connects).
+orders. It sends telemetry batches (requests, a latency histogram labelled with the version it runs) on demand.
+What it leaves out is the model itself: no runtime, no probe run (the probe's signed hash is checked), no slots on
+disk. Failures on command: ``fail_probe`` (reports ``probe_failed``), ``slow`` (its latency is multiplied, as a
+slower model would make it), ``SimFleet.drop`` (the connection is cut without a DISCONNECT: the broker publishes
+the device's will, and ``SimFleet.reconnect`` brings it back on the same persistent session).
 
 Paho's own network loop (one thread per client, ``select()``) stops near 339 clients per process here; this drives
 all clients from one ``epoll`` loop through ``loop_read`` / ``loop_write`` / ``loop_misc``. Applying the same
@@ -17,10 +19,14 @@ shared; every device still receives and verifies its own patch bytes.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
+import random
 import resource
 import select
+import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -30,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.telemetry import LATENCY_EDGES_MS
 from fleet_protocol import delta, messages, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.metadata import UpdateVerifier
@@ -55,6 +62,7 @@ class _Download:
     chunk_sha256: tuple[str, ...]
     target_sha256: str
     base_sha256: str | None  # a delta's base, or None for the full file
+    label: str
     parts: dict[int, bytes] = field(default_factory=dict)
     asked_at: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -62,10 +70,15 @@ class _Download:
 
 class SimDevice:
     def __init__(self, fleet: SimFleet, device_id: str, *, profile: str, active_sha256: str | None,
-                 password: str | None = None, fail_probe: bool = False):
+                 password: str | None = None, fail_probe: bool = False, slow: float = 1.0,
+                 base_latency_ms: float = 2.0, active_label: str | None = None):
         self.fleet, self.id, self.profile = fleet, device_id, profile
         self.active, self.previous = active_sha256, None
+        self.label, self.previous_label = active_label, None  # "model version", as agents label telemetry
         self.fail_probe = fail_probe
+        self.slow, self.base_latency_ms = slow, base_latency_ms
+        self.slow_after_update = False  # fleet-sim's "a model that regressed": slow once an update is installed
+        self.rng = random.Random(device_id)
         self.verifier = UpdateVerifier(fleet.root, device_id=device_id, profile=profile)
         self.download: _Download | None = None
         self.installed: list[str] = []  # jobs committed
@@ -75,6 +88,8 @@ class SimDevice:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         if password is not None:
             self.client.username_pw_set(device_id, password)
+        if fleet.tls is not None:
+            self.client.tls_set_context(fleet.tls)
         will = messages.Online(online=False).to_bytes()
         self.client.will_set(topics.topic(device_id, "online"), will, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -150,7 +165,8 @@ class SimDevice:
             return
         self.download = _Download(job=offer.job, path=info.path, sha256=info.sha256, length=info.length,
                                   chunk_size=manifest.chunk_size, chunk_sha256=manifest.chunk_sha256,
-                                  target_sha256=spec.artifact.sha256, base_sha256=self.active if d else None)
+                                  target_sha256=spec.artifact.sha256, base_sha256=self.active if d else None,
+                                  label=f"{spec.artifact.model} {spec.artifact.model_version}")
         self.fleet.counts["delta" if d else "full"] += 1
         self._event(offer.job, "downloading", "pending")
         self._ask()
@@ -197,6 +213,7 @@ class SimDevice:
             self._event(dl.job, "failed", "failed", messages.Reason.PROBE_FAILED, "simulated probe failure")
             return
         self.previous, self.active = self.active, dl.target_sha256
+        self.previous_label, self.label = self.label, dl.label
         self.installed.append(dl.job)
         self.update_seconds.append(time.monotonic() - dl.started)
         self._event(dl.job, "committed", "ok")
@@ -206,6 +223,7 @@ class SimDevice:
         if self.previous is None:
             return
         self.active, self.previous = self.previous, None
+        self.label, self.previous_label = self.previous_label, None
         self._event(order.job, "rolled_back", "ok", messages.Reason.ROLLED_BACK, order.reason)
         self.report_state()
 
@@ -214,10 +232,21 @@ class SimDevice:
             self.fleet.counts["re_requests"] += 1
             self._ask()
 
-    def telemetry(self, requests: int = 100, model_version: str | None = None) -> mqtt.MQTTMessageInfo:
-        info = self.publish("tm", messages.TelemetryBatch(seq=self.seq, window_start=time.time() - 1,
-                                                          window_end=time.time(), model_version=model_version,
-                                                          requests=requests))
+    def telemetry(self, requests: int = 100, model_version: str | None = None, window_s: float = 1.0,
+                  errors: int = 0) -> mqtt.MQTTMessageInfo:
+        """One window: ``requests`` latencies around ``base_latency_ms`` (log-normal, × ``slow``), binned on the
+        agent's own edges, labelled with the version this device runs."""
+        edges = LATENCY_EDGES_MS
+        counts = [0] * (len(edges) - 1)
+        for _ in range(requests):
+            ms = self.base_latency_ms * self.slow * self.rng.lognormvariate(0, 0.25)
+            counts[min(max(bisect.bisect_right(edges, ms) - 1, 0), len(counts) - 1)] += 1
+        now = time.time()
+        batch = messages.TelemetryBatch(seq=self.seq, window_start=now - window_s, window_end=now,
+                                        model_version=model_version or self.label, requests=requests,
+                                        errors={"runtime": errors} if errors else {},
+                                        latency_ms=messages.Histogram(edges=edges, counts=tuple(counts)))
+        info = self.publish("tm", batch)
         self.seq += 1
         return info
 
@@ -225,11 +254,15 @@ class SimDevice:
 class SimFleet:
     """The devices of one process and the epoll loop that drives them."""
 
-    def __init__(self, broker_url: str, root: bytes, *, blobs: dict[str, bytes] | None = None):
+    def __init__(self, broker_url: str, root: bytes, *, blobs: dict[str, bytes] | None = None,
+                 ca_file: str | None = None):
         from collections import Counter
 
         u = urlparse(broker_url)
-        self.host, self.port = u.hostname or "127.0.0.1", u.port or 1883
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)
+        self.tls: ssl.SSLContext | None = None
+        if u.scheme == "mqtts":  # one context for every device: the broker's certificate is verified
+            self.tls = ssl.create_default_context(cafile=ca_file)
         self.root = root
         self.blobs = blobs or {}  # sha256 → bytes the devices already hold (delta bases)
         self.devices: list[SimDevice] = []
@@ -247,18 +280,44 @@ class SimFleet:
         t0 = time.monotonic()
         for d in self.devices:
             d.connect(self.host, self.port)
-            sock = d.client.socket()
-            self._by_fd[sock.fileno()] = d
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
-            d.client.loop_write()
+            self._watch(d)
         self.run(lambda: all(d.connected for d in self.devices), timeout)
         return time.monotonic() - t0
 
-    def run(self, until, timeout: float) -> bool:
-        """Drive every client until ``until()`` is true or ``timeout`` passes; True if it became true."""
+    def _watch(self, d: SimDevice) -> None:
+        sock = d.client.socket()
+        self._by_fd[sock.fileno()] = d
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        d.client.loop_write()
+
+    def drop(self, d: SimDevice) -> None:
+        """Cut the device's connection without a DISCONNECT, as a lost network does: the broker publishes its
+        will (``online: false``) once it notices; the session and its queued messages stay."""
+        sock = d.client.socket()
+        if sock is None:
+            return
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self._epoll.unregister(sock.fileno())
+            del self._by_fd[sock.fileno()]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        d.client.loop_read()  # paho sees the closed socket and marks the connection lost
+        d.connected = False
+        self.counts["dropped"] += 1
+
+    def reconnect(self, d: SimDevice) -> None:
+        d.client.reconnect()
+        self._watch(d)
+        self.counts["reconnected"] += 1
+
+    def run(self, until, timeout: float, every=None) -> bool:
+        """Drive every client until ``until()`` is true or ``timeout`` passes; True if it became true. ``every``
+        (if given) is called with the monotonic time on each turn of the loop (~50 per second)."""
         deadline = time.monotonic() + timeout
         last_misc = 0.0
         while time.monotonic() < deadline:
+            if every is not None:
+                every(time.monotonic())
             for fd, _ in self._epoll.poll(0.02):
                 d = self._by_fd.get(fd)
                 if d is not None:

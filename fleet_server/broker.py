@@ -74,9 +74,10 @@ def write_broker_files(session: Session, out: Path, *, server_user: str, server_
     """Write ``passwd`` and ``acl`` into ``out`` (and ``crl.pem`` when ``pki_dir`` holds the fleet CA); returns the
     first two paths and the number of device accounts."""
     out.mkdir(parents=True, exist_ok=True)
-    devices = session.exec(select(Device).where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
+    devices = session.exec(select(Device.id, Device.mqtt_password_hash)  # columns: no ORM rows for 10,000s
+                           .where(Device.decommissioned_at.is_(None))  # type: ignore[union-attr]
                            .order_by(Device.id)).all()
-    lines = [f"{server_user}:{server_password_hash}"] + [f"{d.id}:{d.mqtt_password_hash}" for d in devices]
+    lines = [f"{server_user}:{server_password_hash}"] + [f"{i}:{h}" for i, h in devices]
     if pki_dir is not None and FleetCA.exists(pki_dir):  # first, so a reload never sees a CRL older than passwd
         gone = session.exec(select(Device.client_cert_serial, Device.decommissioned_at)
                             .where(Device.decommissioned_at.is_not(None),  # type: ignore[union-attr]
@@ -131,18 +132,43 @@ class BrokerSync:
                  pki_dir: Path | None = None):
         self.out, self.pid_file, self.server_user, self.pki_dir = out, pid_file, server_user, pki_dir
         self.server_password = server_password or ""
-        self._lock = threading.Lock()
+        self._server_hash = mosquitto_hash(self.server_password)  # once: PBKDF2 per rewrite is waste
+        self._cond = threading.Condition()
+        self._requested = self._done = 0  # rewrite requests, and the newest one a finished rewrite covered
+        self._busy = False
+        self._count: int | None = None
 
     def sync(self, session: Session) -> int | None:
-        """Rewrite the files and reload the broker; the number of device accounts (None when not configured)."""
+        """Rewrite the files and reload the broker; the number of device accounts (None when not configured).
+
+        Concurrent callers share rewrites: each waits for one that started after its own commit (a rewrite reads
+        the database when it starts), so a burst of enrollments costs a few rewrites, not one per device."""
         if self.out is None:
             return None
-        with self._lock:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if not self._busy:
+                    self._busy = True
+                    upto = self._requested
+                    break
+                self._cond.wait()
+            else:
+                return self._count
+        ok = False
+        try:
             _, _, n = write_broker_files(session, self.out, server_user=self.server_user,
-                                         server_password_hash=mosquitto_hash(self.server_password),
-                                         pki_dir=self.pki_dir)
+                                         server_password_hash=self._server_hash, pki_dir=self.pki_dir)
             self.reload()
+            ok = True
             return n
+        finally:
+            with self._cond:
+                self._busy = False
+                if ok:
+                    self._done, self._count = upto, n
+                self._cond.notify_all()
 
     def reload(self) -> bool:
         if self.pid_file is None:

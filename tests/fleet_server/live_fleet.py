@@ -29,8 +29,8 @@ AGENT_ENV = {"EF_AGENT_TELEMETRY_INTERVAL_S": "0.5", "EF_AGENT_CHUNK_TIMEOUT_S":
 
 
 class LiveFleet:
-    def __init__(self, workdir: Path, broker_url: str):
-        self.dir, self.broker_url = workdir, broker_url
+    def __init__(self, workdir: Path, broker_url: str, env: dict[str, str] | None = None):
+        self.dir, self.broker_url, self.extra_env = workdir, broker_url, env or {}
         self.db_url = f"sqlite:///{workdir / 'fleet.db'}"
         self.data = workdir / "data"
         upgrade(self.db_url)
@@ -49,7 +49,7 @@ class LiveFleet:
     def start_server(self) -> None:
         env = {**os.environ, "EF_SERVER_DATABASE_URL": self.db_url, "EF_SERVER_DATA_DIR": str(self.data),
                "EF_SERVER_BROKER_URL": self.broker_url, "EF_SERVER_ENGINE_TICK_S": "0.2",
-               "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3"}
+               "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3", **self.extra_env}
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(self.port)],
                                        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -133,3 +133,29 @@ def test_enrollment_and_decommission_rewrite_and_reload_the_broker(database_url,
         client.close()
         broker.stop()
         app.state.engine.dispose()
+
+
+def test_a_burst_of_enrollments_shares_rewrites_and_misses_none(server, tmp_path):
+    """40 concurrent enrollments: every account is in the password file when its enrollment answers, and the
+    rewrites are shared (a rewrite per enrollment is quadratic in the fleet's size)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet_server.broker import BrokerSync
+
+    sync = BrokerSync(tmp_path / "files", pid_file=None, server_user="fleet-server", server_password="pw")
+    rewrites = []
+    sync.reload = lambda: rewrites.append(time.monotonic()) or False
+    server.app.state.broker_sync = sync
+    token = server.post("/v1/enrollment-tokens", json={"max_uses": 40, "profile": "rpi5"},
+                        headers=server.as_("admin")).json()["token"]
+
+    def enroll(_):
+        r = server.post("/v1/enroll", json={"token": token, "signing_public_key": secrets.token_hex(32)})
+        assert r.status_code == 201, r.text
+        listed = (tmp_path / "files" / "passwd").read_text()
+        return r.json()["device_id"] in listed  # already there when the answer arrives
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(enroll, range(40)))
+    assert len((tmp_path / "files" / "passwd").read_text().splitlines()) == 41
+    assert len(rewrites) < 40
