@@ -65,9 +65,12 @@ def run_one(name: str, url: str, tmp: Path, broker: Broker, args) -> dict:
     port = free_port()
     env = {**os.environ, "EF_SERVER_DATABASE_URL": url, "EF_SERVER_DATA_DIR": str(data),
            "EF_SERVER_BROKER_URL": broker.url}
-    server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port),
-                               "--workers", str(args.workers)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    log = ROOT / "bench" / "results" / f"ingest-server-{name}.log"  # kept: the first place to look at a loss
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port),
+                                   "--workers", str(args.workers)], env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=publisher, args=(broker.url, pinned_root(data), ids[k::args.processes],
@@ -80,7 +83,12 @@ def run_one(name: str, url: str, tmp: Path, broker: Broker, args) -> dict:
             p.start()
         for _ in procs:
             ready.get(timeout=300)
-        time.sleep(1.0)  # the devices' online and state messages are through
+        deadline = time.monotonic() + 180  # the devices' online and state messages are through
+        while time.monotonic() < deadline:
+            with Session(db) as s:
+                if s.exec(select(func.count()).select_from(Device).where(Device.online)).one() >= args.devices:
+                    break
+            time.sleep(0.5)
         cpu0 = {k: proc_stats(pid)[0] for k, pid in (("server", server.pid), ("broker", broker.proc.pid))}
         t0 = time.perf_counter()
         go.set()

@@ -79,7 +79,7 @@ def register(db, store, name: str, version: str, data: bytes) -> str:
 
 
 def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, base: bytes, target_sha: str,
-                ready, go, out) -> None:
+                ready, go, out, timeout: float = 300) -> None:
     from agent.sim import SimFleet
 
     fleet = SimFleet(broker_url, root, blobs={base_sha: base})
@@ -89,7 +89,7 @@ def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, bas
     ready.put(connect_s)
     go.wait()
     t0 = time.monotonic()
-    fleet.run(lambda: all(d.active == target_sha for d in fleet.devices), 300)
+    fleet.run(lambda: all(d.active == target_sha for d in fleet.devices), timeout)
     fleet.run(lambda: False, 1.0)  # let the last events leave
     done = sum(d.active == target_sha for d in fleet.devices)
     seconds = [s for d in fleet.devices for s in d.update_seconds]
@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--size-mb", type=float, default=8.0)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds the rollout may take")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ef-rollout-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -167,7 +168,7 @@ def main() -> int:
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         root = pinned_root(data)
         procs = [ctx.Process(target=sim_process, args=(broker.url, root, ids[k::args.processes], base_sha, base,
-                                                       target_sha, ready, go, out))
+                                                       target_sha, ready, go, out, args.timeout))
                  for k in range(args.processes)]
         try:
             wait_port(port, 60)
@@ -187,13 +188,13 @@ def main() -> int:
             r = http.post("/v1/rollouts", json={"model": "bench", "version": "2.0.0", "start": True, "strategy": {
                 "canary_percent": 1, "waves_percent": [10, 100], "rate_per_minute": 100_000}}).json()
             state = {}
-            while time.perf_counter() - t0 < 300:
+            while time.perf_counter() - t0 < args.timeout:
                 state = http.get(f"/v1/rollouts/{r['id']}").json()
                 if state["state"] != "running":
                     break
                 time.sleep(0.2)
             total_s = time.perf_counter() - t0
-            sims = [out.get(timeout=120) for _ in procs]
+            sims = [out.get(timeout=args.timeout + 120) for _ in procs]
             usage = {name: proc_stats(pid) for name, pid in (("server", server.pid), ("broker", broker.proc.pid))}
         finally:
             for p in procs:

@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -193,6 +193,9 @@ class Ingest:
             live = set(s.exec(select(Device.id).where(Device.id.in_(ids),  # type: ignore[attr-defined]
                                                       Device.decommissioned_at.is_(None))))  # type: ignore[union-attr]
             telemetry: list[tuple[str, messages.TelemetryBatch]] = []
+            presence: dict[str, dict] = {}  # device → its newest online/state values in this batch
+            states: dict[str, messages.DeviceState] = {}
+            now = utcnow()
             for t, m in parsed:
                 if t.device not in live:
                     self.counts["refused_unknown_device"] += 1
@@ -203,18 +206,32 @@ class Ingest:
                 elif isinstance(m, messages.UpdateEvent):
                     self._event(s, t.device, m)
                 elif isinstance(m, messages.DeviceState):
-                    s.execute(update(Device).where(Device.id == t.device).values(  # type: ignore[arg-type]
-                        active_version=m.active_version, active_sha256=m.active_sha256, online=True,
-                        last_seen=utcnow()))
-                    self._reconcile(s, t.device, m)
+                    presence.setdefault(t.device, {}).update(online=True, active_version=m.active_version,
+                                                             active_sha256=m.active_sha256)
+                    states[t.device] = m
                 elif isinstance(m, messages.Online):
-                    s.execute(update(Device).where(Device.id == t.device).values(  # type: ignore[arg-type]
-                        online=m.online, last_seen=utcnow()))
+                    presence.setdefault(t.device, {})["online"] = m.online
                 elif isinstance(m, messages.ChunkRequest):
                     self._chunks(s, t.device, m)
+            if presence:
+                self._presence(s, presence, now)
+            if states:
+                self._reconcile(s, states)
             if telemetry:
                 self._telemetry(s, telemetry)
             s.commit()
+
+    def _presence(self, s: Session, presence: dict[str, dict], now) -> None:
+        """Online flags and running versions, one executemany per shape of update (a fleet reconnecting after a
+        broker restart sends two such messages per device; a statement each took ~0.5 ms)."""
+        shapes: dict[tuple[str, ...], list[dict]] = {}
+        for device, values in presence.items():
+            shapes.setdefault(tuple(sorted(values)), []).append({"b_id": device, "b_last_seen": now,
+                                                                 **{f"b_{k}": v for k, v in values.items()}})
+        for keys, rows in shapes.items():
+            stmt = (update(Device).where(Device.id == bindparam("b_id"))  # type: ignore[arg-type]
+                    .values(last_seen=bindparam("b_last_seen"), **{k: bindparam(f"b_{k}") for k in keys}))
+            s.connection().execute(stmt, rows)
 
     def _event(self, s: Session, device_id: str, m: messages.UpdateEvent) -> None:
         row = s.exec(select(RolloutDevice).where(RolloutDevice.job == m.job)).first()
@@ -240,12 +257,14 @@ class Ingest:
             row.timings = {**row.timings, **m.timings_ms}
         s.add(row)
 
-    def _reconcile(self, s: Session, device_id: str, m: messages.DeviceState) -> None:
+    def _reconcile(self, s: Session, states: dict[str, messages.DeviceState]) -> None:
         """A device that runs a rollout's artifact has installed it, even if its result event was lost."""
-        if not m.active_sha256:
+        running = {d: m for d, m in states.items() if m.active_sha256}
+        if not running:
             return
-        for row in s.exec(select(RolloutDevice).where(RolloutDevice.device_id == device_id,
+        for row in s.exec(select(RolloutDevice).where(RolloutDevice.device_id.in_(running),  # type: ignore[attr-defined]
                                                       RolloutDevice.status.in_(("offered", "downloading")))):  # type: ignore[attr-defined]
+            m = running[row.device_id]
             if row.artifact_sha256 == m.active_sha256:
                 row.status, row.finished_at, row.reason = "installed", m.ts, "ok"
                 row.detail = "reconciled from the device's state report"
