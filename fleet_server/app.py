@@ -47,7 +47,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             _app.state.link.start()
             _app.state.ingest.start()
             _app.state.rollouts.start()
+        _app.state.broker_sync.start_refresh(_app.state.engine)  # the CRL's next-update never lapses
         yield
+        _app.state.broker_sync.stop_refresh()
         if settings.rollout_engine:
             _app.state.rollouts.stop()
             _app.state.link.stop()

@@ -138,6 +138,8 @@ class BrokerSync:
         self._requested = self._done = 0  # rewrite requests, and the newest one a finished rewrite covered
         self._busy = False
         self._count: int | None = None
+        self._refresher: threading.Thread | None = None
+        self._stop_refresh = threading.Event()
 
     def sync(self, session: Session) -> int | None:
         """Rewrite the files and reload the broker; the number of device accounts (None when not configured).
@@ -170,6 +172,30 @@ class BrokerSync:
                 if ok:
                     self._done, self._count = upto, n
                 self._cond.notify_all()
+
+    def start_refresh(self, engine, every_s: float = 86_400.0) -> None:
+        """Rewrite the files once a day even when nothing changes: the CRL carries a next-update time, and a broker
+        holding a lapsed CRL refuses every client certificate."""
+        if self.out is None or self._refresher is not None:
+            return
+        self._stop_refresh.clear()
+
+        def loop() -> None:
+            while not self._stop_refresh.wait(every_s):
+                try:
+                    with Session(engine) as session:
+                        self.sync(session)
+                except Exception:  # the database is away: the CRL is still valid for weeks; try again tomorrow
+                    log.warning("daily broker files refresh failed", exc_info=True)
+
+        self._refresher = threading.Thread(target=loop, name="broker-files-refresh", daemon=True)
+        self._refresher.start()
+
+    def stop_refresh(self) -> None:
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(5)
+            self._refresher = None
 
     def reload(self) -> bool:
         if self.pid_file is None:

@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_DAYS = 3650
 SERVER_DAYS = 397
 DEVICE_DAYS = 825
+CRL_DAYS = 30
 SKEW = dt.timedelta(minutes=5)  # devices' clocks drift; a certificate valid "from now" fails on a slow one
 
 
@@ -171,9 +172,10 @@ class FleetCA:
             raise PKIError(f"unsupported key type {type(pub).__name__} (EC P-256+ or RSA 2048+)")
         return self._leaf(_name(identity), pub, days, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
 
-    def crl(self, revoked: list[tuple[int, dt.datetime]], *, days: int = 30) -> bytes:
-        """The revocation list (PEM): serials with their revocation times. Regenerated on every change; its
-        ``next_update`` is far enough ahead that a broker that misses a reload keeps accepting good devices."""
+    def crl(self, revoked: list[tuple[int, dt.datetime]], *, days: int = CRL_DAYS) -> bytes:
+        """The revocation list (PEM): serials with their revocation times. Regenerated on every enrollment and
+        decommission, at start-up and daily (``BrokerSync.start_refresh``); OpenSSL refuses every client certificate
+        once ``next_update`` has passed, so it lies weeks beyond the next scheduled rewrite."""
         now = _now()
         b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject).last_update(now - SKEW)
              .next_update(now + dt.timedelta(days=days)))

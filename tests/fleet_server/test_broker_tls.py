@@ -198,3 +198,29 @@ def test_enrollment_certificate_requests_are_checked(server, tmp_path):
     assert bad.status_code == 422 and "CSR" in bad.json()["detail"]
     ok = server.post("/v1/enroll", json=body)
     assert ok.status_code == 201 and ok.json()["client_cert"].startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_the_crl_is_renewed_before_it_lapses(server, tmp_path):
+    """OpenSSL refuses every client certificate once the CRL's next-update has passed: the server rewrites it on a
+    timer even when no device comes or goes."""
+    from fleet_server.broker import BrokerSync
+
+    pki = server.app.state.settings.pki_folder
+    FleetCA.init(pki)
+    sync = BrokerSync(tmp_path / "files", pid_file=None, server_user="fleet-server", server_password="pw",
+                      pki_dir=pki)
+    with Session(server.app.state.engine) as s:
+        sync.sync(s)
+    first = x509.load_pem_x509_crl((tmp_path / "files" / "crl.pem").read_bytes()).next_update_utc
+    time.sleep(1.1)  # CRL times have a resolution of one second
+    sync.start_refresh(server.app.state.engine, every_s=0.2)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if x509.load_pem_x509_crl((tmp_path / "files" / "crl.pem").read_bytes()).next_update_utc > first:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the CRL was not renewed")
+    finally:
+        sync.stop_refresh()
