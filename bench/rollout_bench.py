@@ -9,6 +9,7 @@ Usage: python bench/rollout_bench.py [--devices 1000] [--processes 2] [--size-mb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -102,13 +103,11 @@ def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, bas
 
 def _descendants(pid: int) -> list[int]:
     out = [pid]
-    try:
+    with contextlib.suppress(OSError):  # the process ended meanwhile
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 for child in f.read().split():
                     out += _descendants(int(child))
-    except OSError:
-        pass
     return out
 
 

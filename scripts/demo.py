@@ -51,7 +51,7 @@ console = Console(width=120)
 
 
 class Interrupted(Exception):
-    pass
+    """SIGTERM or SIGHUP: stop the fleet the way Ctrl-C does."""
 
 
 def _on_signal(signum, frame):
@@ -480,12 +480,12 @@ class Demo:
 
     def running_versions(self) -> dict[str, str]:
         out = {}
-        for a in self.agents:
-            try:
-                with httpx.Client(timeout=5) as c:
+        with httpx.Client(timeout=5) as c:
+            for a in self.agents:
+                try:
                     out[a["id"]] = c.get(f"http://127.0.0.1:{a['port']}/v1/model").json().get("version")
-            except httpx.HTTPError:
-                out[a["id"]] = None
+                except httpx.HTTPError:
+                    out[a["id"]] = None
         return out
 
     def first_release(self) -> None:
