@@ -61,7 +61,8 @@ class Agent:
             if settings.batch_max > 1 else None
         self.api = LocalApi(self.serving, self.telemetry, max_request_bytes=settings.max_request_bytes,
                             status=self._status, metrics=self.metrics, rollback=self._local_rollback,
-                            batcher=batcher)
+                            batcher=batcher, read_timeout_s=settings.api_read_timeout_s,
+                            max_connections=settings.api_max_connections)
         self.api_address = ""
 
     # ------------------------------------------------------------------ lifecycle

@@ -43,6 +43,8 @@ class AgentSettings(BaseModel):
     api_port: int = Field(default=8470, ge=0, le=65535)
     api_socket: Path | None = None  # a Unix socket instead of TCP
     max_request_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    api_read_timeout_s: float = Field(default=30.0, gt=0)  # idle wait for a request, and the time to read one
+    api_max_connections: int = Field(default=256, ge=1)  # each holds a thread and up to max_request_bytes
     batch_max: int = Field(default=1, ge=1, le=1024)  # > 1: micro-batch concurrent requests (dynamic-batch models)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # telemetry

@@ -54,8 +54,13 @@ class _InputAcc:
             if j < MAX_INPUT_SAMPLES:
                 self.samples[j] = sample
 
-    def stats(self, name: str) -> InputStats:
+    def stats(self, name: str) -> InputStats | None:
+        """Statistics of the finite sampled values (the server refuses NaN and infinities in telemetry: one NaN
+        input must not cost the whole window); None when no sampled value was finite."""
         v = np.concatenate(self.samples).astype(np.float64)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            return None
         idx = np.clip(np.searchsorted(self.edges, v, side="right") - 1, 0, len(self.edges) - 2)
         counts = np.bincount(idx, minlength=len(self.edges) - 1)
         return InputStats(name=name, count=self.n, mean=float(v.mean()), std=float(v.std()), min=float(v.min()),
@@ -137,7 +142,8 @@ class Telemetry:
             p95_ms=float(np.percentile(lat, 95)) if lat is not None else None,
             p99_ms=float(np.percentile(lat, 99)) if lat is not None else None,
             cpu_percent=cpu, rss_mb=rss_mb(), temperature_c=temperature_c(),
-            inputs=tuple(acc.stats(name) for name, acc in w.inputs.items() if acc.n), dropped_batches=dropped)
+            inputs=tuple(stats for name, acc in w.inputs.items() if acc.n and (stats := acc.stats(name))),
+            dropped_batches=dropped)
 
     def _cpu_percent(self) -> float | None:
         now, cpu = time.monotonic(), _cpu_seconds()

@@ -15,18 +15,24 @@ split along its first axis into batch-1 samples.
 from __future__ import annotations
 
 import hashlib
+import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from converters.errors import CalibrationError
+from converters.errors import CalibrationError, DataTooLargeError
 from converters.source import TensorSpec
 
 Sample = dict[str, np.ndarray]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_SAMPLES = 100_000
+# What the arrays of one data set may take once decompressed. Checked against the .npz directory's declared sizes
+# and each .npy header before anything is read: a 1 MB .npz can declare a GiB of zeros.
+MAX_DATA_BYTES = 1 << 30
+MAX_ARRAYS = 10_000  # members of one .npz
 
 
 @dataclass(frozen=True)
@@ -66,18 +72,36 @@ def samples_sha256(samples: list[Sample]) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class ByteBudget:
+    """How many decompressed bytes a data set may still take; spent before each array is read."""
+
+    limit: int
+    used: int = 0
+
+    def check(self, nbytes: int, where: str) -> None:
+        if self.used + nbytes > self.limit:
+            raise DataTooLargeError(f"{where}: the data would take more than {self.limit / 2**20:.0f} MiB once "
+                                    "decompressed; use fewer or smaller samples")
+
+    def spend(self, nbytes: int, where: str) -> None:
+        self.check(nbytes, where)
+        self.used += nbytes
+
+
 def load_dataset(path: Path, inputs: list[TensorSpec], *, image_prep: ImagePrep | None = None,
-                 limit: int = MAX_SAMPLES) -> DataSet:
+                 limit: int = MAX_SAMPLES, max_bytes: int = MAX_DATA_BYTES) -> DataSet:
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"{path}: no such calibration file or folder")
+    budget = ByteBudget(max_bytes)
     if path.is_file() and path.suffix == ".npz":
-        samples = _from_arrays(_read_npz(path), inputs, str(path))
+        samples = _from_arrays(_read_npz(path, budget), inputs, str(path))
     elif path.is_file() and path.suffix == ".npy":
         if len(inputs) != 1:
             raise CalibrationError(f"{path}: a single .npy fits only a single-input model; use .npz for "
                                    f"{len(inputs)} inputs")
-        samples = _from_arrays({inputs[0].name: _read_npy(path)}, inputs, str(path))
+        samples = _from_arrays({inputs[0].name: _read_npy(path, budget)}, inputs, str(path))
     elif path.is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if images:
@@ -86,7 +110,7 @@ def load_dataset(path: Path, inputs: list[TensorSpec], *, image_prep: ImagePrep 
                                        "(--image-size, --layout, --mean, --std, --channel-order)")
             samples = _from_images(images, inputs, image_prep, limit)
         else:
-            samples = _from_npy_folder(path, inputs)
+            samples = _from_npy_folder(path, inputs, budget)
     else:
         raise CalibrationError(f"{path}: calibration data must be a .npz, a .npy, or a folder of .npy or images")
     if not samples:
@@ -152,15 +176,66 @@ def _dims(shape: tuple[int | str | None, ...]) -> str:
     return "[" + ",".join(str(d) if isinstance(d, int) else f"{d or '?'}" for d in shape) + "]"
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, budget: ByteBudget) -> dict[str, np.ndarray]:
+    _check_npz_sizes(path, budget)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+    except DataTooLargeError:
+        raise
     except Exception as e:
         raise CalibrationError(f"{path}: not a readable .npz ({e})") from e
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _check_npz_sizes(path: Path, budget: ByteBudget) -> None:
+    """Every member's declared size and every array's header, before numpy decompresses anything. A member is
+    never read past its declared size (zipfile enforces it), and numpy allocates what the header says."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            if len(members) > MAX_ARRAYS:
+                raise CalibrationError(f"{path}: holds {len(members)} arrays; at most {MAX_ARRAYS} are accepted")
+            budget.check(sum(m.file_size for m in members), str(path))
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    continue
+                with z.open(member) as f:
+                    header_bytes, nbytes = _npy_header(f, str(path))
+                if header_bytes + nbytes > member.file_size:
+                    raise CalibrationError(f"{path}: an array's header promises more data than the archive holds")
+                budget.spend(nbytes, str(path))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise CalibrationError(f"{path}: not a readable .npz ({e})") from e
+
+
+def _npy_header(f, where: str) -> tuple[int, int]:
+    """The header's length and the array's byte size, from the header alone."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise CalibrationError(f"{where}: .npy format version {version} is not supported (save with numpy)")
+    except CalibrationError:
+        raise
+    except (ValueError, EOFError) as e:
+        raise CalibrationError(f"{where}: not a readable .npy ({e})") from e
+    if dtype.hasobject:
+        raise CalibrationError(f"{where}: holds Python objects; only numeric arrays are accepted")
+    return f.tell(), math.prod(shape) * dtype.itemsize
+
+
+def _read_npy(path: Path, budget: ByteBudget) -> np.ndarray:
+    try:
+        with path.open("rb") as f:
+            header_bytes, nbytes = _npy_header(f, str(path))
+    except OSError as e:
+        raise CalibrationError(f"{path}: not a readable .npy ({e})") from e
+    if header_bytes + nbytes > path.stat().st_size:
+        raise CalibrationError(f"{path}: the header promises more data than the file holds")
+    budget.spend(nbytes, str(path))
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:
@@ -201,14 +276,14 @@ def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], where:
     return [{k: v[i] for k, v in per_input.items()} for i in range(n)]
 
 
-def _from_npy_folder(folder: Path, inputs: list[TensorSpec]) -> list[Sample]:
+def _from_npy_folder(folder: Path, inputs: list[TensorSpec], budget: ByteBudget) -> list[Sample]:
     if len(inputs) == 1:
         files = sorted(folder.glob("*.npy"))
         if not files:
             raise CalibrationError(f"{folder}: no .npy files or images")
         samples: list[Sample] = []
         for f in files:
-            samples += _from_arrays({inputs[0].name: _read_npy(f)}, inputs, str(f))
+            samples += _from_arrays({inputs[0].name: _read_npy(f, budget)}, inputs, str(f))
         return samples
     columns: dict[str, list[Path]] = {}
     for spec in inputs:
@@ -223,7 +298,8 @@ def _from_npy_folder(folder: Path, inputs: list[TensorSpec]) -> list[Sample]:
         raise CalibrationError(f"{folder}: the per-input sub-folders must hold the same file names")
     samples = []
     for i in range(len(first)):
-        samples += _from_arrays({k: _read_npy(v[i]) for k, v in columns.items()}, inputs, f"{folder}/*/{first[i]}")
+        samples += _from_arrays({k: _read_npy(v[i], budget) for k, v in columns.items()}, inputs,
+                                f"{folder}/*/{first[i]}")
     return samples
 
 

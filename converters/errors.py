@@ -23,12 +23,20 @@ class InvalidModelError(InputError):
     """Not a model, a truncated model, or a model that fails the ONNX checker."""
 
 
+class UnsafeModelError(InvalidModelError):
+    """A model file that would run code when loaded: pickled Python objects or compiled native code."""
+
+
 class UnsupportedOpError(InputError):
     """The model uses operators no target runtime can execute."""
 
 
 class CalibrationError(InputError):
     """Calibration or evaluation data that does not fit the model (names, shapes, dtypes, count)."""
+
+
+class DataTooLargeError(CalibrationError):
+    """Calibration or evaluation data that would take more memory than allowed once decompressed."""
 
 
 class QuantizationError(ConvertError):

@@ -8,7 +8,10 @@ it; the user's file is never modified.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, shape_inference, version_converter
 
-from converters.errors import InvalidModelError, UnsupportedOpError
+from converters.errors import InvalidModelError, UnsafeModelError, UnsupportedOpError
 
 log = logging.getLogger(__name__)
 
@@ -274,19 +277,140 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
 
 def export_pt2(path: Path, out: Path) -> Path:
     """Export a saved ``torch.export`` ExportedProgram to a single ONNX file."""
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - torch is in the convert extra
-        raise InvalidModelError(f"{path}: .pt2 needs PyTorch (pip install 'edgefleet[convert]')") from e
-    try:
-        program = torch.export.load(str(path))
-    except Exception as e:
-        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram ({_first_line(e)})") from e
+    program = load_exported_program(path)
+    import torch
+
     try:
         torch.onnx.export(program, f=str(out), dynamo=True, external_data=False, verbose=False)
     except Exception as e:
         raise UnsupportedOpError(f"{path}: PyTorch could not export this program to ONNX ({_first_line(e)})") from e
     return out
+
+
+# torch 2.13's .pt2 archive (torch/export/pt2_archive/_package.py), names relative to the archive's root folder.
+# ``torch.export.load`` unpickles, with ``weights_only=False``: weights and constants whose config says
+# ``use_pickle``; ``custom_obj_*``/``opaque_obj_*`` constants; the legacy ``data/weights/model.pt`` and
+# ``data/constants/model.pt``; the sample inputs whenever the safe unpickler refuses them (the fallback in
+# torch/_export/serde/serialize.py ``deserialize_torch_artifact``); and, when loading the archive fails, the
+# 2.7-era ``serialized_*.pt`` members. ``data/aotinductor/`` holds shared libraries it loads. So we read only the
+# program JSON and raw tensor records, and refuse every archive whose other members torch would deserialize.
+PT2_MODEL = "model"  # the one program torch.export.save writes
+PT2_PROGRAM = f"models/{PT2_MODEL}.json"
+PT2_WEIGHTS_CONFIG = f"data/weights/{PT2_MODEL}_weights_config.json"
+PT2_CONSTANTS_CONFIG = f"data/constants/{PT2_MODEL}_constants_config.json"
+PT2_SAMPLE_INPUTS = f"data/sample_inputs/{PT2_MODEL}.pt"  # a pickle: present in every archive, never loaded
+PT2_BOOKKEEPING = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+PT2_CONFIG_MAX_BYTES = 64 << 20
+
+
+def check_pt2_archive(names: list[str], weights: dict, constants: dict, where: str) -> None:
+    """Refuse an archive torch would unpickle anything from (or load compiled code from). ``names`` are its
+    members; ``weights`` and ``constants`` its parsed payload configs. Pure: raises, changes nothing."""
+    for kind, config, prefix in (("weights", weights, "weight_"), ("constants", constants, "tensor_")):
+        entries = config.get("config")
+        if not isinstance(entries, dict):
+            raise InvalidModelError(f"{where}: not a PyTorch ExportedProgram ({kind} config malformed)")
+        for meta in entries.values():
+            if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
+                raise InvalidModelError(f"{where}: not a PyTorch ExportedProgram ({kind} config malformed)")
+            if meta.get("use_pickle") is not False or not meta["path_name"].startswith(prefix):
+                raise UnsafeModelError(f"{where}: its {kind} are stored as pickled Python objects, which would run "
+                                       "code when loaded; save the program with plain tensors (torch.export.save)")
+            if meta.get("tensor_meta") is None:
+                raise InvalidModelError(f"{where}: not a PyTorch ExportedProgram ({kind} config malformed)")
+    records = {f"data/weights/{m['path_name']}" for m in weights["config"].values()}
+    records |= {f"data/constants/{m['path_name']}" for m in constants["config"].values()}
+    known = PT2_BOOKKEEPING | {PT2_PROGRAM, PT2_WEIGHTS_CONFIG, PT2_CONSTANTS_CONFIG, PT2_SAMPLE_INPUTS} | records
+    if any(n.startswith("data/aotinductor/") for n in names):
+        raise UnsafeModelError(f"{where}: holds compiled native code (AOTInductor), which would run when loaded")
+    unexpected = [n for n in names if n not in known and not n.startswith("extra/")]
+    if unexpected:
+        raise UnsafeModelError(f"{where}: holds {len(unexpected)} member(s) torch.export.save does not write "
+                               "(pickles, compiled code or other programs); only plain exported programs are accepted")
+
+
+def load_exported_program(path: Path):
+    """The ExportedProgram in a ``.pt2``, read without unpickling anything. The archive is checked
+    (:func:`check_pt2_archive`) twice: as Python's zip reader sees it, cheaply and before torch is even imported,
+    then as torch's own reader sees it (two zip parsers can disagree on a crafted archive). Only the program JSON
+    and the raw tensor records are then deserialized; the sample inputs are left out (``example_inputs=None``):
+    the ONNX export does not need them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_members(_zip_members(archive, path), path)
+    except (InvalidModelError, MemoryError):
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError...
+        raise _unreadable_pt2(path, e) from e
+    try:
+        import torch  # noqa: F401 - only after the archive passed: importing torch takes a second or two
+    except ImportError as e:  # pragma: no cover - torch is in the convert extra
+        raise InvalidModelError(f"{path}: .pt2 needs PyTorch (pip install 'edgefleet[convert]')") from e
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+    from torch.export.pt2_archive._package import PT2ArchiveReader, _load_constants, _load_state_dict
+
+    try:
+        with PT2ArchiveReader(str(path)) as reader:
+            records = reader.archive_file
+            _check_members(_Members(reader.get_file_names(), records.get_record_size, reader.read_bytes), path)
+            program = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(PT2_PROGRAM))
+            state_dict = _load_state_dict(reader, PT2_MODEL)
+            constants = _load_constants(reader, PT2_MODEL)
+            return ExportedProgramDeserializer(None).deserialize(program, state_dict, constants, None)
+    except (InvalidModelError, MemoryError):
+        raise
+    except Exception as e:  # torch raises RuntimeError, AssertionError, SerializeError, KeyError...
+        raise _unreadable_pt2(path, e) from e
+
+
+def _unreadable_pt2(path: Path, e: Exception) -> InvalidModelError:
+    # Only the error's type: torch's messages quote the archive's own strings (node names, stack traces).
+    log.info("%s: cannot read this .pt2: %s", path, _first_line(e))
+    return InvalidModelError(f"{path}: not a PyTorch ExportedProgram this PyTorch can read ({type(e).__name__})")
+
+
+@dataclass(frozen=True)
+class _Members:
+    """One zip parser's view of a .pt2: member names (relative to the root folder), their sizes and bytes."""
+
+    names: list[str]
+    size: Callable[[str], int]
+    read: Callable[[str], bytes]
+
+
+def _zip_members(archive: zipfile.ZipFile, path: Path) -> _Members:
+    names = [n for n in archive.namelist() if not n.endswith("/")]
+    root = names[0].split("/", 1)[0] if names else ""
+    if not names or not all(n.startswith(root + "/") for n in names):
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram (no single root folder)")
+    relative = [n[len(root) + 1:] for n in names]
+    if len(set(relative)) != len(relative):
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram (duplicate members)")
+    return _Members(relative, lambda n: archive.getinfo(f"{root}/{n}").file_size,
+                    lambda n: archive.read(f"{root}/{n}"))
+
+
+def _check_members(members: _Members, path: Path) -> None:
+    weights, constants = (_pt2_config(members, name, path) for name in (PT2_WEIGHTS_CONFIG, PT2_CONSTANTS_CONFIG))
+    if PT2_PROGRAM not in members.names:
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram (no {PT2_PROGRAM})")
+    check_pt2_archive(members.names, weights, constants, where=str(path))
+
+
+def _pt2_config(members: _Members, name: str, path: Path) -> dict:
+    if name not in members.names:
+        raise UnsafeModelError(f"{path}: an older .pt2 layout without {name}, whose weights are pickled; "
+                               "save it again with torch.export.save")
+    if members.size(name) > PT2_CONFIG_MAX_BYTES:
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram ({name} is implausibly large)")
+    try:
+        config = json.loads(members.read(name))
+    except ValueError as e:
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram ({name} is not JSON)") from e
+    if not isinstance(config, dict):
+        raise InvalidModelError(f"{path}: not a PyTorch ExportedProgram ({name} is not a JSON object)")
+    return config
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,6 +2,10 @@
 
 Every message carries ``v`` (schema version) and ``type``. :func:`parse` turns untrusted bytes into a typed message
 or raises a typed error — never anything else: unknown versions are refused loudly (``SchemaVersionError``).
+
+Parsing is strict because the server stores what devices send: numbers are finite and within what both databases
+store (a ``seq`` of 2**63 or a ``NaN`` timestamp once failed the server's whole telemetry batch, forever), dictionaries
+and their keys are bounded, and no string holds a NUL character (PostgreSQL's text types refuse it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from fleet_protocol.errors import MalformedError, SchemaVersionError
@@ -29,6 +34,13 @@ SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Sha = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+INT32_MAX = 2**31 - 1  # PostgreSQL's ``integer`` (telemetry counts are stored in such columns)
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's ``bigint``
+Count32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Count64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Timestamp = Annotated[float, Field(ge=0, le=1e11)]  # Unix seconds; finite (allow_inf_nan is off everywhere)
+Label = Annotated[str, Field(min_length=1, max_length=64)]
+STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _b64decode(value: object) -> bytes:
@@ -48,7 +60,7 @@ B64 = Annotated[bytes, BeforeValidator(_b64decode),
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     v: Literal[1] = SCHEMA_VERSION
 
     def to_bytes(self) -> bytes:
@@ -105,7 +117,7 @@ class ChunkRequest(_Msg):
     type: Literal["chunk_request"] = "chunk_request"
     job: ID
     path: str | None = Field(default=None, max_length=512)  # which signed file (a delta's or the artifact's path)
-    indices: tuple[Annotated[int, Field(ge=0)], ...] = Field(min_length=1, max_length=4096)
+    indices: tuple[Count32, ...] = Field(min_length=1, max_length=4096)
 
 
 class Reason(StrEnum):
@@ -136,14 +148,14 @@ class UpdateEvent(_Msg):
     result: Literal["pending", "ok", "failed"] = "pending"
     reason: Reason = Reason.OK
     detail: str = Field(default="", max_length=1000)
-    timings_ms: dict[str, float] = {}
-    ts: float
+    timings_ms: dict[Label, Annotated[float, Field(ge=0)]] = Field(default={}, max_length=32)
+    ts: Timestamp
 
 
 class Histogram(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     edges: tuple[float, ...] = Field(min_length=2, max_length=256)
-    counts: tuple[Annotated[int, Field(ge=0)], ...]
+    counts: tuple[Count64, ...]
 
     @field_validator("counts")
     @classmethod
@@ -157,9 +169,9 @@ class Histogram(BaseModel):
 class InputStats(BaseModel):
     """Per-input statistics for drift detection."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     name: str = Field(max_length=128)
-    count: int = Field(ge=0)
+    count: Count64
     mean: float
     std: float = Field(ge=0)
     min: float
@@ -169,44 +181,60 @@ class InputStats(BaseModel):
 
 class TelemetryBatch(_Msg):
     type: Literal["telemetry"] = "telemetry"
-    seq: int = Field(ge=0)
-    window_start: float
-    window_end: float
+    seq: Count64
+    window_start: Timestamp
+    window_end: Timestamp
     model_version: str | None = Field(default=None, max_length=64)
     slot: Literal["a", "b"] | None = None
-    requests: int = Field(ge=0)
-    errors: dict[str, Annotated[int, Field(ge=0)]] = {}
+    requests: Count32
+    errors: dict[Label, Count32] = Field(default={}, max_length=64)
     latency_ms: Histogram | None = None
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
     cpu_percent: float | None = Field(default=None, ge=0)
     rss_mb: float | None = Field(default=None, ge=0)
     temperature_c: float | None = None
     inputs: tuple[InputStats, ...] = Field(default=(), max_length=64)
-    dropped_batches: int = Field(default=0, ge=0)  # lost to the outbox's size bound, oldest first
+    dropped_batches: Count64 = 0  # lost to the outbox's size bound, oldest first
+
+    @model_validator(mode="after")
+    def _errors_fit(self) -> TelemetryBatch:
+        if sum(self.errors.values()) > INT32_MAX:  # stored as one integer column
+            raise ValueError(f"more than {INT32_MAX} errors in one window")
+        return self
 
 
 class DeviceState(_Msg):
     type: Literal["state"] = "state"
-    active_version: str | None = None
+    active_version: str | None = Field(default=None, max_length=128)
     active_sha256: Sha | None = None
     active_slot: Literal["a", "b"] | None = None
-    staged_version: str | None = None
-    root_version: int = Field(ge=1)
-    update_version: int = Field(ge=0)
-    ts: float
+    staged_version: str | None = Field(default=None, max_length=128)
+    root_version: int = Field(ge=1, le=INT32_MAX)
+    update_version: Count64
+    ts: Timestamp
 
 
 class Online(_Msg):
     type: Literal["online"] = "online"
     online: bool
-    ts: float | None = None
+    ts: Timestamp | None = None
 
 
 Message = Annotated[UpdateOffer | RollbackOrder | Ping | ChunkData | ChunkRequest | UpdateEvent | TelemetryBatch
                     | DeviceState | Online, Field(discriminator="type")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def parse(raw: bytes, *, limit: int = MAX_MESSAGE_BYTES):
@@ -221,6 +249,10 @@ def parse(raw: bytes, *, limit: int = MAX_MESSAGE_BYTES):
         raise MalformedError(f"message is not JSON: {e}") from e
     if not isinstance(obj, dict):
         raise MalformedError("message is not a JSON object")
+    # JSON can carry NUL only as the escape \u0000 (a raw control character is invalid JSON): a cheap test on the
+    # bytes, then an exact one, so ordinary messages pay nothing for it.
+    if b"\\u0000" in raw and _has_nul(obj):
+        raise MalformedError("message holds a NUL character")
     if obj.get("v") != SCHEMA_VERSION:
         raise SchemaVersionError(f"unsupported message schema version {obj.get('v')!r} (this side speaks "
                                  f"{SCHEMA_VERSION})")

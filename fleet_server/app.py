@@ -8,24 +8,32 @@ import logging
 import socket
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlparse
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
+from starlette.exceptions import HTTPException
 
 from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
-from fleet_server.auth import TokenCache
-from fleet_server.broker import BrokerSync
+from fleet_server.auth import AuditLimiter, TokenCache
+from fleet_server.broker import BrokerConfigError, BrokerSync, server_account, share_group
 from fleet_server.db import make_engine
+from fleet_server.guard import RequestGuard, http_error, route_policies, validation_error
 from fleet_server.ingest import FleetLink, Ingest
 from fleet_server.jobs import JobRunner
 from fleet_server.pki import FleetCA
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.routes import artifacts, devices, insights, models, rollouts, telemetry, tokens, trust
+from fleet_server.sandbox import SandboxConfig
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                   description="Devices, models, rollouts and telemetry for a fleet of edge devices. "
                               "Authenticate with `Authorization: Bearer <API token>`.")
     app.state.settings = settings
+    _private_dir(settings.data_dir)
     app.state.engine = make_engine(settings.database_url)
     app.state.tokens = TokenCache(app.state.engine)
     app.state.broker_sync = BrokerSync(settings.broker_files_dir, pid_file=settings.broker_pid_file,
@@ -72,18 +81,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
     app.state.ingest = Ingest(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
-    app.state.link = FleetLink(settings.broker_url, f"fleet-server-{socket.gethostname()}-{instance_slot(settings)}",
-                               app.state.ingest.submit, username=settings.mqtt_username,
-                               password=settings.mqtt_password, tls=_link_tls(settings))
+    app.state.link = FleetLink(settings.broker_url, *_link_identity(settings), app.state.ingest.submit,
+                               password=settings.mqtt_password, tls=_link_tls(settings),
+                               share_group=share_group(settings.mqtt_password))
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
                                        tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
                                        drift_window_s=settings.drift_window_s)
-    app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers)
+    app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers,
+                               sandbox=SandboxConfig.from_settings(settings, timeout_s=settings.sandbox_job_timeout_s))
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)
-
-    app.add_middleware(_Metrics, requests=requests, latency=latency)
+    dropped = Counter("edgefleet_audit_rows_dropped", "Audit rows not written for unauthenticated requests over the "
+                      "per-address limit", registry=registry)
+    app.state.audit_limiter = AuditLimiter(on_drop=dropped.inc)
 
     @app.get("/health", tags=["operations"])
     def health() -> dict:
@@ -92,6 +103,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.get("/ready", tags=["operations"])
     def ready(response: Response) -> dict:
         checks = {"database": _database_ok(app), "broker": _broker_ok(settings.broker_url)}
+        if settings.rollout_engine:  # the database answers reads but refuses writes (a full disk): not ready
+            checks["ingest"] = app.state.ingest.healthy
         if not all(checks.values()):
             response.status_code = 503
         return {"ready": all(checks.values()), **checks}
@@ -100,15 +113,47 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(tokens.router)
-    app.include_router(devices.router)
-    app.include_router(artifacts.router)
-    app.include_router(trust.router)
-    app.include_router(models.router)
-    app.include_router(rollouts.router)
-    app.include_router(telemetry.router)
-    app.include_router(insights.router)
+    routers = (tokens.router, devices.router, artifacts.router, trust.router, models.router, rollouts.router,
+               telemetry.router, insights.router)
+    for router in routers:
+        app.include_router(router)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    # The guard inside the metrics: its refusals are counted and logged like any answer. Its routes are read from
+    # the routers themselves (FastAPI keeps an included router as one opaque entry of app.routes).
+    api_routes = [route for owner in (app.router, *routers) for route in owner.routes if isinstance(route, APIRoute)]
+    app.add_middleware(RequestGuard, policies=route_policies(api_routes, upload_limit=settings.max_upload_bytes),
+                       tokens=app.state.tokens, engine=app.state.engine, limiter=app.state.audit_limiter)
+    app.add_middleware(_Metrics, requests=requests, latency=latency)
     return app
+
+
+def _link_identity(settings: ServerSettings) -> tuple[str, str | None]:
+    """The server's MQTT client id and username. The generated broker configuration binds client ids to usernames
+    (so no device can take the server's session), and each replica has an account of its own."""
+    instance = settings.server_instance if settings.server_instance is not None else instance_slot(settings)
+    if not settings.mqtt_username:  # an open development broker: any stable client id of our own
+        return f"fleet-server-{socket.gethostname()}-{instance}", None
+    try:
+        account = server_account(settings.mqtt_username, instance)
+    except BrokerConfigError as e:
+        raise SystemExit(f"fleet-server: {e} (set EF_SERVER_SERVER_INSTANCE)") from e
+    return account, account
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    """The database is down or refuses writes (disk full): a 503 the client may retry, not a 500."""
+    log.error("database unavailable: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    return JSONResponse({"detail": "the database is unavailable; try again later"}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+def _private_dir(folder: Path) -> None:
+    """The data folder holds the online signing key, the fleet CA and usually the database: this user's only."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        folder.chmod(0o700)
 
 
 _slot_locks: list = []  # held for the life of the process

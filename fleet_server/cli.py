@@ -6,7 +6,8 @@
     fleet-server tokens create NAME --role admin|operator|viewer | tokens revoke ID
     fleet-server enroll-token create [--max-uses N] [--expires-in SECONDS] [--profile P] [--tag T ...]
     fleet-server pki init | pki broker-cert --out DIR --host H... | pki client-cert NAME --out DIR
-    fleet-server broker-config --out DIR [--conf FILE --plain-port P --tls-port P --mtls-port P --pid-file F]
+    fleet-server broker-config --out DIR [--conf FILE --plain-port P --tls-port P --mtls-port P --pid-file F
+                               --persistence-dir D]
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _settings():
     from fleet_server.settings import ServerSettings
 
     s = ServerSettings()
-    s.data_dir.mkdir(parents=True, exist_ok=True)
+    s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, the fleet CA, usually the database
     if s.database_url.startswith("sqlite:///"):
-        Path(s.database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.database_url.removeprefix("sqlite:///")).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return s
 
 
@@ -172,7 +173,8 @@ def enroll_token_create(max_uses: int = 1, expires_in: int = 7 * 24 * 3600, prof
 
 @app.command("broker-config")
 def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's passwd, acl (and crl.pem).")],
-                  server_user: Annotated[str, typer.Option(help="The server's own MQTT account.")] = "fleet-server",
+                  server_user: Annotated[str, typer.Option(help="The server's own MQTT account (replicas 1-15 get "
+                                                                "<name>-1 … <name>-15).")] = "fleet-server",
                   conf: Annotated[Path | None, typer.Option(help="Also write a complete mosquitto.conf here.")] = None,
                   bind: Annotated[str, typer.Option(help="Listeners' address (with --conf).")] = "127.0.0.1",
                   plain_port: Annotated[int | None, typer.Option(help="Password listener without TLS.")] = None,
@@ -180,11 +182,14 @@ def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's
                   mtls_port: Annotated[int | None, typer.Option(help="Client-certificate (mutual TLS) listener.")]
                   = None,
                   pid_file: Annotated[Path | None, typer.Option(help="Mosquitto's pid file (with --conf).")] = None,
+                  persistence_dir: Annotated[Path | None, typer.Option(help="Mosquitto's sessions and queues (with "
+                                                                            "--conf; default OUT/persistence).")]
+                  = None,
                   ) -> None:
     """Write Mosquitto's password file, ACL and (with a fleet CA) CRL from the database, optionally a whole
     mosquitto.conf around them; reload a running broker with SIGHUP afterwards."""
     from fleet_server.auth import new_secret
-    from fleet_server.broker import mosquitto_conf, mosquitto_hash, write_broker_files
+    from fleet_server.broker import SERVER_INSTANCES, mosquitto_conf, mosquitto_hash, write_broker_files
 
     s = _settings()
     secret = s.data_dir / "broker" / "server.password"
@@ -196,21 +201,38 @@ def broker_config(out: Annotated[Path, typer.Option(help="Folder for Mosquitto's
         passwd, acl, n = write_broker_files(session, out, server_user=server_user,
                                             server_password_hash=mosquitto_hash(secret.read_text().strip()),
                                             pki_dir=s.pki_folder)
-    typer.echo(f"wrote {passwd} ({n} device accounts + {server_user}) and {acl}; the server's password is in "
-               f"{secret}")
+    typer.echo(f"wrote {passwd} ({n} device accounts + {SERVER_INSTANCES} server accounts, {server_user} and "
+               f"{server_user}-1 … -{SERVER_INSTANCES - 1}) and {acl}; the server's password is in {secret}")
     if conf is not None:
         if (tls_port or mtls_port) and not (out / "broker.crt").exists():
             typer.echo(f"error: TLS listeners need {out}/broker.crt: run `fleet-server pki broker-cert --out {out}`",
                        err=True)
             raise typer.Exit(2)
+        persistence = persistence_dir or out / "persistence"
         try:
             text = mosquitto_conf(out, bind=bind, plain_port=plain_port, tls_port=tls_port, mtls_port=mtls_port,
-                                  pid_file=pid_file)
+                                  pid_file=pid_file, persistence_dir=persistence)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e
+        _broker_writable(persistence)
         conf.write_text(text)
-        typer.echo(f"wrote {conf}")
+        typer.echo(f"wrote {conf} (sessions persist in {persistence})")
+
+
+def _broker_writable(folder: Path) -> None:
+    """Mosquitto (Debian: user ``mosquitto``) saves its sessions there; run as root, hand the folder to it."""
+    import os
+    import pwd
+    import shutil
+
+    folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("mosquitto")
+        except KeyError:
+            return
+        shutil.chown(folder, user="mosquitto")
 
 
 @pki_app.command("init")

@@ -7,7 +7,14 @@ and the ingest worker that validates every device message and writes it in batch
 - ``dl/<job>/req``: chunk requests, answered from the artifact store for files the job lists.
 
 A message that does not parse, names an unknown or decommissioned device, or breaks a limit is counted and logged,
-never fatal. The worker commits every ``BATCH_S`` or ``BATCH_MAX`` messages.
+never fatal. The worker commits every ``BATCH_S`` or ``BATCH_MAX`` messages, and only then acknowledges them to the
+broker (MQTT 5 manual acknowledgement): a server killed mid-batch gets the same messages again from its persistent
+session, so nothing a device saw acknowledged is lost. Two kinds of failure are told apart:
+
+- a message the database refuses (bad data that passed parsing) is written alone, dropped and counted: it never holds
+  up other devices' messages;
+- an operational error (database down, disk full, connection lost) is an outage: the batch is held and retried,
+  nothing is acknowledged meanwhile, and ``/ready`` answers 503 until a write succeeds again.
 """
 
 from __future__ import annotations
@@ -26,15 +33,17 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, exc, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
+from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE as CHUNK_SIZE
 from fleet_protocol.errors import ProtocolError
-from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
+from fleet_server.models import Device, Rollout, RolloutDevice, TelemetryWindow, utcnow
+from fleet_server.rollouts.planner import IN_FLIGHT, MemberStatus, RolloutState
 
 log = logging.getLogger(__name__)
 BATCH_S = 0.1
@@ -43,39 +52,86 @@ QUEUE_MAX = 100_000
 CHUNK_ACK_TIMEOUT_S = 10.0
 CHUNK_WINDOW_BYTES = 8 * 1024 * 1024  # chunk bytes published but not yet acknowledged by the broker
 ORDER = {"pending": 0, "offered": 1, "downloading": 2, "installed": 3, "failed": 3, "rolled_back": 4}
+# Update events a member can produce in each status: a device never offered a job (pending, skipped) has nothing to
+# report, and a finished one only the outcome of a rollback order. Anything else is forged or stale: dropped.
+EVENT_STATUSES = {MemberStatus.OFFERED.value, MemberStatus.DOWNLOADING.value, MemberStatus.INSTALLED.value}
+# MQTT 5 Receive Maximum: QoS 1 messages the broker may have in flight to the server unacknowledged. With manual
+# acknowledgement after commit this bounds the in-memory queue, and it must exceed a batch (Mosquitto's default of
+# 100 would cap ingest at ~100 messages per commit).
+RECEIVE_MAXIMUM = 20_000
+JOB_RECHECK_S = 2.0  # a job's chunk permission (member still downloading, rollout not aborted) is re-read this often
+CHUNK_RATE_BYTES_S = 4 * 1024 * 1024  # per device: a device asking for chunks in a loop cannot saturate the server
+CHUNK_BURST_BYTES = 64 * 1024 * 1024  # a whole artifact of up to this size downloads at full speed
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
+OUTAGE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError, OSError)
+
+
+class _Outage(Exception):
+    """The database cannot take writes now (down, disk full, connection lost): hold the batch, retry later."""
 
 
 class FleetLink:
     """The server's MQTT client: connects in the background (and keeps reconnecting), subscribes on every connect,
     hands each message to ``on_message(topic, payload)``."""
 
-    def __init__(self, broker_url: str, client_id: str, on_message, *, username: str | None = None,
-                 password: str | None = None, tls: dict[str, str | None] | None = None):
+    def __init__(self, broker_url: str, client_id: str, username: str | None, on_message, *,
+                 password: str | None = None, tls: dict[str, str | None] | None = None,
+                 share_group: str = topics.SHARE_GROUP):
+        """``on_message(topic, payload, ack)``: ``ack()`` acknowledges the message to the broker, to be called once
+        it is committed (or deliberately dropped); until then the broker keeps it for redelivery."""
         u = urlparse(broker_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)
+        self.client_id, self.share_group = client_id, share_group
         self.connected = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.displaced = 0  # times another client took over our session
+        self._generation = 0  # connections so far: an acknowledgement is only valid on the connection it came on
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                                  manual_ack=True)
         if username:
             self.client.username_pw_set(username, password)
         if u.scheme == "mqtts":  # the broker's certificate is always verified (CA file, else the system's)
             self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT, **(tls or {}))
         self.client.reconnect_delay_set(0.2, 5)
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *a: self.connected.clear()
-        self.client.on_message = lambda c, ud, msg: on_message(msg.topic, msg.payload)
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = lambda c, ud, msg: on_message(msg.topic, msg.payload, self._acker(msg))
         self._started = False
+
+    def _acker(self, msg: mqtt.MQTTMessage):
+        if msg.qos == 0:
+            return _no_ack
+        generation, mid = self._generation, msg.mid
+
+        def ack() -> None:
+            # After a reconnect the broker sends every unacknowledged message again (same session): acknowledging
+            # the old mid on the new connection could acknowledge another message, so a stale ack is skipped.
+            if generation == self._generation:
+                self.client.ack(mid, 1)
+
+        return ack
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            self.displaced += 1
+            log.error("the broker disconnected the server: another client connected with its client id %r "
+                      "(the broker must bind client ids to usernames: use_username_as_clientid)", self.client_id)
+        elif reason_code is not None and getattr(reason_code, "is_failure", False):
+            log.warning("the server's broker connection closed: %s", reason_code)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the server: %s", reason_code)
             return
-        for t in topics.server_subscriptions():
+        self._generation += 1
+        for t in topics.server_subscriptions(self.share_group):
             client.subscribe(t, qos=1)
         self.connected.set()
 
     def start(self) -> FleetLink:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600  # the broker keeps our subscriptions and queues while we restart
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
         self._started = True
@@ -95,15 +151,23 @@ class FleetLink:
 class Ingest:
     """Validates and writes what devices send; answers chunk requests through ``publish``."""
 
-    def __init__(self, engine: Engine, delivery, publish):
-        self.engine, self.delivery, self.publish = engine, delivery, publish
+    def __init__(self, engine: Engine, delivery, publish, *, clock=time.monotonic):
+        self.engine, self.delivery, self.publish, self._clock = engine, delivery, publish, clock
         self.queue: queue.Queue = queue.Queue(QUEUE_MAX)
         self.chunk_queue: queue.Queue = queue.Queue(QUEUE_MAX)
         self._chunk_thread = threading.Thread(target=self._serve_chunks, name="chunks", daemon=True)
         self.counts: Counter = Counter()
+        self.outage_since: float | None = None  # monotonic time the database stopped taking writes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
-        self._jobs: dict[str, tuple[str, dict]] = {}  # job → (device, files): chunk requests need no query
+        # job → (device, files, when checked): chunk requests need no query until the permission is re-read
+        self._jobs: dict[str, tuple[str, dict, float]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # device → (chunk byte tokens, when refilled)
+
+    @property
+    def healthy(self) -> bool:
+        """False while an outage holds the batch (the server is then not ready)."""
+        return self.outage_since is None
 
     def start(self) -> Ingest:
         self._thread.start()
@@ -115,10 +179,12 @@ class Ingest:
         self._thread.join(10)
         self._chunk_thread.join(10)
 
-    def submit(self, topic: str, payload: bytes) -> None:
-        """From paho's thread: never blocks it for long (a full queue drops and counts)."""
+    def submit(self, topic: str, payload: bytes, ack=None) -> None:
+        """From paho's thread: never blocks it. ``ack`` is called once the message is committed or dropped for
+        cause. A full queue (bounded by the link's Receive Maximum, so only without one) leaves it unacknowledged:
+        the broker redelivers it after a reconnect."""
         try:
-            self.queue.put_nowait((topic, payload))
+            self.queue.put_nowait((topic, payload, ack or _no_ack))
         except queue.Full:
             self.counts["dropped_queue_full"] += 1
 
@@ -135,34 +201,75 @@ class Ingest:
             if batch:
                 self._write_retrying(batch)
 
-    def _write_retrying(self, batch: list[tuple[str, bytes]]) -> None:
-        """A database outage holds the batch and retries with backoff (messages queue up behind it, bounded by
-        QUEUE_MAX) instead of dropping it; only a shutdown during the outage gives it up, counted. When the
-        database answers but the batch keeps failing, a message in it is the cause: the batch is written one message
-        at a time and only the ones that fail are dropped (counted, logged)."""
-        delay, failures = 0.5, 0
-        while True:
+    def _write_retrying(self, batch: list[tuple[str, bytes, object]]) -> None:
+        """An outage holds the batch and retries with backoff (unacknowledged, so the broker keeps everything behind
+        it); a shutdown during the outage leaves it unacknowledged for the next start (counted as held, not lost).
+        A message the database refuses is isolated and dropped alone (see ``_write_isolating``)."""
+        pending, delay = list(batch), 0.5
+        while pending:
             try:
-                self._write(batch)
-                return
-            except Exception:
-                failures += 1
-                if failures >= 3 and len(batch) > 1 and self._database_ok():
-                    for one in batch:
-                        try:
-                            self._write([one])
-                        except Exception:
-                            self.counts["poison"] += 1
-                            log.exception("a message on %s cannot be written; dropped", one[0][:120])
-                    return
+                self._write_isolating(pending)
+            except _Outage as e:
+                if self.outage_since is None:
+                    self.outage_since = self._clock()
                 if self._stop.is_set():
-                    self.counts["lost_at_shutdown"] += len(batch)
-                    log.exception("ingest batch of %d given up at shutdown", len(batch))
+                    self.counts["held_at_shutdown"] += len(pending)
+                    log.warning("stopping during a database outage: %d message(s) left unacknowledged for the "
+                                "broker to redeliver", len(pending))
                     return
                 self.counts["batch_retries"] += 1
-                log.warning("ingest batch of %d failed; retrying in %.1f s", len(batch), delay, exc_info=True)
+                log.warning("database outage (%s); holding %d message(s), retrying in %.1f s",
+                            _first_line(e.__cause__ or e), len(pending), delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
+        if self.outage_since is not None:
+            log.info("database writes resumed after %.1f s", self._clock() - self.outage_since)
+            self.outage_since = None
+
+    def _write_isolating(self, pending: list[tuple[str, bytes, object]]) -> None:
+        """Write ``pending`` and empty it, acknowledging what is written. When the database refuses the batch for
+        its data, the messages are written one at a time and one that fails alone is dropped (counted, logged,
+        acknowledged: a redelivery would fail the same way). Raises ``_Outage`` with what is left in ``pending``."""
+        try:
+            self._write_or_outage(pending)
+        except _Outage:
+            raise
+        except Exception:
+            if len(pending) == 1:
+                self._drop(pending.pop())
+                return
+            log.warning("ingest batch of %d refused by the database; writing it one message at a time",
+                        len(pending), exc_info=True)
+            while pending:
+                try:
+                    self._write_or_outage(pending[:1])
+                except _Outage:
+                    raise
+                except Exception:
+                    self._drop(pending[0])
+                else:
+                    pending[0][2]()
+                pending.pop(0)
+            return
+        for _, _, ack in pending:
+            ack()
+        pending.clear()
+
+    def _write_or_outage(self, batch: list[tuple[str, bytes, object]]) -> None:
+        try:
+            self._write(batch)
+        except OUTAGE_ERRORS as e:
+            raise _Outage(str(e)) from e
+        except Exception as e:
+            if not self._database_ok():  # the database went away in mid-write: still an outage, not bad data
+                raise _Outage(str(e)) from e
+            raise
+
+    def _drop(self, message: tuple[str, bytes, object]) -> None:
+        topic_text, _, ack = message
+        self.counts["poison"] += 1
+        log.error("a message on %s cannot be written; dropped", topic_text[:120], exc_info=True)
+        ack()
 
     def _database_ok(self) -> bool:
         try:
@@ -172,9 +279,9 @@ class Ingest:
         except Exception:
             return False
 
-    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write(self, batch: list[tuple[str, bytes, object]]) -> None:
         parsed = []
-        for topic_text, payload in batch:
+        for topic_text, payload, _ in batch:
             try:
                 t = topics.parse(topic_text)
                 m = messages.parse(payload)
@@ -240,6 +347,13 @@ class Ingest:
         if row is None or row.device_id != device_id:
             self.counts["event_unknown_job"] += 1
             return
+        if row.status not in EVENT_STATUSES:
+            self.counts["event_refused"] += 1
+            log.warning("device %s sent an update event for job %s, which it was never offered (status %s); dropped",
+                        device_id, m.job, row.status)
+            return
+        if row.status == MemberStatus.INSTALLED.value and not (m.result == "ok" and m.state == "rolled_back"):
+            return  # after installing, only the outcome of a rollback order can change a member
         if m.result == "ok" and m.state == "committed":
             new = "installed"
         elif m.result == "ok" and m.state == "rolled_back":
@@ -297,21 +411,52 @@ class Ingest:
         self.counts["tm_duplicate"] += len(batch) - stored
 
     def _chunks(self, s: Session, device_id: str, m: messages.ChunkRequest) -> None:
+        """Queue a chunk request for serving if the job is the device's own, still in flight, in a rollout that was
+        not aborted or finished; the permission is re-read every ``JOB_RECHECK_S``."""
+        now = self._clock()
         known = self._jobs.get(m.job)
-        if known is None:
-            row = s.exec(select(RolloutDevice).where(RolloutDevice.job == m.job)).first()
+        if known is None or now - known[2] > JOB_RECHECK_S:
+            row = s.exec(select(RolloutDevice.device_id, RolloutDevice.files, RolloutDevice.status, Rollout.state)
+                         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)  # type: ignore[arg-type]
+                         .where(RolloutDevice.job == m.job)).first()
             if row is None:
                 self.counts["chunk_unknown_job"] += 1
                 return
-            known = self._jobs[m.job] = (row.device_id, dict(row.files))
-        owner, files = known
+            owner, files, member_status, rollout_state = row
+            servable = (member_status in {st.value for st in IN_FLIGHT}
+                        and rollout_state in (RolloutState.RUNNING.value, RolloutState.PAUSED.value))
+            if len(self._jobs) > 100_000:  # bounded: finished jobs are never asked for again
+                self._jobs.clear()
+            known = self._jobs[m.job] = (owner, dict(files) if servable else {}, now)
+        owner, files, _ = known
         if owner != device_id:
             self.counts["chunk_wrong_device"] += 1
+            return
+        if not files:
+            self.counts["chunk_job_closed"] += 1
+            return
+        cost = len(set(m.indices)) * getattr(self.delivery, "chunk_size", CHUNK_SIZE)
+        if not self._take_tokens(device_id, now, cost):
+            self.counts["chunk_rate_limited"] += 1  # the device asks again on its stall timer
             return
         try:
             self.chunk_queue.put_nowait((device_id, files, m))
         except queue.Full:
             self.counts["chunk_dropped"] += 1  # the device asks again when its download stalls
+
+    def _take_tokens(self, device_id: str, now: float, cost: int) -> bool:
+        """A per-device token bucket over requested chunk bytes, refilled at ``CHUNK_RATE_BYTES_S`` up to
+        ``CHUNK_BURST_BYTES``: a request is admitted while the bucket is positive and charged when admitted (on this
+        thread, so a burst of requests in one batch cannot all pass before the serving thread catches up)."""
+        tokens, then = self._buckets.get(device_id, (float(CHUNK_BURST_BYTES), now))
+        tokens = min(float(CHUNK_BURST_BYTES), tokens + (now - then) * CHUNK_RATE_BYTES_S)
+        if tokens <= 0:
+            self._buckets[device_id] = (tokens, now)
+            return False
+        self._buckets[device_id] = (tokens - cost, now)
+        if len(self._buckets) > 100_000:  # bounded; a forgotten device starts again with a full bucket
+            self._buckets.clear()
+        return True
 
     def _serve_chunks(self) -> None:
         """Answers chunk requests on its own thread, so a wave's downloads never delay events and telemetry.
@@ -343,3 +488,11 @@ class Ingest:
             except Exception:  # a missing file or a broker hiccup: the device re-requests on its stall timer
                 self.counts["chunk_failed"] += 1
                 log.exception("serving chunks for %s failed", m.job)
+
+
+def _no_ack() -> None:
+    """A message that needs no acknowledgement (QoS 0, or submitted by a test or a tool)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

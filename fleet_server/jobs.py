@@ -1,9 +1,12 @@
-"""Conversion jobs: ``converters/`` run in a separate process pool, so the API stays responsive.
+"""Conversion jobs: run in a separate process pool, so the API stays responsive; the converting itself runs in a
+sandboxed child (fleet_server/sandbox.py), so nothing an upload makes a converter do reaches the server's keys.
 
-The worker process opens its own database engine and artifact store, marks the job running, converts the model for
-each requested profile (progress and log lines go to the job row as it works), stores every artifact and report in
-the content-addressed store, and marks the job succeeded or failed with the reason. A Core ML package (a directory)
-is stored as a zip with sorted members and fixed timestamps.
+The pool worker opens its own database engine and artifact store, marks the job running, copies the version's
+uploads into a sandbox and starts the child there. The child reads only those copies and writes only into its work
+folder: per requested profile the artifact (a Core ML package zipped with sorted members and fixed timestamps), its
+report and golden probe, with progress lines on its pipe. The worker relays the progress to the job row, checks the
+child's list of outputs, stores each file in the content-addressed store, and marks the job succeeded or failed with
+the reason. The child never sees the database, the store or the keys.
 """
 
 from __future__ import annotations
@@ -11,34 +14,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import shutil
-import tempfile
 import time
 import traceback
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import IO, Annotated, Literal
 
+from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
 from fleet_server.db import make_engine
 from fleet_server.models import ConversionJob, ConvertedArtifact, JobStatus, ModelVersion, utcnow
+from fleet_server.sandbox import Sandbox, SandboxConfig, SandboxError, out_of_memory
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
+JOB_TIMEOUT_S = 3600.0  # the default of settings.sandbox_job_timeout_s
+
+
+class ConversionFailedError(Exception):
+    """The converter refused the version's uploads (the child's one-line reason), or its outputs are unusable."""
 
 
 class JobRunner:
     """A lazily started process pool (spawned, never forked from a threaded server)."""
 
-    def __init__(self, database_url: str, data_dir: Path, workers: int = 1):
+    def __init__(self, database_url: str, data_dir: Path, workers: int = 1, sandbox: SandboxConfig | None = None):
         self.database_url, self.data_dir, self.workers = database_url, data_dir, workers
+        self.sandbox = sandbox or SandboxConfig.for_server(Path(data_dir), database_url, timeout_s=JOB_TIMEOUT_S)
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, job_id: int) -> None:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir))  # the outcome lands in the job row
+        # The outcome lands in the job row.
+        self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir), self.sandbox)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -54,12 +65,13 @@ def _zip_dir(folder: Path, out: Path) -> None:
             z.writestr(info, p.read_bytes())
 
 
-def run_job(job_id: int, database_url: str, data_dir: str) -> str:
+def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfig | None = None) -> str:
     """Runs in the worker process. Never raises: the outcome is written to the job row."""
     from fleet_server.artifacts import LocalArtifactStore
 
     engine = make_engine(database_url)
     store = LocalArtifactStore(Path(data_dir) / "artifacts")
+    sandbox = sandbox or SandboxConfig.for_server(Path(data_dir), database_url, timeout_s=JOB_TIMEOUT_S)
     lines: list[str] = []
     last = [0.0]
 
@@ -83,9 +95,8 @@ def run_job(job_id: int, database_url: str, data_dir: str) -> str:
         mv = s.get(ModelVersion, job.model_version_id)
         profiles, version = list(job.profiles), mv.model_copy()
     update(status=JobStatus.RUNNING, started_at=utcnow(), progress="starting")
-    work = Path(tempfile.mkdtemp(prefix=f"fleet-job{job_id}-"))
     try:
-        results = _convert(version, profiles, store, work, progress)
+        results = _convert_sandboxed(version, profiles, store, sandbox, progress)
         with Session(engine) as s:
             for r in results:
                 s.add(ConvertedArtifact(job_id=job_id, model_version_id=version.id, **r))
@@ -94,68 +105,128 @@ def run_job(job_id: int, database_url: str, data_dir: str) -> str:
         lines.append(f"done: {done} of {len(results)} artifact(s) shippable")
         update(status=JobStatus.SUCCEEDED, finished_at=utcnow(), progress=lines[-1])
         return "succeeded"
-    except Exception as e:  # bad input or a converter failure: the job says why
-        from converters.errors import ConvertError
-
-        message = str(e) if isinstance(e, ConvertError) else f"{type(e).__name__}: {e}"
+    except Exception as e:  # bad input, a converter failure or a sandbox limit: the job says why
+        known = isinstance(e, (ConversionFailedError, SandboxError))
+        message = str(e) if known else f"{type(e).__name__}: {e}"
         lines.append(f"failed: {message}")
-        if not isinstance(e, ConvertError):
+        if not known:
             lines.append(traceback.format_exc()[-3000:])
         update(status=JobStatus.FAILED, finished_at=utcnow(), error=message[:2000], progress="failed")
         return "failed"
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         engine.dispose()
 
 
-def _convert(mv: ModelVersion, profiles: list[str], store, work: Path, progress) -> list[dict]:
+def _convert_sandboxed(mv: ModelVersion, profiles: list[str], store, sandbox: SandboxConfig, progress) -> list[dict]:
+    """The worker's side: the uploads into a sandbox, the conversion in its child, the outputs into the store."""
+    with Sandbox(sandbox, "conversion") as box:
+        args = {"source": box.add_input(store.path(mv.source_sha256), f"source.{mv.source_format}"),
+                "calibration": box.add_input(store.path(mv.calibration_sha256), "calibration.npz"),
+                "evaluation": (box.add_input(store.path(mv.evaluation_sha256), "evaluation.npz")
+                               if mv.evaluation_sha256 else None),
+                "profiles": profiles, "name": mv.name, "version": mv.version}
+        answer = box.run("fleet_server.jobs:convert_in_sandbox", args, on_progress=progress)
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            raise ConversionFailedError(answer["error"])
+        try:
+            outputs = _Outputs.model_validate(answer).artifacts
+        except ValidationError as e:
+            raise ConversionFailedError("the conversion gave a malformed list of outputs") from e
+        if any(o.profile not in profiles for o in outputs):
+            raise ConversionFailedError("the conversion gave outputs for profiles it was not asked for")
+        return [_register(box, store, o) for o in outputs]
+
+
+Relative = Annotated[str, Field(max_length=300)]
+
+
+class _Output(BaseModel):
+    """One artifact as the child reports it. Checked, since the child is not trusted; paths are re-opened safely."""
+
+    profile: str = Field(max_length=64)
+    format: str = Field(max_length=32)
+    status: Literal["shippable", "refused", "failed"]
+    reasons: list[Annotated[str, Field(max_length=4000)]] = Field(max_length=200)
+    fidelity: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    artifact: Relative | None = None
+    report: Relative
+    probe: Relative | None = None
+
+
+class _Outputs(BaseModel):
+    artifacts: list[_Output] = Field(max_length=1000)
+
+
+def _register(box: Sandbox, store, out: _Output) -> dict:
+    sha = size = probe_sha = None
+    if out.artifact is not None and out.status == "shippable":
+        sha, size = _put(store, box.open_output(out.artifact))
+        if out.probe is not None:
+            probe_sha, _ = _put(store, box.open_output(out.probe))
+    report_sha, _ = _put(store, box.open_output(out.report))
+    return {"profile": out.profile, "format": out.format, "status": out.status, "artifact_sha256": sha,
+            "size": size, "report_sha256": report_sha, "reasons": out.reasons, "probe_sha256": probe_sha,
+            "fidelity": out.fidelity}
+
+
+def convert_in_sandbox(args: dict, progress) -> dict:
+    """The sandboxed child's side: converts the copies in its work folder (its cwd) and writes every output under
+    it; returns what it made, as paths relative to the work folder, or the converter's one-line reason."""
+    from converters.errors import ConvertError
+
+    try:
+        return {"artifacts": _convert(args, progress)}
+    except ConvertError as e:
+        if out_of_memory(e):
+            raise MemoryError from e
+        return {"error": str(e)}
+
+
+def _convert(args: dict, progress) -> list[dict]:
     from converters.calibration import load_dataset, split
     from converters.pipeline import ARTIFACT_NAMES, Converter, ConvertOptions
     from converters.source import load_source
     from firmware_profiles import load_profile
 
-    source_path = work / f"source.{mv.source_format}"
-    shutil.copyfile(store.path(mv.source_sha256), source_path)
-    calib_path = work / "calibration.npz"
-    shutil.copyfile(store.path(mv.calibration_sha256), calib_path)
     progress("loading model")
-    source = load_source(source_path, work / "work")
-    data = load_dataset(calib_path, source.inputs)
-    if mv.evaluation_sha256:
-        eval_path = work / "evaluation.npz"
-        shutil.copyfile(store.path(mv.evaluation_sha256), eval_path)
-        calibration, evaluation = data, load_dataset(eval_path, source.inputs)
+    here = Path.cwd()  # the work folder; absolute, since the converters' own workers start elsewhere
+    source = load_source(here / args["source"], here / "work")
+    data = load_dataset(here / args["calibration"], source.inputs)
+    if args["evaluation"]:
+        calibration, evaluation = data, load_dataset(here / args["evaluation"], source.inputs)
     else:
         calibration, evaluation = split(data, 0.25)
-    converter = Converter(source, calibration, evaluation, work / "work",
-                          ConvertOptions(latency_runs=20, model_name=mv.name, model_version=mv.version),
+    converter = Converter(source, calibration, evaluation, here / "work",
+                          ConvertOptions(latency_runs=20, model_name=args["name"], model_version=args["version"]),
                           progress=progress)
-    results = []
-    for pid in profiles:
+    results, made = [], here / "results"
+    made.mkdir()
+    for pid in args["profiles"]:
         progress(f"{pid}: converting")
-        for report in converter.convert(load_profile(pid), work / "out"):
+        for report in converter.convert(load_profile(pid), here / "out"):
             fmt = next(f for f in ARTIFACT_NAMES if f.value == report.format)
-            artifact = work / "out" / pid / ARTIFACT_NAMES[fmt]
-            sha = size = probe_sha = None
+            artifact = here / "out" / pid / ARTIFACT_NAMES[fmt]
+            kept = probe = None
             if report.shippable and artifact.exists():
                 if artifact.suffix in (".onnx", ".tflite") and evaluation.samples:
-                    probe_file = work / f"{pid}-{fmt.value}.probe.npz"
-                    probe_file.write_bytes(golden_probe(artifact, evaluation.samples[0]))
-                    probe_sha, _ = _put_file(store, probe_file)
+                    probe = made / f"{pid}-{fmt.value}.probe.npz"
+                    probe.write_bytes(golden_probe(artifact, evaluation.samples[0]))
+                kept = artifact
                 if artifact.is_dir():
-                    zipped = work / f"{pid}-{fmt.value}.zip"
-                    _zip_dir(artifact, zipped)
-                    artifact = zipped
-                sha, size = _put_file(store, artifact)
-            report_file = work / f"{pid}-{fmt.value}.report.json"
+                    kept = made / f"{pid}-{fmt.value}.zip"
+                    _zip_dir(artifact, kept)
+            report_file = made / f"{pid}-{fmt.value}.report.json"
             report_file.write_text(report.model_dump_json(indent=2))
-            report_sha, _ = _put_file(store, report_file)
+            fidelity = min((o.cosine for o in report.fidelity), default=None)
             results.append({"profile": pid, "format": report.format, "status": report.status.value,
-                            "artifact_sha256": sha, "size": size, "report_sha256": report_sha,
-                            "reasons": report.reasons, "probe_sha256": probe_sha,
-                            "fidelity": min((o.cosine for o in report.fidelity), default=None)})
+                            "reasons": report.reasons, "fidelity": fidelity, "report": _relative(report_file),
+                            "artifact": kept and _relative(kept), "probe": probe and _relative(probe)})
             progress(f"{pid} {report.format}: {report.status.value}")
     return results
+
+
+def _relative(path: Path) -> str:
+    return path.relative_to(Path.cwd()).as_posix()
 
 
 def golden_probe(artifact: Path, sample: dict) -> bytes:
@@ -174,10 +245,10 @@ def golden_probe(artifact: Path, sample: dict) -> bytes:
     return buf.getvalue()
 
 
-def _put_file(store, path: Path) -> tuple[str, int]:
+def _put(store, source: IO[bytes]) -> tuple[str, int]:
     async def chunks():
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
+        with source:
+            while block := source.read(1 << 20):
                 yield block
 
     return asyncio.run(store.put_stream(chunks(), max_bytes=1 << 40))

@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from fleet_server.db import secure_sqlite_file
+
 HERE = Path(__file__).resolve().parent / "migrations"
 
 
@@ -18,6 +20,7 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    secure_sqlite_file(url)  # before Alembic's first connection creates the file world-readable
     command.upgrade(alembic_config(url), revision)
 
 

@@ -73,6 +73,7 @@ class AuditEntry(SQLModel, table=True):
     outcome: str = Field(max_length=20)  # ok | denied | failed
     status: int = 200
     detail: str = Field(default="", max_length=1000)
+    source: str = Field(default="", max_length=64)  # the client's address as the server saw it
 
 
 # ----------------------------------------------------------------------------- enrollment and devices

@@ -28,11 +28,19 @@ class ServerSettings(BaseSettings):
     broker_pid_file: Path | None = None  # Mosquitto's pid_file, for the reload (SIGHUP) after each rewrite
     mqtt_username: str | None = None  # the server's own broker account (fleet-wide rights)
     mqtt_password: str | None = None
+    # This replica's broker account (fleet_server/broker.py server_account): unique across the deployment. Default:
+    # the lowest number free among this host's server processes, enough for replicas on one host.
+    server_instance: int | None = Field(default=None, ge=0, le=15)
     rollout_engine: bool = True  # connect to the broker, ingest device messages, run rollouts
     engine_tick_s: float = Field(default=0.5, gt=0, le=60)
     drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
+    # Validation and conversion of uploaded models run in a sandboxed child (fleet_server/sandbox.py).
+    sandbox_memory_mb: int = Field(default=4096, ge=128)  # the child's private memory (RLIMIT_DATA)
+    sandbox_timeout_s: float = Field(default=300.0, gt=0)  # validating one upload at POST /v1/models
+    sandbox_job_timeout_s: float = Field(default=3600.0, gt=0)  # one conversion job, all its profiles
+    sandbox_user: str | None = "nobody"  # the child's user when the server is root ("": uid 0, no capabilities)
 
     @property
     def pki_folder(self) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -241,7 +242,7 @@ class RolloutEngine:
         for device_id, profile, tags in s.exec(q):
             if not wanted_tags <= set(tags or []):
                 continue
-            member = RolloutDevice(rollout_id=r.id or 0, device_id=device_id, job=f"r{r.id}-{device_id}"[:64])
+            member = RolloutDevice(rollout_id=r.id or 0, device_id=device_id, job=new_job_id(r.id or 0))
             if profile not in artifacts:
                 member.status, member.reason = MemberStatus.SKIPPED.value, "no_artifact"
                 member.detail = f"no releasable artifact of this version for profile {profile}"
@@ -304,6 +305,12 @@ class RolloutEngine:
             order = messages.RollbackOrder(job=job, reason=reason[:500])
             self.publish(topics.topic(device_id, "cmd"), order.to_bytes())
         return len(targets)
+
+
+def new_job_id(rollout_id: int) -> str:
+    """A member's job id: unguessable (80 random bits), because a device's events and chunk requests name it. With
+    ``r{rollout}-{device}`` a device never offered a job could guess it and report it installed or failed."""
+    return f"r{rollout_id}-{secrets.token_hex(10)}"
 
 
 def strategy_dict(strategy: Strategy) -> dict:

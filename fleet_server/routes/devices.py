@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -12,12 +13,22 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, type_coerce
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import NullType
 from sqlmodel import select
 
 from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
 from fleet_server import keys
-from fleet_server.auth import Admin, Operator, SessionDep, Viewer, audit, hash_secret, new_secret
+from fleet_server.auth import (
+    Admin,
+    Operator,
+    SessionDep,
+    Viewer,
+    audit,
+    current_request_audit,
+    hash_secret,
+    new_secret,
+)
 from fleet_server.broker import mosquitto_hash
 from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
@@ -34,7 +45,11 @@ from fleet_server.models import (
 )
 from fleet_server.pki import FleetCA, PKIError
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["devices"])
+# A device's id is dev-<the first 16 hex digits of its signing key> (every id so far); a longer prefix only when
+# another key took the shorter id. 60 digits fill Device.id's 64 characters.
+ID_KEY_DIGITS = (16, 32, 60)
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
 
 
@@ -87,7 +102,7 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
     elif row.uses >= row.max_uses:
         problem = "enrollment token exhausted"
     if problem:
-        audit(session, actor="device", action="device.enroll", outcome="denied", status_code=401, detail=problem)
+        _audit_refused_enrollment(request, session, problem)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, problem)
     profile = _check_profile(body.profile or row.profile or "")
     if row.profile and body.profile and body.profile != row.profile:
@@ -98,7 +113,12 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
               detail="signing key already enrolled")
         raise HTTPException(status.HTTP_409_CONFLICT, "a device with this signing key is already enrolled")
     settings = request.app.state.settings
-    device_id = f"dev-{body.signing_public_key[:16]}"
+    device_id = _free_device_id(session, body.signing_public_key)
+    if device_id is None:
+        audit(session, actor="device", action="device.enroll", outcome="denied", status_code=409,
+              detail="every device id this signing key gives is taken")
+        raise HTTPException(status.HTTP_409_CONFLICT, "every device id this signing key gives is taken by devices "
+                                                      "with other keys: enroll with a new key")
     ca = _fleet_ca(settings.pki_folder, required=body.client_csr is not None)
     issued = None
     if body.client_csr is not None:
@@ -114,7 +134,13 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
     row.uses += 1
     session.add(device)
     session.add(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as e:  # a concurrent enrollment took this id or key; the error text holds the new row
+        session.rollback()
+        log.warning("enrollment conflicted with a concurrent one", extra={"ctx": {"device_id": device_id}})
+        raise HTTPException(status.HTTP_409_CONFLICT, "another enrollment took this device id or signing key at the "
+                                                      "same time: try again") from e
     request.app.state.broker_sync.sync(session)  # the new account works as soon as this answer arrives
     audit(session, actor=f"device:{device_id}", action="device.enroll", target=f"device:{device_id}")
     try:
@@ -125,6 +151,22 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
                           broker_url=settings.device_broker_url or settings.broker_url, trust_root=root,
                           broker_ca=ca.cert_pem.decode() if ca else None,
                           client_cert=issued.cert_pem.decode() if issued else None)
+
+
+def _audit_refused_enrollment(request: Request, session, problem: str) -> None:
+    """Unauthenticated, like any 401: at most a few rows a minute per client address (the rest are counted)."""
+    current = current_request_audit()
+    if request.app.state.audit_limiter.admit(current.source if current else ""):
+        audit(session, actor="device", action="device.enroll", outcome="denied", status_code=401, detail=problem)
+
+
+def _free_device_id(session, signing_key: str) -> str | None:
+    """The shortest id from the key that no other device holds (the caller checked that the key is not enrolled)."""
+    for digits in ID_KEY_DIGITS:
+        candidate = f"dev-{signing_key[:digits]}"
+        if session.get(Device, candidate) is None:
+            return candidate
+    return None
 
 
 def _fleet_ca(folder, *, required: bool) -> FleetCA | None:

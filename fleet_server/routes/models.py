@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import logging
 from pathlib import Path as FsPath
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Path, Request, status
+from pydantic import BaseModel, ValidationError
+from pydantic import Field as PField
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
@@ -26,38 +27,82 @@ from fleet_server.models import (
     ModelVersionCreate,
     Rollout,
 )
+from fleet_server.sandbox import (
+    Sandbox,
+    SandboxConfig,
+    SandboxCrashError,
+    SandboxError,
+    SandboxLimitError,
+    out_of_memory,
+)
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["models"])
 REFERENCE_SAMPLES = 512  # calibration samples the drift reference is computed from
 
 
-def _validate_source(store, body: ModelVersionCreate) -> tuple[list[str], list[str], dict]:
-    """The source loads as a model and the calibration data fits it: checked now, not when a job runs. Returns the
-    inputs, outputs and the calibration data's statistics per input (the drift reference)."""
-    from converters.calibration import load_dataset
-    from converters.errors import ConvertError
-    from converters.source import load_source
+class _Reference(BaseModel):
+    """One input's drift reference, as the sandboxed child reports it (checked: the child is not trusted)."""
 
+    edges: list[float] = PField(max_length=drift.BINS + 1)
+    shares: list[float] = PField(max_length=drift.BINS)
+    mean: float
+    std: float
+    count: int
+
+
+class _Validated(BaseModel):
+    inputs: list[Annotated[str, PField(max_length=1000)]] = PField(max_length=10_000)
+    outputs: list[Annotated[str, PField(max_length=1000)]] = PField(max_length=10_000)
+    reference: dict[Annotated[str, PField(max_length=1000)], _Reference] = PField(max_length=10_000)
+
+
+def _validate_source(store, body: ModelVersionCreate, sandbox: SandboxConfig) -> tuple[list[str], list[str], dict]:
+    """The source loads as a model and the calibration data fits it: checked now, not when a job runs. Returns the
+    inputs, outputs and the calibration data's statistics per input (the drift reference). The checking runs in a
+    sandboxed child (fleet_server/sandbox.py): parsing an upload never runs in the server, next to its keys."""
     for sha in filter(None, (body.source_sha256, body.calibration_sha256, body.evaluation_sha256)):
         if not store.exists(sha):
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no uploaded artifact {sha} "
                                 "(POST /v1/artifacts first)")
-    work = FsPath(tempfile.mkdtemp(prefix="fleet-validate-"))
     try:
-        src = work / f"source.{body.source_format}"
-        shutil.copyfile(store.path(body.source_sha256), src)
-        calib = work / "calibration.npz"
-        shutil.copyfile(store.path(body.calibration_sha256), calib)
-        try:
-            source = load_source(src, work / "w")
-            data = load_dataset(calib, source.inputs, limit=REFERENCE_SAMPLES)
-        except ConvertError as e:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-        ref = drift.reference({i.name: np.concatenate([np.ravel(smp[i.name]) for smp in data.samples])
-                               for i in source.inputs})
-        return [i.describe() for i in source.inputs], [o.describe() for o in source.outputs], ref
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with Sandbox(sandbox, "validation") as box:
+            args = {"source": box.add_input(store.path(body.source_sha256), f"source.{body.source_format}"),
+                    "calibration": box.add_input(store.path(body.calibration_sha256), "calibration.npz"),
+                    "reference_samples": REFERENCE_SAMPLES}
+            answer = box.run("fleet_server.routes.models:validate_upload", args)
+    except (SandboxLimitError, SandboxCrashError) as e:  # the upload took the child down: the upload's fault
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    except SandboxError as e:
+        log.error("model validation unavailable: %s", e)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model validation is unavailable") from e
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, answer["error"][:2000])
+    try:
+        checked = _Validated.model_validate(answer)
+    except ValidationError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "validation gave a malformed answer") from e
+    return checked.inputs, checked.outputs, {k: v.model_dump() for k, v in checked.reference.items()}
+
+
+def validate_upload(args: dict, progress) -> dict:
+    """The sandboxed child's side of :func:`_validate_source`: only input files in, plain data out."""
+    from converters.calibration import load_dataset
+    from converters.errors import ConvertError
+    from converters.source import load_source
+
+    try:
+        here = FsPath.cwd()  # the sandbox's work folder
+        source = load_source(here / args["source"], here / "work")
+        data = load_dataset(here / args["calibration"], source.inputs, limit=args["reference_samples"])
+    except ConvertError as e:
+        if out_of_memory(e):
+            raise MemoryError from e
+        return {"error": str(e)}
+    ref = drift.reference({i.name: np.concatenate([np.ravel(smp[i.name]) for smp in data.samples])
+                           for i in source.inputs})
+    return {"inputs": [i.describe() for i in source.inputs], "outputs": [o.describe() for o in source.outputs],
+            "reference": ref}
 
 
 def _version(session, name: str, version: str) -> ModelVersion:
@@ -69,7 +114,8 @@ def _version(session, name: str, version: str) -> ModelVersion:
 
 @router.post("/models", status_code=status.HTTP_201_CREATED, response_model=ModelVersion)
 def create_model_version(body: ModelVersionCreate, request: Request, session: SessionDep, op: Operator):
-    inputs, outputs, ref = _validate_source(request.app.state.artifacts, body)
+    sandbox = SandboxConfig.from_settings(request.app.state.settings)
+    inputs, outputs, ref = _validate_source(request.app.state.artifacts, body, sandbox)
     mv = ModelVersion(**body.model_dump(), inputs=inputs, outputs=outputs, reference_stats=ref, created_by=op.name)
     session.add(mv)
     try:

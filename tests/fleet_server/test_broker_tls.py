@@ -92,6 +92,7 @@ def secure_fleet(database_url, tmp_path):
     write_pair(files, "broker", key, issued.cert_pem)
     (files / "ca.crt").write_bytes(ca.cert_pem)
     app = create_app(settings)  # writes passwd, acl and crl.pem
+    (files / "persistence").mkdir()  # mosquitto_conf's default persistence location
     with Session(app.state.engine) as s:
         _, admin = issue_token(s, name="admin", role=Role.ADMIN, created_by="test")
     tls_port, mtls_port = free_port(), free_port()

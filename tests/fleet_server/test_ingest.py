@@ -57,6 +57,6 @@ def test_a_database_outage_loses_no_telemetry():
         finally:
             ingest.stop()
             engine.dispose()
-        assert ingest.counts["tm_stored"] == 10 and not ingest.counts["lost_at_shutdown"]
+        assert ingest.counts["tm_stored"] == 10 and not ingest.counts["held_at_shutdown"]
     finally:
         pg.stop()
