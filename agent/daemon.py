@@ -18,21 +18,27 @@ from pathlib import Path
 from agent import runtimes
 from agent.api import LocalApi, Metrics, Serving
 from agent.batching import MicroBatcher
+from agent.download import WindowConfig
 from agent.link import BrokerConfig, Link
 from agent.outbox import Outbox
 from agent.settings import AgentSettings
 from agent.slots import SlotStore
 from agent.store import Store
 from agent.telemetry import Telemetry
-from agent.updater import Updater, UpdaterConfig
+from agent.updater import StepHook, Updater, UpdaterConfig, no_hook
 from fleet_protocol import messages, topics
-from fleet_protocol.errors import ProtocolError
+from fleet_protocol.errors import MalformedError, ProtocolError
 
 log = logging.getLogger(__name__)
 
+# The topic kinds the agent subscribes to (``topics.device_subscriptions``): a message on any other is refused.
+INBOUND_KINDS = frozenset({"cmd", "dl"})
+
 
 class Agent:
-    def __init__(self, settings: AgentSettings):
+    """``on_step`` reaches the updater (``Updater``): nothing in production; tests pause the agent with it."""
+
+    def __init__(self, settings: AgentSettings, *, on_step: StepHook = no_hook):
         self.s = settings
         state = Path(settings.state_dir)
         state.mkdir(parents=True, exist_ok=True)
@@ -49,12 +55,10 @@ class Agent:
         prefer = None if settings.tflite_runtime == "auto" else settings.tflite_runtime
         self.updater = Updater(
             UpdaterConfig(device_id=settings.device_id, profile=settings.profile, cohort=settings.cohort,
-                          work_dir=state / "work", chunk_window=settings.chunk_window,
-                          chunk_timeout_s=settings.chunk_timeout_s, threads=settings.threads,
-                          providers=settings.execution_providers, device_key=settings.device_key(),
-                          pause_at=settings.test_pause_at, pause_after=settings.test_pause_after),
+                          work_dir=state / "work", device_key=settings.device_key(),
+                          window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s)),
             store=self.store, slots=self.slots, serving=self.serving, telemetry=self.telemetry, outbox=self.outbox,
-            send=self._send, pinned_root=Path(settings.trust_root).read_bytes(),
+            send=self._send, pinned_root=Path(settings.trust_root).read_bytes(), on_step=on_step,
             loader=lambda p: runtimes.load(p, threads=settings.threads, providers=settings.execution_providers,
                                            tflite=prefer))
         batcher = MicroBatcher(max_batch=settings.batch_max, max_wait_s=settings.batch_wait_ms / 1e3) \
@@ -105,8 +109,11 @@ class Agent:
 
     # ------------------------------------------------------------------ MQTT
 
-    def _send(self, topic: str, payload: bytes, retain: bool = False) -> int | None:
-        return self._link.publish(topic, payload, qos=1, retain=retain) if self._link else None
+    def _send(self, topic: str, payload: bytes, retain: bool = False, *,
+              user_properties: tuple[tuple[str, str], ...] = ()) -> int | None:
+        if self._link is None:
+            return None
+        return self._link.publish(topic, payload, qos=1, retain=retain, user_properties=user_properties)
 
     def _on_connected(self) -> None:
         self.outbox.connected()
@@ -120,15 +127,12 @@ class Agent:
         """Link thread: validate and hand over; a bad message is counted and logged, never fatal."""
         try:
             t = topics.parse_own(topic, self.s.device_id)
-            msg = messages.parse(payload)
+            if t.kind not in INBOUND_KINDS:
+                raise MalformedError(f"the agent takes no messages on {t.kind!r} topics")
+            msg = messages.parse_for(t.kind, payload)  # a chunk may come as a binary frame or as JSON
         except ProtocolError as e:
             self.bad_messages += 1
             log.warning("refused a message on %s: %s", topic, e)
-            return
-        expected = {"cmd": (messages.UpdateOffer, messages.RollbackOrder, messages.Ping), "dl": (messages.ChunkData,)}
-        if not isinstance(msg, expected.get(t.kind, ())):
-            self.bad_messages += 1
-            log.warning("refused a %s message on %s", type(msg).__name__, topic)
             return
         if isinstance(msg, messages.Ping):
             self.updater.publish_state()

@@ -14,7 +14,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -179,11 +179,17 @@ class Link:
 
     # ------------------------------------------------------------------ sending
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
-        """Queue a message; returns its message id, or None while disconnected (the caller keeps it)."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                user_properties: Sequence[tuple[str, str]] = ()) -> int | None:
+        """Queue a message, with MQTT 5 user properties if any (as (name, value) pairs); returns its message id, or
+        None while disconnected (the caller keeps it)."""
         if not self._connected.is_set():
             return None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if user_properties:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return info.mid

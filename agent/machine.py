@@ -24,16 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from fleet_protocol.vocabulary import Reason, UpdateState
 
-class State(StrEnum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"  # offer verified and journaled; fetching the delta or full artifact
-    STAGING = "staging"  # verify, patch, decrypt, verify target, write the inactive slot (fsync)
-    PROBING = "probing"  # load the staged model beside the serving one and run the golden inputs
-    ACTIVATING = "activating"  # switch the active-slot pointer (atomic rename)
-    COMMITTED = "committed"  # switched; report success
-    ROLLING_BACK = "rolling_back"  # point back at the previous slot
-    FAILED = "failed"  # report why; the previous model is serving
+# One vocabulary: the machine's states are the protocol's update states (what an ``update_event`` reports), so
+# the two cannot drift. ``UpdateState.REJECTED`` and ``UpdateState.ROLLED_BACK`` are report-only: no transition
+# leads to them, and ``MACHINE_STATES`` lists the ones a journal can hold.
+State = UpdateState
+MACHINE_STATES = frozenset(State) - {State.REJECTED, State.ROLLED_BACK}
 
 
 class Event(StrEnum):
@@ -108,7 +105,7 @@ class Snapshot:
 
     state: State = State.IDLE
     job: str | None = None
-    reason: str = "ok"  # fleet_protocol.messages.Reason value of the failure, if any
+    reason: str = Reason.OK  # a Reason value: why the job failed, if it did
     detail: str = ""
     restarts: int = 0  # restarts in the current state
     transitions: int = 0  # steps taken in this job
@@ -139,11 +136,11 @@ def step(snap: Snapshot, event: Event, *, job: str | None = None, reason: str = 
     new = replace(snap, state=nxt, transitions=snap.transitions + 1,
                   restarts=snap.restarts if nxt is snap.state else 0)  # restarts count per state
     if event is Event.FAILED:
-        new = replace(new, reason=reason or "internal", detail=detail)
+        new = replace(new, reason=reason or Reason.INTERNAL, detail=detail)
     elif event is Event.ROLLBACK_ORDER:
         if snap.state is State.IDLE:
             new = replace(new, job=job, restarts=0, transitions=1)
-        new = replace(new, reason="rolled_back", detail=detail or "rollback ordered by the server",
+        new = replace(new, reason=Reason.ROLLED_BACK, detail=detail or "rollback ordered by the server",
                       ordered_rollback=True)
     elif event is Event.RESTART:
         new = replace(new, restarts=snap.restarts + 1)
@@ -162,12 +159,12 @@ def _guard(snap: Snapshot, detail: str) -> Step:
     itself cannot loop: activating → rolling back → failed → idle (giving up the report, not the device)."""
     fresh = replace(snap, restarts=0)
     if snap.state is State.ACTIVATING:
-        return Step(replace(fresh, state=State.ROLLING_BACK, reason="internal", detail=detail),
+        return Step(replace(fresh, state=State.ROLLING_BACK, reason=Reason.INTERNAL, detail=detail),
                     (Action.RESTORE_PREVIOUS,))
     if snap.state in (State.FAILED, State.COMMITTED):
         return Step(Snapshot(), ())
     if snap.state is State.ROLLING_BACK:
         return Step(replace(fresh, state=State.FAILED, detail=f"{snap.detail}; {detail}".strip("; ")),
                     (Action.CLEANUP, Action.REPORT_FAILED))
-    return Step(replace(fresh, state=State.FAILED, reason="internal", detail=detail),
+    return Step(replace(fresh, state=State.FAILED, reason=Reason.INTERNAL, detail=detail),
                 (Action.CLEANUP, Action.REPORT_FAILED))

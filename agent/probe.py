@@ -1,28 +1,21 @@
 """The health probe: golden inputs from the offer, the expected outputs, and the tolerance the signed metadata
 states. Pure: arrays in, a verdict out.
 
-The probe file is an ``.npz`` with ``in/<input name>`` and ``out/<output name>`` arrays, its sha256 signed in the
-update metadata (``probe.inputs_sha256``) and its bytes carried by the offer.
+The probe file's format (``in/<name>`` and ``out/<name>`` arrays in an ``.npz``) has its home in
+``fleet_protocol.probe``, which the conversion writes with; its sha256 is signed in the update metadata
+(``probe.inputs_sha256``) and its bytes are carried by the offer.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
-MAX_PROBE_BYTES = 768 * 1024
+from fleet_protocol.probe import MAX_PROBE_BYTES, Golden, ProbeDataError, read_golden
 
-
-class ProbeDataError(ValueError):
-    """The probe file cannot be read (not an npz, no inputs, pickled objects)."""
-
-
-@dataclass(frozen=True)
-class Golden:
-    inputs: dict[str, np.ndarray]
-    expected: dict[str, np.ndarray]
+# The agent's probe is the format's reader plus the judgement; the updater reaches both through this module.
+__all__ = ["MAX_PROBE_BYTES", "Golden", "ProbeDataError", "Verdict", "judge", "read_golden"]
 
 
 @dataclass(frozen=True)
@@ -31,21 +24,6 @@ class Verdict:
     detail: str
     worst_cosine: float
     worst_abs_error: float
-
-
-def read_golden(data: bytes) -> Golden:
-    if len(data) > MAX_PROBE_BYTES:
-        raise ProbeDataError(f"probe data is {len(data)} bytes (limit {MAX_PROBE_BYTES})")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise ProbeDataError(f"probe data is not a readable npz: {e}") from e
-    inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in/")}
-    expected = {k[4:]: v for k, v in arrays.items() if k.startswith("out/")}
-    if not inputs or not expected:
-        raise ProbeDataError("probe data needs in/<name> and out/<name> arrays")
-    return Golden(inputs, expected)
 
 
 def judge(expected: dict[str, np.ndarray], got: dict[str, np.ndarray], *, atol: float, rtol: float,

@@ -58,9 +58,6 @@ class AgentSettings(BaseModel):
     # downloads
     chunk_window: int = Field(default=64, ge=1, le=4096)
     chunk_timeout_s: float = Field(default=5.0, gt=0)
-    # test hooks (never set in production): pause after journaling a state / after an action
-    test_pause_at: str | None = None
-    test_pause_after: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:

@@ -1,7 +1,7 @@
-"""Rollout benchmark: N simulated devices (agent/sim.py: real MQTT clients, real signature and hash checks, one epoll
-loop per process) on a real Mosquitto, a real `fleet-server serve` (SQLite), a delta of a few MB. Measures the time
-from the rollout's start to every device installed, and how many were lost (never installed). Also the CPU and peak
-memory of the broker and the server. Prints a table and writes bench/results/rollout_bench.json.
+"""Rollout benchmark: N simulated devices (fleet_sim/sim.py: real MQTT clients, real signature and hash checks, one
+epoll loop per process) on a real Mosquitto, a real `fleet-server serve` (SQLite), a delta of a few MB. Measures the
+time from the rollout's start to every device installed, and how many were lost (never installed). Also the CPU and
+peak memory of the broker and the server. Prints a table and writes bench/results/rollout_bench.json.
 
 Usage: python bench/rollout_bench.py [--devices 1000] [--processes 2] [--size-mb 8]
 """
@@ -81,7 +81,7 @@ def register(db, store, name: str, version: str, data: bytes) -> str:
 
 def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, base: bytes, target_sha: str,
                 ready, go, out, timeout: float = 300) -> None:
-    from agent.sim import SimFleet
+    from fleet_sim.sim import SimFleet
 
     fleet = SimFleet(broker_url, root, blobs={base_sha: base})
     for d in ids:
@@ -216,10 +216,15 @@ def main() -> int:
         "broker_cpu_s": round(usage["broker"][0] - cpu0["broker"], 1), "broker_peak_rss_mb": round(usage["broker"][1]),
         "sim_counts": [s["counts"] for s in sims],
     }
-    print("| devices | delta | start → all installed | lost | server CPU / peak RSS | broker CPU / peak RSS |")
-    print("|---|---|---|---|---|---|")
+    wire = sum(s["counts"].get("dl_wire_bytes", 0) for s in sims)
+    files = sum(s["counts"].get("dl_file_bytes", 0) for s in sims)
+    result["wire_bytes_per_file_byte"] = round(wire / files, 4) if files else None
+    print("| devices | delta | start → all installed | lost | bytes on the wire per file byte | server CPU / peak RSS "
+          "| broker CPU / peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.devices:,} | {result['delta_mb']:.2f} MB {result['delta_algorithm']} of {result['artifact_mb']:.1f}"
           f" MB | {result['start_to_all_installed_s']:.1f} s ({result['rollout_state']}) | {result['lost']} | "
+          f"{result['wire_bytes_per_file_byte']} | "
           f"{result['server_cpu_s']} s / {result['server_peak_rss_mb']} MB | {result['broker_cpu_s']} s / "
           f"{result['broker_peak_rss_mb']} MB |")
     print(json.dumps(result, indent=2))

@@ -27,10 +27,12 @@ from fleet_server.auth import AuditLimiter, TokenCache
 from fleet_server.broker import BrokerConfigError, BrokerSync, server_account, share_group
 from fleet_server.db import make_engine
 from fleet_server.guard import RequestGuard, http_error, route_policies, validation_error
-from fleet_server.ingest import FleetLink, Ingest
+from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
+from fleet_server.mqtt import FleetLink, FleetRouter
 from fleet_server.pki import FleetCA
 from fleet_server.rollouts.delivery import Delivery
+from fleet_server.rollouts.downloads import Downloads
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.routes import artifacts, devices, insights, models, rollouts, telemetry, tokens, trust
 from fleet_server.sandbox import SandboxConfig
@@ -54,6 +56,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.rollout_engine:
             _app.state.link.start()
             _app.state.ingest.start()
+            _app.state.downloads.start()
             _app.state.rollouts.start()
         _app.state.broker_sync.start_refresh(_app.state.engine)  # the CRL's next-update never lapses
         yield
@@ -61,6 +64,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if settings.rollout_engine:
             _app.state.rollouts.stop()
             _app.state.link.stop()
+            _app.state.downloads.stop()
             _app.state.ingest.stop()
         _app.state.jobs.shutdown()
         _app.state.engine.dispose()
@@ -80,8 +84,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             app.state.broker_sync.sync(session)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
-    app.state.ingest = Ingest(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
-    app.state.link = FleetLink(settings.broker_url, *_link_identity(settings), app.state.ingest.submit,
+    app.state.ingest = Ingest(app.state.engine)
+    app.state.downloads = Downloads(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
+    app.state.link = FleetLink(settings.broker_url, *_link_identity(settings),
+                               FleetRouter(app.state.ingest, app.state.downloads),
                                password=settings.mqtt_password, tls=_link_tls(settings),
                                share_group=share_group(settings.mqtt_password))
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,

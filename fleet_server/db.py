@@ -6,6 +6,8 @@ carried (password hashes, token hashes) into an exception text that ends up in a
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import stat
@@ -58,7 +60,7 @@ def make_engine(url: str) -> Engine:
         # A pool as large as the server's thread pool: a fresh SQLite connection per request would cost a file
         # open and, worse, contend for locks.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=40,
-                               max_overflow=10, hide_parameters=True)
+                               max_overflow=10, hide_parameters=True, json_serializer=json_dumps)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:
@@ -71,7 +73,21 @@ def make_engine(url: str) -> Engine:
             with engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True,
+                         json_serializer=json_dumps)
+
+
+@functools.lru_cache(maxsize=256)
+def _tuple_json(value: tuple) -> str:
+    return json.dumps(value)
+
+
+def json_dumps(value: object) -> str:
+    """JSON columns' serializer. A tuple is taken to be a value that repeats across rows (a fleet's telemetry
+    windows share their latency bin edges): it is encoded once and remembered. Lists are encoded each time."""
+    if type(value) is tuple:
+        return _tuple_json(value)
+    return json.dumps(value)
 
 
 def sessions(engine: Engine) -> Iterator[Session]:

@@ -185,6 +185,7 @@ def convert_in_sandbox(args: dict, progress) -> dict:
 def _convert(args: dict, progress) -> list[dict]:
     from converters.calibration import load_dataset, split
     from converters.pipeline import ARTIFACT_NAMES, Converter, ConvertOptions
+    from converters.probe import PROBED_SUFFIXES, golden_probe
     from converters.source import load_source
     from firmware_profiles import load_profile
 
@@ -208,7 +209,7 @@ def _convert(args: dict, progress) -> list[dict]:
             artifact = here / "out" / pid / ARTIFACT_NAMES[fmt]
             kept = probe = None
             if report.shippable and artifact.exists():
-                if artifact.suffix in (".onnx", ".tflite") and evaluation.samples:
+                if artifact.suffix in PROBED_SUFFIXES and evaluation.samples:
                     probe = made / f"{pid}-{fmt.value}.probe.npz"
                     probe.write_bytes(golden_probe(artifact, evaluation.samples[0]))
                 kept = artifact
@@ -227,22 +228,6 @@ def _convert(args: dict, progress) -> list[dict]:
 
 def _relative(path: Path) -> str:
     return path.relative_to(Path.cwd()).as_posix()
-
-
-def golden_probe(artifact: Path, sample: dict) -> bytes:
-    """The probe a device runs before switching: one evaluation sample and what this very artifact answers, computed
-    with the agent's own runtime wrapper (so the device compares like with like)."""
-    import io
-
-    import numpy as np
-
-    from agent.runtimes import check_feeds, load
-
-    model = load(artifact, threads=1)
-    outputs = model.run(check_feeds(model, sample))
-    buf = io.BytesIO()
-    np.savez(buf, **{f"in/{k}": v for k, v in sample.items()}, **{f"out/{k}": v for k, v in outputs.items()})
-    return buf.getvalue()
 
 
 def _put(store, source: IO[bytes]) -> tuple[str, int]:

@@ -81,7 +81,7 @@ class SandboxCrashError(SandboxError):
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    memory_mb: int = 4096
+    memory_mb: int = 8192
     timeout_s: float = 600.0
     user: str | None = "nobody"  # whom the child runs as when the server is root
     protect: tuple[Path, ...] = ()  # never readable by the child

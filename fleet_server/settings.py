@@ -37,7 +37,9 @@ class ServerSettings(BaseSettings):
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
     # Validation and conversion of uploaded models run in a sandboxed child (fleet_server/sandbox.py).
-    sandbox_memory_mb: int = Field(default=4096, ge=128)  # the child's private memory (RLIMIT_DATA)
+    # the child's private address space (RLIMIT_DATA: reserved, not only resident; TensorFlow and ONNX Runtime reserve
+    # far more than they touch: make demo's 64×64 model hit 4 GiB of it converting for a Jetson)
+    sandbox_memory_mb: int = Field(default=8192, ge=128)
     sandbox_timeout_s: float = Field(default=300.0, gt=0)  # validating one upload at POST /v1/models
     sandbox_job_timeout_s: float = Field(default=3600.0, gt=0)  # one conversion job, all its profiles
     sandbox_user: str | None = "nobody"  # the child's user when the server is root ("": uid 0, no capabilities)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -151,6 +152,10 @@ class FleetDriver:
     online: list = field(default_factory=list)
     chunk_requests: list = field(default_factory=list)
     serve_chunks: bool = True
+    # "negotiate": binary chunk frames to a request that carries the ("ef-chunks", "bin1") user property, JSON to one
+    # that does not (the fleet server's rule); "json": always JSON (how an older server answers)
+    chunk_encoding: Literal["negotiate", "json"] = "negotiate"
+    chunks_sent: dict = field(default_factory=lambda: {"binary": 0, "json": 0})
 
     def __post_init__(self) -> None:
         self.root_signer, self.online_signer = generate_signer(), generate_signer()
@@ -191,7 +196,7 @@ class FleetDriver:
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
-            m = messages.parse(msg.payload)
+            m = messages.parse_for(topics.parse(msg.topic).kind, msg.payload)
         except Exception:
             return
         with self._lock:
@@ -206,9 +211,11 @@ class FleetDriver:
             elif isinstance(m, messages.ChunkRequest):
                 self.chunk_requests.append(m)
         if isinstance(m, messages.ChunkRequest) and self.serve_chunks:
-            self._serve(m)
+            offered = dict(getattr(msg.properties, "UserProperty", None) or [])
+            binary = offered.get(messages.CHUNK_ENCODINGS_PROPERTY) == messages.BINARY_CHUNKS
+            self._serve(m, binary=binary and self.chunk_encoding == "negotiate")
 
-    def _serve(self, req: messages.ChunkRequest) -> None:
+    def _serve(self, req: messages.ChunkRequest, *, binary: bool) -> None:
         payload = self.files.get((req.job, req.path or ""))
         if payload is None:
             return
@@ -216,8 +223,11 @@ class FleetDriver:
         parts = dict(chunks(payload, manifest))
         for i in req.indices:
             if i in parts:
-                msg = messages.ChunkData(job=req.job, index=i, data=parts[i])
-                self.client.publish(topics.topic(self.device_id, "dl", req.job), msg.to_bytes(), qos=1)
+                body = messages.chunk_frame(req.job, i, parts[i]) if binary else \
+                    messages.ChunkData(job=req.job, index=i, data=parts[i]).to_bytes()
+                self.client.publish(topics.topic(self.device_id, "dl", req.job), body, qos=1)
+                with self._lock:
+                    self.chunks_sent["binary" if binary else "json"] += 1
 
     def wait_online(self, timeout: float = 20.0, after: int = 0) -> None:
         """Until the device said online=true (its subscriptions precede that message on the same connection)."""
@@ -365,6 +375,8 @@ class AgentProcess:
     def __init__(self, config: Path, port: int, env: dict | None = None, log: Path | None = None,
                  driver: FleetDriver | None = None, socket: Path | None = None):
         self.config, self.port, self.env = config, port, env or {}
+        # what runs, before ``--config``: the daemon, or a test entry point such as tests.agent.paused_agent
+        self.entry: list[str] = ["-m", "agent.cli", "run"]
         self.socket = socket  # the local API listens here instead of on the port
         self.driver = driver  # when given, start() waits until the device says it is online
         self.log = log or config.with_suffix(".log")
@@ -374,8 +386,8 @@ class AgentProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         seen = len(self.driver.online) if self.driver else 0
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
-                                      str(self.config)], stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen([sys.executable, *self.entry, "--config", str(self.config)],
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(Path(__file__).resolve().parent.parent))
         if self.socket is not None:
             wait_path(self.socket, timeout)

@@ -40,7 +40,8 @@ class Delivery:
     def __init__(self, data_dir: Path, store, chunk_size: int = CHUNK_SIZE):
         self.data_dir, self.store, self.chunk_size = Path(data_dir), store, chunk_size
         self._manifests: dict[str, ChunkManifest] = {}
-        self._chunk_cache: OrderedDict[tuple[str, int], str] = OrderedDict()  # (sha, index) → base64, LRU
+        # (sha, index, raw) → the chunk's bytes (binary frames) or base64 text (JSON), LRU
+        self._chunk_cache: OrderedDict[tuple[str, int, bool], bytes | str] = OrderedDict()
         self._lock = threading.Lock()
         self._last_version = 0
 
@@ -134,18 +135,21 @@ class Delivery:
         return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes,
                                     base_sha256=device.active_sha256 if deltas else None)
 
-    def chunks(self, job: str, files: dict, request: messages.ChunkRequest) -> list[bytes]:
-        """The requested chunks of one of the job's files, as wire bytes (nothing for a file the job does not list).
-        Each chunk is read and base64-encoded once and reused for every device that asks for it."""
+    def chunks(self, job: str, files: dict, request: messages.ChunkRequest, *, binary: bool = False) -> list[bytes]:
+        """The requested chunks of one of the job's files, as wire bytes (nothing for a file the job does not list):
+        binary frames for a device that asked for them, else base64 JSON (what agents before binary chunks read).
+        Each chunk is read (and encoded) once and reused for every device that asks for it."""
         sha = files.get(request.path or next(iter(files), ""))
         if sha is None or not self.store.exists(sha):
             return []
         manifest = self._manifest(sha)
-        return [messages.chunk_bytes(job, i, self._encoded(sha, i, manifest.chunk_size))
-                for i in sorted(set(request.indices)) if i < manifest.count]
+        wanted = [i for i in sorted(set(request.indices)) if i < manifest.count]
+        if binary:
+            return [messages.chunk_frame(job, i, self._cached(sha, i, manifest.chunk_size, raw=True)) for i in wanted]
+        return [messages.chunk_bytes(job, i, self._cached(sha, i, manifest.chunk_size, raw=False)) for i in wanted]
 
-    def _encoded(self, sha: str, index: int, chunk_size: int) -> str:
-        key = (sha, index)
+    def _cached(self, sha: str, index: int, chunk_size: int, *, raw: bool):
+        key = (sha, index, raw)
         with self._lock:
             hit = self._chunk_cache.get(key)
             if hit is not None:
@@ -153,9 +157,10 @@ class Delivery:
                 return hit
         with open(self.store.path(sha), "rb") as f:
             f.seek(index * chunk_size)
-            encoded = base64.b64encode(f.read(chunk_size)).decode("ascii")
+            data = f.read(chunk_size)
+        value = data if raw else base64.b64encode(data).decode("ascii")
         with self._lock:
-            self._chunk_cache[key] = encoded
+            self._chunk_cache[key] = value
             while len(self._chunk_cache) > CHUNK_CACHE:
                 self._chunk_cache.popitem(last=False)
-        return encoded
+        return value

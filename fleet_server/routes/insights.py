@@ -13,10 +13,10 @@ from sqlmodel import select
 from fleet_server import insights
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID
-from fleet_server.models import ABTest, Device, DriftAlert, ModelVersion, Rollout, utcnow
-from fleet_server.rollouts.engine import releasable, selector_matches, strategy_dict
-from fleet_server.rollouts.planner import RolloutState, Strategy
-from fleet_server.routes.rollouts import GatesIn, Selector, StrategyIn
+from fleet_server.models import ABTest, Device, DriftAlert, ModelVersion
+from fleet_server.rollouts import service
+from fleet_server.rollouts.engine import selector_matches
+from fleet_server.routes.rollouts import GatesIn, Selector, StrategyIn, refused, wake_engine
 
 router = APIRouter(prefix="/v1", tags=["drift and A/B tests"])
 
@@ -67,42 +67,42 @@ class ABTestCreate(BaseModel):
 @router.post("/abtests", status_code=status.HTTP_201_CREATED)
 def create_abtest(body: ABTestCreate, request: Request, session: SessionDep, op: Operator) -> dict:
     """Splits the cohort by a stable hash of the device id and ships each arm's version as its own rollout."""
-    mv_a, mv_b = _mv(session, body.a.model, body.a.version), _mv(session, body.b.model, body.b.version)
-    if mv_a.id == mv_b.id:
+    if (body.a.model, body.a.version) == (body.b.model, body.b.version):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "an A/B test needs two different versions")
-    for mv in (mv_a, mv_b):
-        if not releasable(session, mv.id):
-            raise HTTPException(status.HTTP_409_CONFLICT, f"{mv.name} {mv.version} has no releasable artifact")
+    strategy, gates = body.strategy.model_dump(), body.gates.model_dump()
+    try:  # both arms pass every check before anything is stored
+        arm_a = service.check_release(session, model=body.a.model, version=body.a.version, strategy=strategy,
+                                      gates=gates)
+        arm_b = service.check_release(session, model=body.b.model, version=body.b.version, strategy=strategy,
+                                      gates=gates)
+    except service.RolloutRefusedError as e:
+        raise refused(e) from e
     selector = body.selector.model_dump()
     cohort = sorted(d.id for d in session.exec(select(Device)) if selector_matches(selector, d))
     if len(cohort) < 2:
         raise HTTPException(status.HTTP_409_CONFLICT, f"the selector matches {len(cohort)} device(s); an A/B test "
                                                       "needs at least two")
-    test = ABTest(name=body.name, model_a_id=mv_a.id, model_b_id=mv_b.id, selector=selector,
-                  split_percent=body.split_percent, created_by=op.name)
+    test = ABTest(name=body.name, model_a_id=arm_a.model_version_id, model_b_id=arm_b.model_version_id,
+                  selector=selector, split_percent=body.split_percent, created_by=op.name)
     session.add(test)
     session.commit()
     session.refresh(test)
     test.devices_a, test.devices_b = insights.split(test.id or 0, cohort, body.split_percent)
-    strategy = strategy_dict(Strategy(**{**body.strategy.model_dump(),
-                                         "waves_percent": tuple(body.strategy.waves_percent)}))
     arms = []
-    for arm, mv, devices in (("A", mv_a, test.devices_a), ("B", mv_b, test.devices_b)):
-        r = Rollout(name=f"A/B {test.id} arm {arm}", model_version_id=mv.id, state=RolloutState.RUNNING.value,
-                    selector={**selector, "devices": devices}, strategy=strategy, gates=body.gates.model_dump(),
-                    created_by=op.name, started_at=utcnow())
-        session.add(r)
-        session.commit()
-        session.refresh(r)
+    for arm, ref, devices in (("A", body.a, test.devices_a), ("B", body.b, test.devices_b)):
+        try:
+            r = service.create_rollout(session, model=ref.model, version=ref.version, name=f"A/B {test.id} arm {arm}",
+                                       selector={**selector, "devices": devices}, strategy=strategy, gates=gates,
+                                       actor=op.name, start=True)
+        except service.RolloutRefusedError as e:  # checked above in this session: a version deleted meanwhile
+            raise refused(e) from e
         arms.append(r.id)
     test.rollout_a_id, test.rollout_b_id, test.started_at = arms[0], arms[1], time.time()
     session.add(test)
     session.commit()
     audit(session, actor=op.name, action="abtest.create", target=f"abtest:{test.id}",
-          detail=f"A={mv_a.version} ({len(test.devices_a)}) B={mv_b.version} ({len(test.devices_b)})")
-    engine = getattr(request.app.state, "rollouts", None)
-    if engine is not None:
-        engine.wake()
+          detail=f"A={body.a.version} ({len(test.devices_a)}) B={body.b.version} ({len(test.devices_b)})")
+    wake_engine(request)
     return {"id": test.id, "rollouts": {"a": arms[0], "b": arms[1]}, "devices_a": test.devices_a,
             "devices_b": test.devices_b}
 

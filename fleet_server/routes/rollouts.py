@@ -13,9 +13,8 @@ from sqlmodel import select
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID, MAX_OFFSET
 from fleet_server.models import ModelVersion, Rollout, RolloutDevice, utcnow
-from fleet_server.rollouts.engine import releasable, strategy_dict
-from fleet_server.rollouts.gates import Gates
-from fleet_server.rollouts.planner import RolloutState, Strategy
+from fleet_server.rollouts import service
+from fleet_server.rollouts.planner import RolloutState
 
 router = APIRouter(prefix="/v1", tags=["rollouts"])
 RolloutId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -113,29 +112,14 @@ def _rollout(session, rollout_id: int) -> Rollout:
 
 @router.post("/rollouts", status_code=status.HTTP_201_CREATED, response_model=RolloutPublic)
 def create_rollout(body: RolloutCreate, request: Request, session: SessionDep, op: Operator):
-    mv = session.exec(select(ModelVersion).where(ModelVersion.name == body.model,
-                                                 ModelVersion.version == body.version)).first()
-    if mv is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model version {body.model} {body.version}")
-    if not releasable(session, mv.id):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"{body.model} {body.version} has no releasable artifact for "
-                                                      "any agent profile: convert it first")
     try:
-        strategy = Strategy(**{**body.strategy.model_dump(), "waves_percent": tuple(body.strategy.waves_percent)})
-        Gates(**body.gates.model_dump())
-    except ValueError as e:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-    r = Rollout(name=body.name, model_version_id=mv.id, selector=body.selector.model_dump(),
-                strategy=strategy_dict(strategy), gates=body.gates.model_dump(), on_gate_failure=body.on_gate_failure,
-                encrypt=body.encrypt, created_by=op.name)
-    if body.start:
-        r.state, r.started_at = RolloutState.RUNNING.value, utcnow()
-    session.add(r)
-    session.commit()
-    session.refresh(r)
-    audit(session, actor=op.name, action="rollout.create", target=f"rollout:{r.id}",
-          detail=f"{body.model} {body.version}{' started' if body.start else ''}")
-    _wake(request)
+        r = service.create_rollout(session, model=body.model, version=body.version,
+                                   selector=body.selector.model_dump(), strategy=body.strategy.model_dump(),
+                                   gates=body.gates.model_dump(), actor=op.name, name=body.name,
+                                   on_gate_failure=body.on_gate_failure, encrypt=body.encrypt, start=body.start)
+    except service.RolloutRefusedError as e:
+        raise refused(e) from e
+    wake_engine(request)
     return _public(session, r)
 
 
@@ -200,11 +184,16 @@ def operate(rollout_id: RolloutId, operation: Literal["start", "pause", "resume"
         ordered = request.app.state.rollouts.roll_back(r.id, reason=f"rollback ordered by {op.name}")
     audit(session, actor=op.name, action=f"rollout.{operation}", target=f"rollout:{r.id}",
           detail=f"{ordered} device(s) ordered back" if operation == "rollback" else "")
-    _wake(request)
+    wake_engine(request)
     return _public(session, r)
 
 
-def _wake(request: Request) -> None:
+def refused(e: service.RolloutRefusedError) -> HTTPException:
+    return HTTPException(e.status, str(e))
+
+
+def wake_engine(request: Request) -> None:
+    """Tell the rollout engine (absent in tests that run the API alone) to look now, not at its next tick."""
     engine = getattr(request.app.state, "rollouts", None)
     if engine is not None:
         engine.wake()

@@ -28,10 +28,10 @@ def test_broker_restart_mid_download_resumes_with_only_missing_chunks(broker, fl
     served = []
     original = fleet._serve
 
-    def serve_first_window_only(req):  # deliver the first window, then "lose" the broker
+    def serve_first_window_only(req, **how):  # deliver the first window, then "lose" the broker
         if not served:
             served.extend(req.indices)
-            original(req)
+            original(req, **how)
 
     fleet._serve = serve_first_window_only
     fleet.offer("j2", releases["1.1.0"])  # full file: ~30 chunks

@@ -4,7 +4,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.machine import BUSY, MAX_RESTARTS, MAX_TRANSITIONS, TABLE, Action, Event, Snapshot, State, step
+from agent.machine import (
+    BUSY,
+    MACHINE_STATES,
+    MAX_RESTARTS,
+    MAX_TRANSITIONS,
+    TABLE,
+    Action,
+    Event,
+    Snapshot,
+    State,
+    step,
+)
+from fleet_protocol.vocabulary import UpdateState
 
 HAPPY = [Event.DOWNLOADED, Event.STAGED, Event.PROBE_PASSED, Event.SWITCHED, Event.REPORTED]
 
@@ -76,7 +88,13 @@ def test_offers_while_busy_are_refused_or_deduplicated(state):
     assert s.snapshot == snap and s.actions == (Action.REJECT_BUSY,)
 
 
-@pytest.mark.parametrize("state", list(State))
+def test_the_machine_speaks_the_protocols_vocabulary():
+    assert State is UpdateState  # one enum: what the journal holds is what an update_event reports
+    assert {s for s, _ in TABLE} | {nxt for nxt, _ in TABLE.values()} == MACHINE_STATES
+    assert set(State) - MACHINE_STATES == {UpdateState.REJECTED, UpdateState.ROLLED_BACK}  # report-only
+
+
+@pytest.mark.parametrize("state", sorted(MACHINE_STATES))
 def test_restart_resumes_every_state_idempotently(state):
     snap = Snapshot(state=state, job=None if state is State.IDLE else "j1")
     s = step(snap, Event.RESTART)

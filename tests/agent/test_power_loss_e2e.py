@@ -33,13 +33,13 @@ def test_kill_9_at_every_state_ends_on_old_or_new_committed(fleet, releases, hoo
     install(fleet, agent, "j1", old)
     agent.stop()
 
-    agent.env = {f"EF_AGENT_TEST_PAUSE_{hook.upper()}": where}
+    agent.entry = ["-m", "tests.agent.paused_agent", f"--pause-{hook}", where]  # the daemon, with a pause hook
     agent.start()
     fleet.offer("j2", new, base=old)
     wait_log(agent, f"test hook: pausing at {where}")
     agent.kill9()
 
-    agent.env = {}
+    agent.entry = ["-m", "agent.cli", "run"]
     agent.start()
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     answered = predict(agent.port, x)  # right after the restart, before the update finishes

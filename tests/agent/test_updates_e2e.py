@@ -68,6 +68,17 @@ def test_full_then_delta_update_serves_the_new_model(fleet, releases):
     assert states and states[-1].active_sha256 == releases["1.1.0"].sha256
 
 
+@pytest.mark.parametrize("encoding,used", [("negotiate", "binary"), ("json", "json")])
+def test_chunks_come_as_binary_frames_when_asked_and_json_chunks_are_still_accepted(fleet, releases, encoding, used):
+    fleet.chunk_encoding = encoding  # "json": a server that predates binary chunks ignores the agent's property
+    agent = fleet.agent().start()
+    install(fleet, agent, "j1", releases["1.0.0"])
+    install(fleet, agent, "j2", releases["1.1.0"], base=releases["1.0.0"])
+    assert agent.model()["sha256"] == releases["1.1.0"].sha256
+    unused = {"binary": "json", "json": "binary"}[used]
+    assert fleet.chunks_sent[used] > 0 and fleet.chunks_sent[unused] == 0, fleet.chunks_sent
+
+
 @pytest.mark.parametrize("tamper,reason", [("flip", Reason.BAD_SIGNATURE), ("untrusted_key", Reason.BAD_SIGNATURE),
                                            ("truncate", Reason.MALFORMED), ("probe", Reason.HASH_MISMATCH)])
 def test_tampered_offers_are_refused_and_the_model_keeps_serving(fleet, releases, tamper, reason):

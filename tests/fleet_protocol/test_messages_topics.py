@@ -14,7 +14,7 @@ EXAMPLES = [
     messages.Ping(nonce="n1"),
     messages.ChunkData(job="j1", index=3, data=b"\x01\x02"),
     messages.ChunkRequest(job="j1", indices=(0, 5, 9)),
-    messages.UpdateEvent(job="j1", state="verifying", progress=0.4, result="failed",
+    messages.UpdateEvent(job="j1", state="staging", progress=0.4, result="failed",
                          reason=messages.Reason.BAD_SIGNATURE, detail="signed by an unlisted key",
                          timings_ms={"verify": 1.5}, ts=1.0),
     messages.TelemetryBatch(seq=7, window_start=0, window_end=60, model_version="2.0", slot="b", requests=120,

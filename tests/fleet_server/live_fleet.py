@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 from sqlmodel import Session
 
+from converters.probe import golden_probe
 from fleet_server import drift
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.auth import issue_token
 from fleet_server.db import make_engine
-from fleet_server.jobs import golden_probe
 from fleet_server.keys import init_keys
 from fleet_server.migrate import upgrade
 from fleet_server.models import ConversionJob, ConvertedArtifact, JobStatus, ModelVersion, Role

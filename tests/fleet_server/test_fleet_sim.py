@@ -30,7 +30,7 @@ def secured(tmp_path):
 
 
 def fleet_sim(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.sim_cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fleet_sim.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -45,7 +45,7 @@ def test_fleet_sim_enrolls_and_injects_failures_through_a_rollout(secured, tmp_p
     spec = json.loads((tmp_path / "fleet.json").read_text())
     assert len({d["password"] for d in spec["devices"]}) == 12  # each device its own credentials
     summary_file = tmp_path / "summary.json"
-    sim = subprocess.Popen([sys.executable, "-m", "agent.sim_cli", "run", "--fleet", str(tmp_path / "fleet.json"),
+    sim = subprocess.Popen([sys.executable, "-m", "fleet_sim.cli", "run", "--fleet", str(tmp_path / "fleet.json"),
                             "--duration", "30", "--telemetry-interval", "1", "--requests", "50", "--fail-probe",
                             "0.25", "--slow", "1", "--slow-factor", "5", "--flaky", "0.25", "--flap-every", "4",
                             "--offline-s", "1", "--seed", "3", "--json", str(summary_file)], cwd=ROOT,

@@ -43,7 +43,7 @@ def test_a_database_outage_loses_no_telemetry():
             s.add(Device(id="d1", profile="rpi5", signing_public_key=hashlib.sha256(b"d1").hexdigest(),
                          mqtt_password_hash="x"))
             s.commit()
-        ingest = Ingest(engine, delivery=None, publish=lambda *a: None).start()
+        ingest = Ingest(engine).start()
         try:
             for seq in range(5):
                 ingest.submit(topics.topic("d1", "tm"), batch(seq))

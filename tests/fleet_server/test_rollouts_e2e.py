@@ -310,14 +310,14 @@ def test_an_ab_test_splits_the_cohort_and_reports_both_arms(live, models, tmp_pa
 
 
 def test_simulated_devices_speak_the_protocol_through_a_rollout(live, models):
-    """agent/sim.py (the benchmarks' devices) against the real server: verified offers, chunked downloads, results."""
+    """fleet_sim/sim.py (the benchmarks' devices) against the real server: verified offers, chunked downloads, results."""
     import hashlib
 
     from sqlmodel import Session
 
-    from agent.sim import SimFleet
     from fleet_server.keys import pinned_root
     from fleet_server.models import Device
+    from fleet_sim.sim import SimFleet
 
     live.register("classifier", "1.0.0", models["1.0.0"])
     ids = [f"sim-{i:02d}" for i in range(20)]

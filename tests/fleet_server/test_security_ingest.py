@@ -26,10 +26,11 @@ from sqlmodel import Session, select
 from fleet_protocol import messages, topics
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.db import make_engine
-from fleet_server.ingest import CHUNK_BURST_BYTES, JOB_RECHECK_S, Ingest
+from fleet_server.ingest import Ingest
 from fleet_server.migrate import upgrade
 from fleet_server.models import Device, ModelVersion, Rollout, RolloutDevice, TelemetryWindow
 from fleet_server.rollouts.delivery import Delivery
+from fleet_server.rollouts.downloads import CHUNK_BURST_BYTES, JOB_RECHECK_S, Downloads
 from fleet_server.rollouts.engine import new_job_id
 from tests.postgres import Postgres
 
@@ -94,7 +95,7 @@ def test_security_hostile_telemetry_is_dropped_alone_and_the_fleet_keeps_reporti
         "int32": json.dumps(window(5, requests=2**31)).encode(),
         "inf-input": json.dumps(window(6, cpu_percent=1e400)).encode().replace(b"Infinity", b"1e999"),
     }
-    ingest = Ingest(engine, delivery=None, publish=lambda *a: None).start()
+    ingest = Ingest(engine).start()
     try:
         for i, (name, payload) in enumerate(hostile.items()):  # each alone in its batch: the case that stuck forever
             ingest.submit(topics.topic("evil", "tm"), payload, acks(name))
@@ -125,7 +126,7 @@ def _refuse_seq(engine, seq: int) -> None:
 def test_security_a_message_the_database_refuses_is_dropped_alone(ingest_db):
     engine, acks = ingest_db, Acks()
     _refuse_seq(engine, 13)
-    ingest = Ingest(engine, delivery=None, publish=lambda *a: None).start()
+    ingest = Ingest(engine).start()
     try:
         ingest.submit(topics.topic("evil", "tm"), messages.TelemetryBatch(**window(13)).to_bytes(), acks("alone"))
         wait_for(lambda: ingest.counts["poison"] == 1, 10, "the lone refused message dropped")
@@ -162,7 +163,7 @@ def test_security_forged_update_events_cannot_move_members(ingest_db):
         return messages.UpdateEvent(job=job, state=state, result=result, ts=time.time(),
                                     reason="ok" if result == "ok" else "probe_failed").to_bytes()
 
-    ingest = Ingest(engine, delivery=None, publish=lambda *a: None).start()
+    ingest = Ingest(engine).start()
     try:
         ingest.submit(topics.topic("evil", "evt"), event(jobs["evil"], "ok", "committed"))  # never offered
         ingest.submit(topics.topic("evil", "evt"), event(jobs["evil"], "failed", "failed"))
@@ -187,10 +188,11 @@ class _Published:
         return None
 
 
-def test_security_chunks_stop_for_aborted_rollouts_and_are_rate_limited(ingest_db, tmp_path):
+def test_security_chunks_stop_for_aborted_rollouts_are_rate_limited_and_not_sent_twice(ingest_db, tmp_path):
     engine = ingest_db
     store = LocalArtifactStore(tmp_path / "artifacts")
-    sha = store.put_bytes(os.urandom(1024 * 1024))  # 4 chunks of 256 KiB
+    chunks = CHUNK_BURST_BYTES // (256 * 1024) + 32  # more than a burst: 256 KiB chunks
+    sha = store.put_bytes(os.urandom(chunks * 256 * 1024))
     with Session(engine) as s:
         mv = ModelVersion(name="m", version="1", source_sha256=sha, source_format="onnx", calibration_sha256="b" * 64)
         s.add(mv)
@@ -207,32 +209,34 @@ def test_security_chunks_stop_for_aborted_rollouts_and_are_rate_limited(ingest_d
         jobs = {d: m.job for d, m in members.items()}
     now = [1000.0]
     sent: list[str] = []
-    ingest = Ingest(engine, Delivery(tmp_path / "data", store), lambda t, p: sent.append(t) or _Published(),
-                    clock=lambda: now[0]).start()
+    downloads = Downloads(engine, Delivery(tmp_path / "data", store), lambda t, p: sent.append(t) or _Published(),
+                          clock=lambda: now[0]).start()
 
-    def ask(device: str) -> None:
-        req = messages.ChunkRequest(job=jobs[device], path=f"blobs/{sha}", indices=(0, 1, 2, 3))
-        ingest.submit(topics.topic(device, "dl-req", jobs[device]), req.to_bytes())
+    def ask(device: str, first: int = 0) -> None:
+        req = messages.ChunkRequest(job=jobs[device], path=f"blobs/{sha}", indices=tuple(range(first, first + 4)))
+        downloads.submit(device, req.to_bytes())
 
     try:
         # rate: a device asking in a loop gets its burst, then nothing until the bucket refills (clock frozen)
-        rounds = CHUNK_BURST_BYTES // (1024 * 1024) + 8
-        for _ in range(rounds):
-            ask("evil")
-        wait_for(lambda: ingest.counts["chunk_rate_limited"] + ingest.counts["chunks_sent"] // 4 == rounds, 30,
+        rounds = chunks // 4
+        for k in range(rounds):
+            ask("evil", 4 * k)
+        wait_for(lambda: downloads.counts["chunk_rate_limited"] + downloads.counts["chunks_sent"] // 4 == rounds, 30,
                  "every request served or limited")
         evil_sent = sum(t.startswith("ef/v1/d/evil/") for t in sent)
-        assert ingest.counts["chunk_rate_limited"] >= 6 and evil_sent <= (CHUNK_BURST_BYTES // (256 * 1024)) + 8
+        assert downloads.counts["chunk_rate_limited"] >= 6 and evil_sent <= (CHUNK_BURST_BYTES // (256 * 1024)) + 4
         ask("good")  # another device is not limited by it
+        ask("good")  # asked again at once (a stall timer while the answer waits in a queue): not sent twice
+        wait_for(lambda: downloads.counts["chunks_not_resent"] == 4, 10, "the repeated request skipped")
         wait_for(lambda: sum(t.startswith("ef/v1/d/good/") for t in sent) == 4, 10, "the good device's chunks")
         with Session(engine) as s:
             s.exec(text(f"UPDATE rollout SET state = 'aborted' WHERE id = {rollout_id}"))  # type: ignore[call-overload]
             s.commit()
         now[0] += JOB_RECHECK_S + 0.1
-        ask("good")
-        wait_for(lambda: ingest.counts["chunk_job_closed"] == 1, 10, "the request for an aborted rollout refused")
+        ask("good", 8)
+        wait_for(lambda: downloads.counts["chunk_job_closed"] == 1, 10, "the request for an aborted rollout refused")
     finally:
-        ingest.stop()
+        downloads.stop()
     assert sum(t.startswith("ef/v1/d/good/") for t in sent) == 4
 
 
@@ -270,7 +274,7 @@ def fill(folder: Path) -> Path:
 
 def _outage_then_recovery(engine, filler_dir: Path) -> Ingest:
     acks = Acks()
-    ingest = Ingest(engine, delivery=None, publish=lambda *a: None).start()
+    ingest = Ingest(engine).start()
     try:
         ingest.submit(topics.topic("good", "tm"), messages.TelemetryBatch(**window(0)).to_bytes(), acks("first"))
         wait_for(lambda: stored(engine) == 1, 10, "a first window stored")
@@ -325,3 +329,35 @@ def test_security_disk_full_is_an_outage_not_poison_postgresql(tmp_path):
                 engine.dispose()
     finally:
         pg.stop()
+
+
+# ----------------------------------------------------------------------------- the server notices being displaced
+
+
+def test_security_the_server_logs_being_displaced_from_its_session(tmp_path, caplog):
+    """On a broker that does not bind client ids to usernames (not ours), a client that takes the server's client id
+    disconnects it: the server must say so, loudly, instead of reconnecting in silence."""
+    import logging
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fleet_server.mqtt import FleetLink
+    from tests.fleet_driver import Broker
+
+    broker = Broker(tmp_path / "mq").start()
+    link = FleetLink(broker.url, "fleet-server-test", None, lambda *a: None)
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fleet-server-test", protocol=mqtt.MQTTv5)
+    try:
+        with caplog.at_level(logging.ERROR, logger="fleet_server.ingest"):
+            link.start()
+            assert link.connected.wait(10)
+            thief.connect("127.0.0.1", broker.port)
+            thief.loop_start()
+            wait_for(lambda: link.displaced >= 1, 10, "the server displaced")
+        assert any("another client may be using its client id 'fleet-server-test'" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        thief.loop_stop()
+        link.stop()
+        broker.stop()

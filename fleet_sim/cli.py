@@ -7,7 +7,7 @@
 
 ``enroll`` enrolls N devices through the server's API (each with its own Ed25519 key, so each gets its own MQTT
 password) and writes their credentials to a 0600 file. ``run`` connects them (one epoll loop per process,
-``agent.sim``), answers rollouts (verifying every signature and hash, applying deltas), sends telemetry windows,
+``fleet_sim.sim``), answers rollouts (verifying every signature and hash, applying deltas), sends telemetry windows,
 and injects failures on a seeded random share of the devices: ``--fail-probe`` (the update's health check fails),
 ``--slow`` (latency × ``--slow-factor`` once they run an update: a model that regressed), ``--flaky`` (the
 connection is cut every ``--flap-every`` seconds and comes back ``--offline-s`` later).
@@ -69,7 +69,7 @@ def enroll(server: str, token: str, n: int, profile: str | None, out: Path, work
 
 def _run_part(part: dict, out) -> None:
     """One process: its share of the devices on one epoll loop, for ``duration`` seconds."""
-    from agent.sim import SimFleet
+    from fleet_sim.sim import SimFleet
 
     rng = random.Random(part["seed"])
     fleet = SimFleet(part["broker_url"], part["root"].encode(), ca_file=part["ca_file"])

@@ -11,6 +11,10 @@ disk. Failures on command: ``fail_probe`` (reports ``probe_failed``), ``slow`` (
 slower model would make it), ``SimFleet.drop`` (the connection is cut without a DISCONNECT: the broker publishes
 the device's will, and ``SimFleet.reconnect`` brings it back on the same persistent session).
 
+Chunks come as raw-bytes frames: every chunk request carries the MQTT 5 user property that asks for them
+(``messages.CHUNK_ENCODINGS_PROPERTY``), and what arrives is parsed per topic kind with ``messages.parse_for``, which
+also accepts the base64 JSON a server that does not know the property still sends.
+
 Paho's own network loop (one thread per client, ``select()``) stops near 339 clients per process here; this drives
 all clients from one ``epoll`` loop through ``loop_read`` / ``loop_write`` / ``loop_misc``. Applying the same
 delta to the same base gives the same bytes, so the rebuilt target is computed once per (base, patch) pair and
@@ -38,11 +42,33 @@ from paho.mqtt.properties import Properties
 
 from agent.telemetry import LATENCY_EDGES_MS
 from fleet_protocol import delta, messages, topics
-from fleet_protocol.errors import ProtocolError
+from fleet_protocol.errors import MalformedError, ProtocolError
 from fleet_protocol.metadata import UpdateVerifier
+from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 
 REQUEST_TIMEOUT_S = 3.0
+RECEIVED_KINDS = ("cmd", "dl")  # what a device subscribes to (topics.device_subscriptions)
 _rebuilt: dict[tuple[str, str], str] = {}  # (base, patch) → the rebuilt target's sha256
+
+
+def chunk_request_properties() -> Properties:
+    """The PUBLISH properties of a chunk request that asks the server for raw-bytes frames instead of base64 JSON."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [(messages.CHUNK_ENCODINGS_PROPERTY, messages.BINARY_CHUNKS)]
+    return props
+
+
+ASK_BINARY_CHUNKS = chunk_request_properties()  # shared by every request: paho only reads it when packing
+
+
+def parse_received(device_id: str, topic: str, payload: bytes):
+    """What arrived on one of ``device_id``'s own topics → the message its kind carries (an offer, a rollback order,
+    a ping, a chunk as a binary frame or JSON). ProtocolError for anything else: a foreign or unknown topic, a kind a
+    device never receives, a message of the wrong type for its topic, bytes that do not parse."""
+    kind = topics.parse_own(topic, device_id).kind
+    if kind not in RECEIVED_KINDS:
+        raise MalformedError(f"a device receives nothing on a {kind!r} topic")
+    return messages.parse_for(kind, payload)
 
 
 def raise_fd_limit() -> int:
@@ -73,8 +99,10 @@ class SimDevice:
                  password: str | None = None, fail_probe: bool = False, slow: float = 1.0,
                  base_latency_ms: float = 2.0, active_label: str | None = None):
         self.fleet, self.id, self.profile = fleet, device_id, profile
-        self.active, self.previous = active_sha256, None
-        self.label, self.previous_label = active_label, None  # "model version", as agents label telemetry
+        self.active = active_sha256
+        self.previous: str | None = None  # what a rollback order goes back to
+        self.label = active_label  # "model version", as agents label telemetry
+        self.previous_label: str | None = None
         self.fail_probe = fail_probe
         self.slow, self.base_latency_ms = slow, base_latency_ms
         self.slow_after_update = False  # fleet-sim's "a model that regressed": slow once an update is installed
@@ -122,28 +150,34 @@ class SimDevice:
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
-            m = messages.parse(msg.payload)
-        except (ProtocolError, ValueError):
+            m = parse_received(self.id, msg.topic, msg.payload)
+        except (ProtocolError, ValueError):  # ValueError: paho decoding a topic that is not UTF-8
             self.fleet.counts["invalid"] += 1
             return
         if isinstance(m, messages.UpdateOffer):
             self._offer(m)
         elif isinstance(m, messages.ChunkData):
+            # what the link carried for the download: payload, topic and the PUBLISH packet's framing (~10 bytes)
+            self.fleet.counts["dl_wire_bytes"] += len(msg.payload) + len(msg.topic) + 10
             self._chunk(m)
         elif isinstance(m, messages.RollbackOrder):
             self._rollback(m)
 
     # ------------------------------------------------------------------ updates
 
-    def _event(self, job: str, state: str, result: str, reason: messages.Reason = messages.Reason.OK,
+    def _event(self, job: str, state: UpdateState, result: UpdateResult, reason: Reason = Reason.OK,
                detail: str = "") -> None:
-        self.publish("evt", messages.UpdateEvent(job=job, state=state, result=result, reason=reason, detail=detail,  # type: ignore[arg-type]
-                                                 progress=1.0 if result != "pending" else 0.0, ts=time.time()))
+        progress = 0.0 if result is UpdateResult.PENDING else 1.0
+        self.publish("evt", messages.UpdateEvent(job=job, state=state, result=result, reason=reason, detail=detail,
+                                                 progress=progress, ts=time.time()))
+
+    def _failed(self, job: str, reason: Reason, detail: str) -> None:
+        self._event(job, UpdateState.FAILED, UpdateResult.FAILED, reason, detail)
 
     def _offer(self, offer: messages.UpdateOffer) -> None:
         if self.download is not None:
             if self.download.job != offer.job:
-                self._event(offer.job, "rejected", "failed", messages.Reason.INTERNAL, "busy")
+                self._event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, Reason.INTERNAL, "busy")
             return
         if offer.job in self.installed:
             return  # a redelivery of what is done
@@ -151,24 +185,24 @@ class SimDevice:
             verified = self.verifier.verify_update(offer.metadata)
         except ProtocolError as e:
             self.fleet.counts["offer_refused"] += 1
-            self._event(offer.job, "failed", "failed", messages.Reason.BAD_SIGNATURE, str(e)[:200])
+            self._failed(offer.job, Reason.BAD_SIGNATURE, str(e)[:200])
             return
         spec = verified.spec
         if offer.probe is None or hashlib.sha256(offer.probe).hexdigest() != spec.probe.inputs_sha256:
-            self._event(offer.job, "failed", "failed", messages.Reason.MALFORMED, "probe data does not match")
+            self._failed(offer.job, Reason.MALFORMED, "probe data does not match")
             return
         d = verified.delta_from(self.active) if self.active else None
         info = d if d is not None else spec.artifact
         manifest = info.chunks
         if manifest is None:
-            self._event(offer.job, "failed", "failed", messages.Reason.MALFORMED, "no chunk manifest")
+            self._failed(offer.job, Reason.MALFORMED, "no chunk manifest")
             return
         self.download = _Download(job=offer.job, path=info.path, sha256=info.sha256, length=info.length,
                                   chunk_size=manifest.chunk_size, chunk_sha256=manifest.chunk_sha256,
                                   target_sha256=spec.artifact.sha256, base_sha256=self.active if d else None,
                                   label=f"{spec.artifact.model} {spec.artifact.model_version}")
         self.fleet.counts["delta" if d else "full"] += 1
-        self._event(offer.job, "downloading", "pending")
+        self._event(offer.job, UpdateState.DOWNLOADING, UpdateResult.PENDING)
         self._ask()
 
     def _ask(self) -> None:
@@ -178,7 +212,8 @@ class SimDevice:
         missing = [i for i in range(len(dl.chunk_sha256)) if i not in dl.parts]
         for k in range(0, len(missing), 4096):
             req = messages.ChunkRequest(job=dl.job, path=dl.path, indices=tuple(missing[k:k + 4096]))
-            self.client.publish(topics.topic(self.id, "dl-req", dl.job), req.to_bytes(), qos=1)
+            self.client.publish(topics.topic(self.id, "dl-req", dl.job), req.to_bytes(), qos=1,
+                                properties=ASK_BINARY_CHUNKS)
         dl.asked_at = time.monotonic()
 
     def _chunk(self, m: messages.ChunkData) -> None:
@@ -189,34 +224,38 @@ class SimDevice:
             self.fleet.counts["bad_chunk"] += 1
             return
         dl.parts[m.index] = m.data
+        # progress resets the stall timer, as the agent's downloader does: re-asking while chunks still flow (a wave
+        # queued at the server) fetched 10 % of a rollout's bytes twice
+        dl.asked_at = time.monotonic()
         if len(dl.parts) == len(dl.chunk_sha256):
             self._finish(dl)
 
     def _finish(self, dl: _Download) -> None:
         self.download = None
+        self.fleet.counts["dl_file_bytes"] += dl.length
         payload = b"".join(dl.parts[i] for i in range(len(dl.chunk_sha256)))
         if len(payload) != dl.length or hashlib.sha256(payload).hexdigest() != dl.sha256:
-            self._event(dl.job, "failed", "failed", messages.Reason.HASH_MISMATCH, "download does not match")
+            self._failed(dl.job, Reason.HASH_MISMATCH, "download does not match")
             return
         if dl.base_sha256 is not None:
             key = (dl.base_sha256, dl.sha256)
             if key not in _rebuilt:
                 base = self.fleet.blobs.get(dl.base_sha256)
                 if base is None:
-                    self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "base not held")
+                    self._failed(dl.job, Reason.DELTA_FAILED, "base not held")
                     return
                 _rebuilt[key] = hashlib.sha256(delta.apply(base, payload)).hexdigest()  # apply checks it too
             if _rebuilt[key] != dl.target_sha256:
-                self._event(dl.job, "failed", "failed", messages.Reason.DELTA_FAILED, "rebuilt target mismatch")
+                self._failed(dl.job, Reason.DELTA_FAILED, "rebuilt target mismatch")
                 return
         if self.fail_probe:
-            self._event(dl.job, "failed", "failed", messages.Reason.PROBE_FAILED, "simulated probe failure")
+            self._failed(dl.job, Reason.PROBE_FAILED, "simulated probe failure")
             return
         self.previous, self.active = self.active, dl.target_sha256
         self.previous_label, self.label = self.label, dl.label
         self.installed.append(dl.job)
         self.update_seconds.append(time.monotonic() - dl.started)
-        self._event(dl.job, "committed", "ok")
+        self._event(dl.job, UpdateState.COMMITTED, UpdateResult.OK)
         self.report_state()
 
     def _rollback(self, order: messages.RollbackOrder) -> None:
@@ -224,7 +263,7 @@ class SimDevice:
             return
         self.active, self.previous = self.previous, None
         self.label, self.previous_label = self.previous_label, None
-        self._event(order.job, "rolled_back", "ok", messages.Reason.ROLLED_BACK, order.reason)
+        self._event(order.job, UpdateState.ROLLED_BACK, UpdateResult.OK, Reason.ROLLED_BACK, order.reason)
         self.report_state()
 
     def tick(self, now: float) -> None:
@@ -286,6 +325,8 @@ class SimFleet:
 
     def _watch(self, d: SimDevice) -> None:
         sock = d.client.socket()
+        if sock is None:  # paho's connect() raises rather than leave none; a device without one is not watched
+            return
         self._by_fd[sock.fileno()] = d
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         d.client.loop_write()
@@ -300,7 +341,8 @@ class SimFleet:
             self._epoll.unregister(sock.fileno())
             del self._by_fd[sock.fileno()]
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+            if isinstance(sock, socket.socket):  # TCP or TLS (ssl.SSLSocket is one), what paho opens
+                sock.shutdown(socket.SHUT_RDWR)
         d.client.loop_read()  # paho sees the closed socket and marks the connection lost
         d.connected = False
         self.counts["dropped"] += 1

@@ -1,0 +1,55 @@
+"""The per-target passes' pure parts: latency rescue plans, shared attempts per scheme, the result's artifact."""
+
+from pathlib import Path
+
+import pytest
+
+from converters.onnx_int8 import Quantized, WeightStats
+from converters.targets.base import Attempt, TargetResult
+from converters.targets.onnx import latency_plans, scheme_key
+from firmware_profiles import load_profile
+
+KNOWN = {"a", "b", "c", "d"}
+
+# times per integer kernel, the prepared graph's node names, max rounds → the float node sets, in order
+LATENCY_PLANS = {
+    "shares 50/75/90%; 95% floats the same three, dropped": (
+        {"a": 5.0, "b": 3.0, "c": 1.0, "d": 1.0}, KNOWN, 6, [{"a"}, {"a", "b"}, {"a", "b", "c"}]),
+    "one kernel dominates: one plan": ({"a": 100.0, "b": 1.0}, KNOWN, 6, [{"a"}]),
+    "rounds cap the plans": ({"a": 5.0, "b": 3.0, "c": 1.0, "d": 1.0}, KNOWN, 1, [{"a"}]),
+    "a single kernel always stays INT8": ({"a": 5.0}, KNOWN, 6, []),
+    "kernels the graph does not name are ignored": ({"a": 5.0, "fused_1": 100.0, "b": 5.0}, KNOWN, 6, [{"a"}]),
+    "nothing timed": ({}, KNOWN, 6, []),
+}
+
+
+@pytest.mark.parametrize("case", list(LATENCY_PLANS))
+def test_latency_plans_float_the_fewest_slowest_kernels(case):
+    times, known, rounds, expected = LATENCY_PLANS[case]
+    plans = latency_plans(times, known, rounds)
+    assert [set(nodes) for _, nodes in plans] == expected
+    for why, nodes in plans:
+        assert why.startswith(f"{len(nodes)} slowest INT8 kernel(s), ") and "measured per node" in why
+
+
+def test_latency_plan_says_how_much_time_it_covers():
+    [(why, _)] = latency_plans({"a": 3.0, "b": 1.0}, {"a", "b"}, 6)
+    assert "75% of integer-kernel time" in why
+
+
+SCHEME = next(iter(load_profile("jetson-orin-nano").artifacts)).quantization
+
+
+@pytest.mark.parametrize(("other", "shared"), [
+    (SCHEME.model_copy(), True),
+    (SCHEME.model_copy(update={"per_channel": not SCHEME.per_channel}), False),
+    (SCHEME.model_copy(update={"float_ops": (*SCHEME.float_ops, "Softmax")}), False),
+])
+def test_profiles_share_attempts_exactly_when_their_schemes_are_equal(other, shared):
+    assert (scheme_key(SCHEME) == scheme_key(other)) is shared
+
+
+def test_the_result_artifact_is_the_attempt_it_settled_on(tmp_path: Path):
+    attempt = Attempt(Quantized(tmp_path / "attempt3.onnx", True, ["n1"]), WeightStats(1, 10, 0, 0, 0, 0), 10, [])
+    result = TargetResult(attempt, checks=[])
+    assert result.artifact == tmp_path / "attempt3.onnx" and result.notes == [] and result.quantization is None
