@@ -45,9 +45,9 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from agent.batching import MicroBatcher, batchable
-from agent.runtimes import InputError, Model, check_feeds
 from agent.slots import SlotInfo
 from agent.telemetry import Telemetry
+from fleet_runtime.runtimes import InputError, Model, check_feeds
 
 log = logging.getLogger(__name__)
 

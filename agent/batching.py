@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.runtimes import Model
+from fleet_runtime.runtimes import Model
 
 
 @dataclass

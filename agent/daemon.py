@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-from agent import runtimes
 from agent.api import LocalApi, Metrics, Serving
 from agent.batching import MicroBatcher
 from agent.download import WindowConfig
@@ -28,6 +27,7 @@ from agent.telemetry import Telemetry
 from agent.updater import StepHook, Updater, UpdaterConfig, no_hook
 from fleet_protocol import messages, topics
 from fleet_protocol.errors import MalformedError, ProtocolError
+from fleet_runtime import runtimes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from agent import probe as probing
 from agent.job import Job, StepFailed
-from agent.runtimes import RuntimeLoadError
 from fleet_protocol.errors import (
     ChunkError,
     DecryptError,
@@ -32,6 +31,7 @@ from fleet_protocol.errors import (
 from fleet_protocol.messages import UpdateOffer
 from fleet_protocol.metadata import UpdateVerifier, VerifiedUpdate
 from fleet_protocol.vocabulary import Reason
+from fleet_runtime.runtimes import RuntimeLoadError
 
 SERVED_FORMATS = ("onnx-int8", "tflite-int8")
 

@@ -24,13 +24,13 @@ from agent.job import Job, Payload, StepFailed
 from agent.machine import Action, Event, Snapshot
 from agent.offers import Offers, reason_for
 from agent.report import Reporter
-from agent.runtimes import Model, RuntimeLoadError, check_feeds
 from agent.slots import SlotError, SlotInfo, SlotStore
 from agent.telemetry import Telemetry
 from fleet_protocol.chunks import ChunkManifest
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.metadata import VerifiedUpdate
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
+from fleet_runtime.runtimes import Model, RuntimeLoadError, check_feeds
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from agent.machine import Action, Event, Snapshot, State, step
 from agent.offers import REFUSALS, Admission, Offers, Scope, reason_for
 from agent.outbox import Outbox
 from agent.report import Reporter
-from agent.runtimes import Model
 from agent.slots import SlotStore
 from agent.steps import Outcome, StepContext, downloaded, perform, serve_active
 from agent.store import Store
@@ -40,6 +39,7 @@ from fleet_protocol.messages import (
     UpdateOffer,
 )
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
+from fleet_runtime.runtimes import Model
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import runtimes  # noqa: E402
 from agent.slots import SlotStore  # noqa: E402
+from fleet_runtime import runtimes  # noqa: E402
 from tests import zoo  # noqa: E402
 from tests.fleet_driver import AgentProcess, Broker, FleetDriver, Release, agent_config, free_port, golden  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The golden probe of a converted artifact: one evaluation sample and what this very artifact answers to it.
 
 A device replays it before switching to the artifact. The answer is computed with the device's own runtime wrapper
-(``agent.runtimes``: same loader, same feed checks), so the device compares like with like; the file format is
+(``fleet_runtime.runtimes``: same loader, same feed checks), so the device compares like with like; the file format is
 ``fleet_protocol.probe``'s, the one the agent reads.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import check_feeds, load
 from fleet_protocol.probe import write_golden
+from fleet_runtime.runtimes import check_feeds, load
 
 # The formats a device runtime can replay (a Core ML package has no runtime on a Linux host or device).
 PROBED_SUFFIXES = (".onnx", ".tflite")

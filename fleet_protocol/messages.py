@@ -178,6 +178,9 @@ class Histogram(BaseModel):
         return counts
 
 
+MAX_INPUT_BINS = 64  # agents bin an input into 16 (agent.telemetry.INPUT_BINS)
+
+
 class InputStats(BaseModel):
     """Per-input statistics for drift detection."""
 
@@ -189,6 +192,14 @@ class InputStats(BaseModel):
     min: float
     max: float
     histogram: Histogram
+
+    @field_validator("histogram")
+    @classmethod
+    def _few_bins(cls, histogram: Histogram) -> Histogram:
+        # 256 bins (the latency histogram's bound) let one window of 64 inputs carry 0.6 MB, all of it stored
+        if len(histogram.counts) > MAX_INPUT_BINS:
+            raise ValueError(f"an input histogram has at most {MAX_INPUT_BINS} bins")
+        return histogram
 
 
 class TelemetryBatch(_Msg):

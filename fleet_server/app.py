@@ -84,7 +84,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             app.state.broker_sync.sync(session)
     app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
-    app.state.ingest = Ingest(app.state.engine)
+    app.state.ingest = Ingest(app.state.engine, flush_acks=lambda: app.state.link.flush_acks())
     app.state.downloads = Downloads(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
     app.state.link = FleetLink(settings.broker_url, *_link_identity(settings),
                                FleetRouter(app.state.ingest, app.state.downloads),

@@ -33,6 +33,7 @@ from sqlmodel import Session, select
 from fleet_protocol import messages, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
+from fleet_server.pacing import TokenBuckets
 from fleet_server.rollouts.members import may_report, next_status
 from fleet_server.rollouts.planner import MemberStatus
 
@@ -41,6 +42,10 @@ BATCH_S = 0.1
 BATCH_MAX = 2000
 QUEUE_MAX = 100_000  # above the link's Receive Maximum: the queue never fills from the broker
 WRITTEN_KINDS = ("evt", "state", "online", "tm")
+# What one device may send, sustained and in a burst. An agent sends a few KB every telemetry interval (10 s by
+# default) plus a few events per update; after an offline period its outbox (at most 10,000 messages) drains at once.
+MESSAGES_PER_S, MESSAGE_BURST = 5.0, 12_000
+BYTES_PER_S, BYTE_BURST = 8 * 1024, 32 * 1024 * 1024
 OUTAGE_ERRORS = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError, OSError)
 
 
@@ -51,8 +56,11 @@ class _Outage(Exception):
 class Ingest:
     """Validates and writes what devices send; answers chunk requests through ``publish``."""
 
-    def __init__(self, engine: Engine, *, clock=time.monotonic):
-        self.engine, self._clock = engine, clock
+    def __init__(self, engine: Engine, *, clock=time.monotonic, flush_acks=lambda: None):
+        """``flush_acks()`` sends the acknowledgements made for a batch (the link sends them in one write)."""
+        self.engine, self._clock, self._flush_acks = engine, clock, flush_acks
+        self._messages = TokenBuckets(rate=MESSAGES_PER_S, burst=MESSAGE_BURST)
+        self._bytes = TokenBuckets(rate=BYTES_PER_S, burst=BYTE_BURST)
         self.queue: queue.Queue = queue.Queue(QUEUE_MAX)
         self.counts: Counter = Counter()
         self.outage_since: float | None = None  # monotonic time the database stopped taking writes
@@ -91,8 +99,27 @@ class Ingest:
                     batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            batch = self._paced(batch)
             if batch:
                 self._write_retrying(batch)
+            self._flush_acks()
+
+    def _paced(self, batch: list[tuple[str, bytes, object]]) -> list[tuple[str, bytes, object]]:
+        """What each device may still send now (messages and bytes, per device, once per message: a batch retried
+        through an outage is not charged again). What is over is dropped, counted and acknowledged: one device
+        stored 38 MiB of telemetry for one second in two seconds (red team), and a full disk stops ingest for all."""
+        now, kept = self._clock(), []
+        for message in batch:
+            topic_text, payload, ack = message
+            device = topic_text.split("/", 4)[3] if topic_text.count("/") >= 4 else ""
+            if self._messages.take(device, 1, now) and self._bytes.take(device, len(payload), now):
+                kept.append(message)
+            else:
+                self.counts["paced"] += 1
+                ack()
+        if len(kept) < len(batch):
+            log.warning("%d message(s) over their device's allowance dropped", len(batch) - len(kept))
+        return kept
 
     def _write_retrying(self, batch: list[tuple[str, bytes, object]]) -> None:
         """An outage holds the batch and retries with backoff (unacknowledged, so the broker keeps everything behind

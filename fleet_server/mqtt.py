@@ -13,13 +13,14 @@ import collections
 import contextlib
 import logging
 import ssl
+import struct
 import threading
 import time
 from collections import Counter
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -35,10 +36,55 @@ SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected w
 # Mosquitto 2.0.11 does not send that reason: it closes the old connection. Both clients then reconnect in turn, so
 # a link that drops this often is being fought over (or its network is failing): said loudly, once per window.
 FLAP_DROPS, FLAP_WINDOW_S = 3, 30.0
+READ_BYTES = 65536
+MAX_PACKETS_PER_READ = 1_000_000  # a bound only: the broker's flow control (Receive Maximum) stops far earlier
+PUBACK = struct.Struct("!BBH")  # MQTT 5 PUBACK, reason "success" and no properties: 4 bytes (MQTT 5, 3.4.2.1)
 
 
 def _no_ack() -> None:
     """A message that needs no acknowledgement (QoS 0)."""
+
+
+class _FleetClient(mqtt.Client):
+    """paho's client with the two costs of the server's inbound path cut. Measured on loopback, per message, paho
+    spent ~37 µs of CPU reading and ~17 µs acknowledging:
+
+    - it reads a packet's first byte, each length byte and the body with a ``recv`` each: reads here come from a
+      64 KiB buffer, and one wake-up reads until the socket is drained (paho reads one packet per ``select()``
+      wake-up, which would strand what the buffer already holds);
+    - each acknowledgement is a queued packet, a wake-up and a write: ``send_pubacks`` sends a batch's in one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rbuf, self._rpos, self._rbuf_sock = b"", 0, None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rbuf_sock is not self._sock:  # a new connection: nothing buffered belongs to it
+            self._rbuf, self._rpos, self._rbuf_sock = b"", 0, self._sock
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(READ_BYTES)  # raises as paho expects when there is nothing to read
+            if len(data) <= bufsize:
+                return data
+            self._rbuf, self._rpos = data, 0
+        out = self._rbuf[self._rpos : self._rpos + bufsize]
+        self._rpos += len(out)
+        return out
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        for _ in range(MAX_PACKETS_PER_READ):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def send_pubacks(self, mids: list[int]) -> None:
+        if mids:
+            self._packet_queue(mqtt.PUBACK, b"".join(PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids), 0, 0)
 
 
 class FleetRouter:
@@ -81,8 +127,10 @@ class FleetLink:
         self._drops: collections.deque = collections.deque()  # monotonic times of connections lost
         self._flap_logged = -FLAP_WINDOW_S
         self._generation = 0  # connections so far: an acknowledgement is only valid on the connection it came on
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                                  manual_ack=True)
+        self._acks: list[tuple[int, int]] = []  # (generation, mid) acknowledged, not yet sent: see flush_acks
+        self._acks_lock = threading.Lock()
+        self.client = _FleetClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                                   manual_ack=True)
         if username:
             self.client.username_pw_set(username, password)
         if u.scheme == "mqtts":  # the broker's certificate is always verified (CA file, else the system's)
@@ -90,22 +138,34 @@ class FleetLink:
         self.client.reconnect_delay_set(0.2, 5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = lambda c, ud, msg: on_message(msg.topic, msg.payload, self._acker(msg),
-                                                               _user_properties(msg))
+        self.client.on_message = self._deliver
+        self._on_message = on_message
         self._started = False
+
+    def _deliver(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._on_message(msg.topic, msg.payload, self._acker(msg), _user_properties(msg))
+        self.flush_acks()  # what the handler acknowledged at once (chunk requests)
 
     def _acker(self, msg: mqtt.MQTTMessage):
         if msg.qos == 0:
             return _no_ack
-        generation, mid = self._generation, msg.mid
+        entry = (self._generation, msg.mid)
 
         def ack() -> None:
-            # After a reconnect the broker sends every unacknowledged message again (same session): acknowledging
-            # the old mid on the new connection could acknowledge another message, so a stale ack is skipped.
-            if generation == self._generation:
-                self.client.ack(mid, 1)
+            with self._acks_lock:
+                self._acks.append(entry)
 
         return ack
+
+    def flush_acks(self) -> None:
+        """Send the acknowledgements made since the last flush, in one write. After a reconnect the broker sends
+        every unacknowledged message again (same session): acknowledging an old mid on the new connection could
+        acknowledge another message, so acknowledgements from an earlier connection are dropped."""
+        with self._acks_lock:
+            if not self._acks:
+                return
+            acks, self._acks = self._acks, []
+        self.client.send_pubacks([mid for generation, mid in acks if generation == self._generation])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from fleet_server.isolation import ChildCgroup, network_wrapper, runs
+
 if TYPE_CHECKING:
     from fleet_server.settings import ServerSettings
 
@@ -154,10 +156,17 @@ class Sandbox:
                     proc, account = self._spawn(account, write_end, output)
                 finally:
                     os.close(write_end)
+                # Into a cgroup of its own before it reads its request (nothing untrusted has run yet): whatever it
+                # starts, in any session, is killed with it.
+                cgroup = ChildCgroup.create()
+                if cgroup is not None:
+                    cgroup.add(proc.pid)
                 try:
                     status, peak_kb, outcome = self._supervise(proc, account, request, read_end, on_progress)
                 finally:
                     _kill_group(proc.pid)  # whatever the child left behind, or all of it on a limit
+                    if cgroup is not None:
+                        cgroup.kill()
                     proc.wait()
                 return self._verdict(outcome, status, peak_kb, _tail(output))
         finally:
@@ -221,14 +230,17 @@ class Sandbox:
         command = [self.config.python, "-P", "-m", "fleet_server.sandbox"]
         options: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": output, "stderr": subprocess.STDOUT,
                                    "cwd": self.work, "env": env, "pass_fds": (pipe_fd,), "start_new_session": True}
-        if account is not None:
+        if account is not None and runs([self.config.python, "-c", "pass"], account):
             try:
-                return subprocess.Popen(command, user=account[0], group=account[1], extra_groups=[],
-                                        **options), account
+                return subprocess.Popen(network_wrapper(account) + command, user=account[0], group=account[1],
+                                        extra_groups=[], **options), account
             except PermissionError:
-                log.warning("sandbox: user %s cannot run %s; the %s child runs as uid 0 without capabilities, "
-                            "confined by Landlock", self.config.user, self.config.python, self.what)
-        return subprocess.Popen(command, **options), None
+                pass
+        if account is not None:
+            log.warning("sandbox: user %s cannot run %s; the %s child runs as uid 0 without capabilities, "
+                        "confined by Landlock", self.config.user, self.config.python, self.what)
+        # unshare(1) execs the child in place: same pid, same descriptors, its own network namespace
+        return subprocess.Popen(network_wrapper(None) + command, **options), None
 
     def _collect(self, read_end: int, started: float, on_progress: Callable[[str], None] | None) -> _Outcome:
         outcome, pending, total = _Outcome(), b"", 0

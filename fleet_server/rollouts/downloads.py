@@ -30,6 +30,7 @@ from fleet_protocol import messages, topics
 from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE
 from fleet_protocol.errors import ProtocolError
 from fleet_server.models import Rollout, RolloutDevice
+from fleet_server.pacing import TokenBuckets
 from fleet_server.rollouts.planner import IN_FLIGHT, RolloutState
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ JOB_RECHECK_S = 2.0  # a job's permission is re-read this often (an abort stops 
 JOBS_CACHED = 100_000
 CHUNK_RATE_BYTES_S = 4 * 1024 * 1024  # per device: a device asking for chunks in a loop cannot saturate the server
 CHUNK_BURST_BYTES = 64 * 1024 * 1024  # a whole artifact of up to this size downloads at full speed
+# Requests per device, checked before anything else (a request naming an unknown job costs a database read): an
+# agent asks once per file and again on its stall timer; a device flooding requests for made-up jobs kept the one
+# downloads thread busy for every device (red team: ~3,100 reads/s saturated it).
+REQUESTS_PER_S, REQUEST_BURST = 2.0, 20
 SERVABLE_ROLLOUTS = (RolloutState.RUNNING.value, RolloutState.PAUSED.value)
 # A chunk served to a job is not served again within this time: a device whose first answer waits in a wave's queue
 # past its stall timer asks again for everything, and both requests were answered in full (10-20 % of a 1,000-device
@@ -63,7 +68,8 @@ class Downloads:
         self.counts: Counter = Counter()
         self._queue: queue.Queue = queue.Queue(QUEUE_MAX)
         self._grants: dict[str, Grant] = {}
-        self._buckets: dict[str, tuple[float, float]] = {}  # device → (byte tokens, when refilled)
+        self._bytes = TokenBuckets(rate=CHUNK_RATE_BYTES_S, burst=CHUNK_BURST_BYTES, max_keys=JOBS_CACHED)
+        self._requests = TokenBuckets(rate=REQUESTS_PER_S, burst=REQUEST_BURST, max_keys=JOBS_CACHED)
         self._served: dict[str, dict[int, float]] = {}  # job → chunk index → when it was last sent
         self._in_flight: collections.deque = collections.deque()  # (MQTTMessageInfo, bytes) not yet acknowledged
         self._window = 0
@@ -98,13 +104,16 @@ class Downloads:
                 log.exception("serving chunks to %s failed", device_id)
 
     def _answer(self, device_id: str, payload: bytes, binary: bool) -> None:
+        now = self._clock()
+        if not self._requests.take(device_id, 1, now):
+            self.counts["chunk_requests_paced"] += 1
+            return
         try:
             request = messages.parse_for("dl-req", payload)
         except ProtocolError as e:
             self.counts["invalid"] += 1
             log.warning("invalid chunk request from %s: %s", device_id, str(e)[:200])
             return
-        now = self._clock()
         grant = self._grant(request.job, now)
         if grant is None:
             return
@@ -118,7 +127,7 @@ class Downloads:
         if request is None:
             return
         cost = len(request.indices) * getattr(self.delivery, "chunk_size", DEFAULT_CHUNK_SIZE)
-        if not self._take_tokens(device_id, now, cost):
+        if not self._bytes.take(device_id, cost, now):
             self.counts["chunk_rate_limited"] += 1
             return
         sent = self._served.setdefault(request.job, {})
@@ -142,7 +151,12 @@ class Downloads:
     def _grant(self, job: str, now: float) -> Grant | None:
         grant = self._grants.get(job)
         if grant is not None and now - grant.checked_at <= JOB_RECHECK_S:
+            if not grant.device_id:
+                self.counts["chunk_unknown_job"] += 1
+                return None
             return grant
+        if len(self._grants) >= JOBS_CACHED:  # bounded: finished jobs are never asked for again
+            self._grants.clear()
         try:
             with Session(self.engine) as s:
                 row = s.exec(select(RolloutDevice.device_id, RolloutDevice.files, RolloutDevice.status, Rollout.state)
@@ -152,28 +166,14 @@ class Downloads:
             self.counts["chunk_database_unavailable"] += 1
             log.warning("cannot read the permission of job %s", job, exc_info=True)
             return None
-        if row is None:
+        if row is None:  # remembered too: asking again for a made-up job costs no second read
             self.counts["chunk_unknown_job"] += 1
+            self._grants[job] = Grant("", {}, now)
             return None
         device_id, files, member_status, rollout_state = row
         open_ = member_status in {status.value for status in IN_FLIGHT} and rollout_state in SERVABLE_ROLLOUTS
-        if len(self._grants) >= JOBS_CACHED:  # bounded: finished jobs are never asked for again
-            self._grants.clear()
         grant = self._grants[job] = Grant(device_id, dict(files) if open_ else {}, now)
         return grant
-
-    def _take_tokens(self, device_id: str, now: float, cost: int) -> bool:
-        """A per-device token bucket over requested chunk bytes, refilled at ``CHUNK_RATE_BYTES_S`` up to
-        ``CHUNK_BURST_BYTES``: a request is admitted while the bucket is positive, and charged when admitted."""
-        tokens, then = self._buckets.get(device_id, (float(CHUNK_BURST_BYTES), now))
-        tokens = min(float(CHUNK_BURST_BYTES), tokens + (now - then) * CHUNK_RATE_BYTES_S)
-        if tokens <= 0:
-            self._buckets[device_id] = (tokens, now)
-            return False
-        if len(self._buckets) >= JOBS_CACHED:  # bounded; a forgotten device starts again with a full bucket
-            self._buckets.clear()
-        self._buckets[device_id] = (tokens - cost, now)
-        return True
 
     def _send(self, topic: str, frame: bytes) -> None:
         while self._in_flight and self._in_flight[0][0].is_published():  # acknowledged meanwhile

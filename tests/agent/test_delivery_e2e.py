@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from agent import runtimes
 from fleet_protocol.crypto import generate_device_key
 from fleet_protocol.messages import Reason
+from fleet_runtime import runtimes
 from tests.fleet_driver import RangeFileServer, Release
 
 from .test_updates_e2e import install, predict, reference

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from agent import runtimes
 from agent.api import Loaded, LocalApi, Serving
 from agent.slots import SlotInfo
 from agent.telemetry import Telemetry
+from fleet_runtime import runtimes
 from tests import zoo
 
 

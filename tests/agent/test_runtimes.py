@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import runtimes
 from converters.tflite_int8 import LiteRTModel
+from fleet_runtime import runtimes
 from tests import zoo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_tflite_runtime_fallback_in_its_numpy1_environment(tflite_model, tmp_pat
     script = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from agent.runtimes import load\n"
+        "from fleet_runtime.runtimes import load\n"
         f"m = load({str(tflite_model)!r}, tflite='tflite_runtime')\n"
         "assert m.backend == 'tflite_runtime', m.backend\n"
         f"out = m.run({{m.inputs[0].name: np.load({str(tmp_path / 'x.npy')!r})}})\n"

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import runtimes
 from agent.api import Loaded, LocalApi, Serving
 from agent.slots import SlotInfo
 from agent.telemetry import Telemetry
+from fleet_runtime import runtimes
 from tests import zoo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ GROWTH_MB = 40  # an answered request costs a few MB; every attack below cost hu
 SERVER = """
 import sys
 from pathlib import Path
-from agent import runtimes
+from fleet_runtime import runtimes
 from agent.api import Loaded, LocalApi, Serving
 from agent.slots import SlotInfo
 from agent.telemetry import Telemetry

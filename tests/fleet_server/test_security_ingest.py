@@ -30,7 +30,7 @@ from fleet_server.ingest import Ingest
 from fleet_server.migrate import upgrade
 from fleet_server.models import Device, ModelVersion, Rollout, RolloutDevice, TelemetryWindow
 from fleet_server.rollouts.delivery import Delivery
-from fleet_server.rollouts.downloads import CHUNK_BURST_BYTES, JOB_RECHECK_S, Downloads
+from fleet_server.rollouts.downloads import CHUNK_BURST_BYTES, JOB_RECHECK_S, REQUEST_BURST, Downloads
 from fleet_server.rollouts.engine import new_job_id
 from tests.postgres import Postgres
 
@@ -212,19 +212,24 @@ def test_security_chunks_stop_for_aborted_rollouts_are_rate_limited_and_not_sent
     downloads = Downloads(engine, Delivery(tmp_path / "data", store), lambda t, p: sent.append(t) or _Published(),
                           clock=lambda: now[0]).start()
 
-    def ask(device: str, first: int = 0) -> None:
-        req = messages.ChunkRequest(job=jobs[device], path=f"blobs/{sha}", indices=tuple(range(first, first + 4)))
+    def ask(device: str, first: int = 0, count: int = 4, job: str | None = None) -> None:
+        req = messages.ChunkRequest(job=job or jobs[device], path=f"blobs/{sha}",
+                                    indices=tuple(range(first, first + count)))
         downloads.submit(device, req.to_bytes())
 
     try:
-        # rate: a device asking in a loop gets its burst, then nothing until the bucket refills (clock frozen)
-        rounds = chunks // 4
+        # bytes: a device gets its burst, then nothing until the bucket refills (clock frozen)
+        rounds = chunks // 32
         for k in range(rounds):
-            ask("evil", 4 * k)
-        wait_for(lambda: downloads.counts["chunk_rate_limited"] + downloads.counts["chunks_sent"] // 4 == rounds, 30,
+            ask("evil", 32 * k, count=32)
+        wait_for(lambda: downloads.counts["chunk_rate_limited"] + downloads.counts["chunks_sent"] // 32 == rounds, 30,
                  "every request served or limited")
         evil_sent = sum(t.startswith("ef/v1/d/evil/") for t in sent)
-        assert downloads.counts["chunk_rate_limited"] >= 6 and evil_sent <= (CHUNK_BURST_BYTES // (256 * 1024)) + 4
+        assert downloads.counts["chunk_rate_limited"] >= 1 and evil_sent <= CHUNK_BURST_BYTES // (256 * 1024)
+        # requests: made-up jobs, asked in a loop, are paced before any database read
+        for k in range(REQUEST_BURST + 10):
+            ask("evil", job=f"r1-{k:020x}")
+        wait_for(lambda: downloads.counts["chunk_requests_paced"] >= 10, 10, "the requests paced")
         ask("good")  # another device is not limited by it
         ask("good")  # asked again at once (a stall timer while the answer waits in a queue): not sent twice
         wait_for(lambda: downloads.counts["chunks_not_resent"] == 4, 10, "the repeated request skipped")
@@ -280,8 +285,8 @@ def _outage_then_recovery(engine, filler_dir: Path) -> Ingest:
         wait_for(lambda: stored(engine) == 1, 10, "a first window stored")
         filler = fill(filler_dir)
         big = {"inputs": [{"name": f"in{i}", "count": 1, "mean": 0, "std": 0, "min": 0, "max": 0,
-                           "histogram": {"edges": [float(e) for e in range(200)], "counts": [1] * 199}}
-                          for i in range(60)]}  # ~0.5 MB a window: the disk fills on the first write
+                           "histogram": {"edges": [float(e) for e in range(65)], "counts": [1] * 64}}
+                          for i in range(60)]}  # ~0.1 MB a window: the disk is full before the first write
         for seq in range(1, 41):
             ingest.submit(topics.topic("good", "tm"), messages.TelemetryBatch(**window(seq, **big)).to_bytes(),
                           acks(str(seq)))
