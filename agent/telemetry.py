@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet_protocol.messages import Histogram, InputStats, TelemetryBatch
+from fleet_protocol.messages import LATENCY_EDGES_MS, Histogram, InputStats, TelemetryBatch
 
-LATENCY_EDGES_MS = tuple(float(f"{x:.4g}") for x in np.geomspace(0.01, 10_000, 43))
 INPUT_BINS = 16
 MAX_SAMPLES = 20_000
 MAX_INPUTS = 64

@@ -179,6 +179,9 @@ class Histogram(BaseModel):
 
 
 MAX_INPUT_BINS = 64  # agents bin an input into 16 (agent.telemetry.INPUT_BINS)
+# The latency bins every agent (and fleet-sim) reports in: 0.01 ms to 10 s, 42 log-spaced bins. Shared, so windows
+# from the whole fleet merge bin by bin (the server's gates and insights add them up).
+LATENCY_EDGES_MS: tuple[float, ...] = tuple(float(f"{0.01 * 10 ** (6 * i / 42):.4g}") for i in range(43))
 
 
 class InputStats(BaseModel):

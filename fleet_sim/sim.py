@@ -40,9 +40,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.telemetry import LATENCY_EDGES_MS
 from fleet_protocol import delta, messages, topics
 from fleet_protocol.errors import MalformedError, ProtocolError
+from fleet_protocol.messages import LATENCY_EDGES_MS
 from fleet_protocol.metadata import UpdateVerifier
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 
