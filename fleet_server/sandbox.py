@@ -231,11 +231,9 @@ class Sandbox:
         options: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": output, "stderr": subprocess.STDOUT,
                                    "cwd": self.work, "env": env, "pass_fds": (pipe_fd,), "start_new_session": True}
         if account is not None and runs([self.config.python, "-c", "pass"], account):
-            try:
+            with contextlib.suppress(PermissionError):  # the probe ran, yet this exec was refused: fall back below
                 return subprocess.Popen(network_wrapper(account) + command, user=account[0], group=account[1],
                                         extra_groups=[], **options), account
-            except PermissionError:
-                pass
         if account is not None:
             log.warning("sandbox: user %s cannot run %s; the %s child runs as uid 0 without capabilities, "
                         "confined by Landlock", self.config.user, self.config.python, self.what)
