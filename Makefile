@@ -23,12 +23,15 @@ $(TFLITE_VENV)/.installed:
 	$(TFLITE_VENV)/bin/python -m pip install --quiet "tflite-runtime==2.14.0" "numpy<2"
 	touch $@
 
-# Services the tests start on loopback (Mosquitto, a throwaway PostgreSQL cluster). Installed once; nothing is left
-# running.
+# Services the tests start on loopback (Mosquitto, a throwaway PostgreSQL cluster), the browser the console tests
+# drive (Debian's Chromium: Playwright's own browser download is not reachable), and the font the real-model zoo
+# renders its text lines with. Installed once; nothing is left running.
 system-deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || \
-		! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto postgresql >/dev/null; \
+		! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ] || \
+		[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto postgresql \
+			chromium chromium-driver fonts-dejavu-core >/dev/null; \
 	fi
 
 test: $(STAMP) $(TFLITE_VENV)/.installed system-deps

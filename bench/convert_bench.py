@@ -1,8 +1,10 @@
 """Converter benchmark: our per-profile pipeline side by side with ONNX Runtime's plain `quantize_static` defaults,
-then the mobile targets (TFLite INT8 under LiteRT, Core ML 8-bit) with conversion time and peak memory.
+then the mobile targets (TFLite INT8 under LiteRT, Core ML 8-bit) with conversion time and peak memory, on the
+synthetic stand-ins; ``--real`` runs the real-model table instead (bench/real_models.py: published models from
+PyPI wheels, scored against ground truth).
 
 Same models, same calibration and evaluation data, same run. Prints Markdown tables and writes JSON to
-bench/results/convert_bench.json. Usage: python bench/convert_bench.py [--quick] [--only onnx|mobile]
+bench/results/convert_bench.json. Usage: python bench/convert_bench.py [--quick] [--only onnx|mobile] [--real]
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from converters import runtime  # noqa: E402
 from converters.calibration import DataSet, split, synthetic_dataset  # noqa: E402
-from converters.fidelity import OutputFidelity, output_fidelity  # noqa: E402
-from converters.onnx_int8 import SampleReader, output_kinds  # noqa: E402
+from converters.fidelity import OutputFidelity, primary_metric  # noqa: E402
+from converters.onnx_int8 import SampleReader  # noqa: E402
 from converters.pipeline import Converter, ConvertOptions  # noqa: E402
 from converters.source import load_source  # noqa: E402
+from converters.targets.base import fidelity  # noqa: E402
 from firmware_profiles import load_profile  # noqa: E402
 from tests import zoo  # noqa: E402
 
@@ -33,14 +36,8 @@ MOBILE = [("android-arm64", "tflite-int8"), ("ios-a15", "coreml-int8")]
 
 
 def task_metric(outputs: list[OutputFidelity]) -> tuple[str, float | None]:
-    """The figure that says whether the model still does its job."""
-    o = outputs[0]
-    if o.ranges:
-        scores = [r for r in o.ranges if r.top1_agreement is not None]
-        return "score-range cosine", min(r.cosine for r in scores) if scores else None
-    if o.sequence_agreement is not None:
-        return "sequence agreement", o.sequence_agreement
-    return "top-1 agreement", o.top1_agreement
+    """The figure that says whether the model still does its job: the worst output's task metric."""
+    return min((primary_metric(o) for o in outputs), key=lambda m: m[1]) if outputs else ("-", None)
 
 
 def models(work: Path, quick: bool) -> list[tuple[str, Path, DataSet]]:
@@ -71,8 +68,8 @@ def plain_row(name: str, model: Path, cal: DataSet, ev: DataSet, work: Path, run
     seconds = time.perf_counter() - t0
     fp32, int8 = runtime.session(model), runtime.session(out)
     ref, got = runtime.run_all(fp32, ev.samples), runtime.run_all(int8, ev.samples)
-    kinds = output_kinds(model)
-    fid = [output_fidelity(k, kinds[k], ref[k], got[k]) for k in ref]
+    judge = Converter(load_source(model, work / f"{model.stem}-plain"), cal, ev, work / f"{model.stem}-plain")
+    fid = fidelity(judge.tasks, ref, got)  # the same task metrics our gate reads
     lat = runtime.compare_latency(fp32, int8, ev.samples[0], runs=runs)
     metric, value = task_metric(fid)
     return dict(model=name, pipeline="ORT quantize_static defaults", status="(no gate)",
@@ -142,7 +139,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller MobileNet, fewer timing runs")
     ap.add_argument("--only", choices=["onnx", "mobile"], help="one of the two tables")
+    ap.add_argument("--real", nargs="*", metavar="NAME", help="the real-model table (all zoo models, or NAMEs)")
     args = ap.parse_args()
+    if args.real is not None:
+        from bench import real_models
+
+        rows = real_models.run(args.real or real_models.zoo_names(), list(real_models.DEFAULT_TARGETS), 240.0)
+        real_models.print_table(rows)
+        return 0
     runs = 15 if args.quick else 50
     rows: list[dict] = []
     mobile: list[dict] = []

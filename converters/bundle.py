@@ -39,7 +39,8 @@ MANIFEST, SIGNATURE, LABELS = "manifest.json", "manifest.sig.json", "labels.txt"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date zip can store: no build time in the bytes
 MAX_MEMBERS = 10_000
 MAX_MANIFEST_BYTES = 4 << 20
-HOST_FIELDS = {"latency": None, "versions": None}  # report fields that describe the build host, not the artifact
+HOST_FIELDS = {"latency": None, "versions": None, "peak_rss_mb": None,  # the build host, not the artifact
+               "search": None}
 HOST_SUBFIELDS = ("conversion_seconds", "conversion_peak_rss_mb")
 
 

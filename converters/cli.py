@@ -126,8 +126,14 @@ def convert(
     std: StdOpt = "1,1,1",
     channel_order: ChannelOrderOpt = "RGB",
     output_kind: Annotated[list[str], typer.Option(
-        "--output-kind", help="Override how an output is judged: name=classification|sequence|regression.")]
+        "--output-kind", help="Declare what an output is (when inference is wrong): NAME=KIND, KIND one of "
+        "classification|softmax, sequence|ctc, detection|yolo, segmentation, regression.")]
     = [],  # noqa: B006
+    truth: Annotated[Path | None, typer.Option(
+        "--truth", help="Ground truth for the evaluation samples (JSON: output, task, samples): gate on task "
+        "accuracy against it too.")] = None,
+    search_seconds: Annotated[float, typer.Option(help="Time budget per quantization scheme for the search.")]
+    = 240.0,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model for the latency figures.")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON instead of a table.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and library logs.")] = False,
@@ -165,8 +171,23 @@ def _progress(quiet: bool):
         yield lambda message: progress.update(task, description=message)
 
 
+def parse_output_kinds(items: list[str]):
+    """``NAME=KIND`` declarations; KIND is an output kind or the name of its decoder (yolo, ctc, softmax)."""
+    from converters.tasks import DECODERS, OutputKind
+
+    kinds = {}
+    for item in items:
+        name, _, kind = item.partition("=")
+        found = DECODERS.get(kind) or next((k for k in OutputKind if k.value == kind), None)
+        if not name or found is None:
+            known = ", ".join([*(k.value for k in OutputKind), *DECODERS])
+            raise typer.BadParameter(f"--output-kind {item!r}: NAME=KIND, KIND one of {known}")
+        kinds[name] = found
+    return kinds
+
+
 def _converter(work: Path, step, *, model: Path, calib: Path | None, eval_data: Path | None, eval_fraction: float,
-               synthetic_calibration: int, input_shape: list[str], prep, options):
+               synthetic_calibration: int, input_shape: list[str], prep, options, truth=None):
     from converters.calibration import load_dataset, split, synthetic_dataset
     from converters.pipeline import Converter
     from converters.source import load_source
@@ -179,7 +200,7 @@ def _converter(work: Path, step, *, model: Path, calib: Path | None, eval_data: 
         calibration, evaluation = data, load_dataset(eval_data, source.inputs, image_prep=prep)
     else:
         calibration, evaluation = split(data, eval_fraction)
-    return Converter(source, calibration, evaluation, work, options, progress=step)
+    return Converter(source, calibration, evaluation, work, options, progress=step, truth=truth)
 
 
 def _guarded(debug: bool, body) -> None:
@@ -205,31 +226,31 @@ def _guarded(debug: bool, body) -> None:
 def _convert(*, model: Path, output: Path, profile: list[str], all_profiles: bool, calib: Path | None,
              eval_data: Path | None, eval_fraction: float, synthetic_calibration: int, input_shape: list[str],
              image_size: str | None, layout: str, mean: str, std: str, channel_order: str,
-             output_kind: list[str], latency_runs: int, as_json: bool, debug: bool) -> int:
-    from converters.fidelity import OutputKind
+             output_kind: list[str], truth: Path | None, search_seconds: float, latency_runs: int, as_json: bool,
+             debug: bool) -> int:
     from converters.pipeline import ConvertOptions
     from converters.report import Status, summary_rows
+    from converters.truth import load_truth
 
     if all_profiles == bool(profile):
         raise typer.BadParameter("give --profile (one or more) or --all-profiles")
     prep = _check_data_options(calib, synthetic_calibration, eval_fraction, image_size, layout, mean, std,
                                channel_order)
-    kinds = {}
-    for item in output_kind:
-        name, _, kind = item.partition("=")
-        try:
-            kinds[name] = OutputKind(kind)
-        except ValueError:
-            raise typer.BadParameter(f"--output-kind {item!r}: kind is classification, sequence or regression")\
-                from None
+    kinds = parse_output_kinds(output_kind)
+    if search_seconds <= 0:
+        raise typer.BadParameter("--search-seconds must be positive")
+    if truth is not None and eval_data is None:
+        raise typer.BadParameter("--truth needs --eval: its labels follow the evaluation samples, in order")
+    labels = load_truth(truth) if truth is not None else None
     targets = [load_profile(p) for p in (builtin_profile_ids() if all_profiles else profile)]
 
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fleet-convert-") as tmp, _progress(as_json) as step:
         converter = _converter(Path(tmp), step, model=model, calib=calib, eval_data=eval_data,
                                eval_fraction=eval_fraction, synthetic_calibration=synthetic_calibration,
-                               input_shape=input_shape, prep=prep,
-                               options=ConvertOptions(latency_runs=latency_runs, output_kinds=kinds))
+                               input_shape=input_shape, prep=prep, truth=labels,
+                               options=ConvertOptions(latency_runs=latency_runs, output_kinds=kinds,
+                                                      search_seconds=search_seconds))
         reports = []
         for p in targets:
             step(f"{p.id}")

@@ -1,58 +1,94 @@
-"""FP32-versus-INT8 fidelity metrics. Pure numpy: values in, values out.
+"""A candidate's outputs against FP32's, in the terms of each output's task; and against ground truth when given.
 
-Whole-tensor cosine hides the failures that matter (a YOLO-style head whose class scores all collapse keeps a
-cosine of 0.99999 because the box coordinates dominate it), so every output is also judged by what it is for:
-top-1 agreement for classifiers, whole-sequence agreement for recognizers, and, for an output that concatenates
-quantities of very different ranges, the same metrics per value range.
+Numbers that describe the tensors (cosine, SQNR) are reported for every output but gate only regressions: on a
+detector or a recognizer they measure noise the application never sees (background anchors, blank steps). What
+gates a task output is what its application reads: the top class, the decoded string, the detections at the
+operating threshold, the regions of a text map. Each is counted (k of n), so the gate can account for the size of
+the evaluation set.
 """
 
 from __future__ import annotations
 
-import itertools
-from enum import StrEnum
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 from pydantic import BaseModel
 
-# Adjacent slices whose magnitudes differ by more than this start a new value range...
-RANGE_STEP = 10.0
-# ...and an output counts as mixed-range when its largest and smallest ranges differ by at least this much.
-MIXED_RANGE_RATIO = 30.0
-MAX_RANGE_AXIS = 4096
-# Class-score ranges are compared where the FP32 top score reaches a typical detection threshold.
-CONFIDENT_SCORE = 0.25
+from converters.tasks import (
+    Matches,
+    OutputKind,
+    OutputTask,
+    average_precision,
+    ctc_decode,
+    edit_distance,
+    map_regions,
+    match_boxes,
+    top_classes,
+    yolo_decode,
+)
+from converters.truth import Truth
+
+MAP_SCORE_FLOOR = 0.05  # detections ranked for mAP: down to this score (the operating threshold gates the rest)
+
+__all__ = ["Agreement", "OutputFidelity", "OutputKind", "TruthFidelity", "cosine_per_sample", "output_fidelity",
+           "per_call", "sqnr_db"]
 
 
-class OutputKind(StrEnum):
-    CLASSIFICATION = "classification"  # [N, classes]: judged by top-1 agreement
-    SEQUENCE = "sequence"  # [N, steps, vocab]: per-step and whole-sequence agreement
-    REGRESSION = "regression"  # anything else: cosine / SQNR / error
+class Agreement(BaseModel):
+    """``agreed`` of ``total`` units (samples, detections, regions) came out the same as FP32's."""
+
+    agreed: int
+    total: int
+    unit: str
+
+    @property
+    def rate(self) -> float:
+        return self.agreed / self.total if self.total else 1.0
+
+    @property
+    def disagreed(self) -> int:
+        return self.total - self.agreed
 
 
-class RangeFidelity(BaseModel):
-    axis: int
-    start: int
-    stop: int
-    magnitude: float  # the largest |value| in this range on the FP32 model
-    cosine: float
-    sqnr_db: float
-    max_abs_error: float
-    relative_max_error: float
-    top1_agreement: float | None = None  # probability-like range of ≥ 2 values (class scores), confident positions
-    box_iou: float | None = None  # for a 4-wide coordinate range next to a score range (cx, cy, w, h)
+class TruthFidelity(BaseModel):
+    """FP32 and the candidate scored against the user's ground truth, on the same samples."""
+
+    metric: str
+    fp32: float
+    candidate: float
+    samples: int
+    losses: int | None = None  # samples FP32 got right and the candidate got wrong
+    wins: int | None = None  # the reverse
+    fp32_cer: float | None = None
+    candidate_cer: float | None = None
 
 
 class OutputFidelity(BaseModel):
     name: str
     kind: OutputKind
-    shape: list[int]
+    task: str  # how the kind was decided
+    shape: list[int]  # per call, as the model returns it
+    samples: int
     cosine: float  # mean over samples
     cosine_min: float
     sqnr_db: float
     max_abs_error: float
-    top1_agreement: float | None = None
-    sequence_agreement: float | None = None
-    ranges: list[RangeFidelity] | None = None
+    top1: Agreement | None = None  # classification
+    top5_agreement: float | None = None  # FP32's top class among the candidate's five best
+    exact: Agreement | None = None  # sequence: whole decoded strings
+    cer: float | None = None  # sequence: character error rate of the candidate's strings against FP32's
+    recall: Agreement | None = None  # detection, segmentation: FP32's detections/regions the candidate finds too
+    precision: Agreement | None = None  # ...and the candidate's that FP32 has too
+    truth: TruthFidelity | None = None
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.top1.rate if self.top1 else None
+
+    @property
+    def sequence_agreement(self) -> float | None:
+        return self.exact.rate if self.exact else None
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -77,93 +113,150 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float(min(120.0, 10.0 * np.log10(signal / noise)))
 
 
-def find_value_ranges(ref: np.ndarray) -> tuple[int, list[tuple[int, int, float]]] | None:
-    """Find an axis along which the output concatenates quantities of very different magnitudes.
-
-    ``ref`` holds the FP32 outputs of all evaluation samples stacked on axis 0. Returns ``(axis, [(start, stop,
-    magnitude), ...])`` for the axis with the largest magnitude spread, or None when no axis is mixed-range.
-    """
-    best: tuple[float, int, list[tuple[int, int, float]]] | None = None
-    for axis in range(1, ref.ndim):
-        size = ref.shape[axis]
-        if size < 2 or size > MAX_RANGE_AXIS:
-            continue
-        mags = np.abs(np.moveaxis(ref, axis, 0)).reshape(size, -1).max(axis=1).astype(np.float64)
-        logm = np.log10(np.maximum(mags, 1e-12))
-        cuts = [i + 1 for i in range(size - 1) if abs(logm[i + 1] - logm[i]) > np.log10(RANGE_STEP)]
-        if not cuts:
-            continue
-        bounds = [0, *cuts, size]
-        groups = [(s, e, float(mags[s:e].max())) for s, e in itertools.pairwise(bounds)]
-        spread = max(g[2] for g in groups) / max(min(g[2] for g in groups), 1e-12)
-        if spread >= MIXED_RANGE_RATIO and (best is None or spread > best[0]):
-            best = (spread, axis, groups)
-    return None if best is None else (best[1], best[2])
+def per_call(stacked: np.ndarray, calls: int) -> np.ndarray:
+    """Outputs of ``calls`` model calls concatenated on axis 0 (``runtime.run_all``), as [calls, per-call shape]."""
+    if calls <= 0 or stacked.shape[0] % calls:
+        raise ValueError(f"{stacked.shape[0]} rows cannot be {calls} calls' outputs")
+    return stacked.reshape(calls, stacked.shape[0] // calls, *stacked.shape[1:])
 
 
-def _box_iou_cxcywh(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean IoU of matching boxes; ``a`` and ``b`` have the 4 coordinates on axis 0."""
-
-    def corners(x: np.ndarray) -> tuple[np.ndarray, ...]:
-        cx, cy, w, h = (x[i].astype(np.float64) for i in range(4))
-        w, h = np.abs(w), np.abs(h)
-        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-
-    ax1, ay1, ax2, ay2 = corners(a)
-    bx1, by1, bx2, by2 = corners(b)
-    iw = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
-    ih = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
-    inter = iw * ih
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 1.0)
-    return float(iou.mean())
-
-
-def range_fidelity(ref: np.ndarray, test: np.ndarray, axis: int,
-                   groups: list[tuple[int, int, float]]) -> list[RangeFidelity]:
-    out: list[RangeFidelity] = []
-    score_groups = []
-    for start, stop, magnitude in groups:
-        r = np.take(ref, range(start, stop), axis=axis)
-        t = np.take(test, range(start, stop), axis=axis)
-        err = float(np.abs(r.astype(np.float64) - t).max()) if r.size else 0.0
-        probability_like = stop - start >= 2 and float(r.min()) >= 0.0 and float(r.max()) <= 1.0
-        top1 = None
-        if probability_like:  # judged where the FP32 model is confident: background anchors' argmax is noise
-            agree = r.argmax(axis=axis) == t.argmax(axis=axis)
-            confident = r.max(axis=axis) >= CONFIDENT_SCORE
-            top1 = float(agree[confident].mean()) if confident.any() else float(agree.mean())
-        if probability_like:
-            score_groups.append(len(out))
-        out.append(RangeFidelity(axis=axis, start=start, stop=stop, magnitude=magnitude,
-                                 cosine=float(cosine_per_sample(r, t).mean()), sqnr_db=sqnr_db(r, t),
-                                 max_abs_error=err, relative_max_error=err / max(magnitude, 1e-12),
-                                 top1_agreement=top1))
-    if score_groups:  # a detector head: 4 coordinates beside class scores
-        for g in out:
-            if g.stop - g.start == 4 and g.top1_agreement is None:
-                r = np.moveaxis(np.take(ref, range(g.start, g.stop), axis=axis), axis, 0)
-                t = np.moveaxis(np.take(test, range(g.start, g.stop), axis=axis), axis, 0)
-                g.box_iou = _box_iou_cxcywh(r, t)
-    return out
-
-
-def output_fidelity(name: str, kind: OutputKind, ref: np.ndarray, test: np.ndarray) -> OutputFidelity:
-    """Compare FP32 (``ref``) and INT8 (``test``) outputs of all evaluation samples, stacked on axis 0."""
+def output_fidelity(task: OutputTask, ref: np.ndarray, test: np.ndarray, *, calls: int,
+                    truth: Truth | None = None) -> OutputFidelity:
+    """Compare FP32 (``ref``) and candidate (``test``) outputs of ``calls`` evaluation samples (stacked on axis 0)."""
     if ref.shape != test.shape:
-        raise ValueError(f"output {name}: FP32 shape {ref.shape} != INT8 shape {test.shape}")
-    ref64 = ref.astype(np.float64)
-    cos = cosine_per_sample(ref64, test)
+        raise ValueError(f"output {task.name}: FP32 shape {ref.shape} != candidate shape {test.shape}")
+    r, t = per_call(ref, calls), per_call(test, calls)
+    ref64 = r.astype(np.float64)
+    cos = cosine_per_sample(ref64, t)
     result = OutputFidelity(
-        name=name, kind=kind, shape=list(ref.shape[1:]), cosine=float(cos.mean()), cosine_min=float(cos.min()),
-        sqnr_db=sqnr_db(ref64, test), max_abs_error=float(np.abs(ref64 - test).max()) if ref.size else 0.0)
-    if ref.ndim >= 2 and ref.shape[-1] >= 2:
-        agree = ref.argmax(axis=-1) == test.argmax(axis=-1)
-        result.top1_agreement = float(agree.mean())
-        if kind is OutputKind.SEQUENCE and ref.ndim >= 3:
-            result.sequence_agreement = float(agree.reshape(agree.shape[0], -1).all(axis=1).mean())
-    if np.issubdtype(ref.dtype, np.floating):
-        found = find_value_ranges(ref)
-        if found is not None:
-            result.ranges = range_fidelity(ref, test, *found)
+        name=task.name, kind=task.kind, task=task.describe(), shape=list(r.shape[1:]), samples=calls,
+        cosine=float(cos.mean()), cosine_min=float(cos.min()), sqnr_db=sqnr_db(ref64, t),
+        max_abs_error=float(np.abs(ref64 - t).max()) if r.size else 0.0)
+    if not np.issubdtype(r.dtype, np.floating):
+        return result
+    shaped = tuple(r.shape[1:]) == task.shape
+    if task.kind is OutputKind.CLASSIFICATION and shaped:
+        _classification(task, r, t, result, truth)
+    elif task.kind is OutputKind.SEQUENCE and shaped:
+        _sequence(task, r, t, result, truth)
+    elif task.kind is OutputKind.DETECTION and shaped:
+        _detection(task, r, t, result, truth)
+    elif task.kind is OutputKind.SEGMENTATION and shaped:
+        _segmentation(task, r, t, result, truth)
     return result
+
+
+def _classification(task: OutputTask, r: np.ndarray, t: np.ndarray, result: OutputFidelity,
+                    truth: Truth | None) -> None:
+    ref_top = [int(top_classes(task, x)[0]) for x in r]
+    test_top5 = [top_classes(task, x, 5) for x in t]
+    test_top = [int(x[0]) for x in test_top5]
+    # Where the truth says near misses count (ordinal classes: pitch bins), they count against FP32 too.
+    tolerance = int(truth.params.get("tolerance_bins", 0)) if truth is not None else 0
+    result.top1 = Agreement(agreed=sum(abs(a - b) <= tolerance for a, b in zip(ref_top, test_top, strict=True)),
+                            total=len(r), unit="samples" if not tolerance else f"samples (±{tolerance} classes)")
+    result.top5_agreement = float(np.mean([a in b for a, b in zip(ref_top, test_top5, strict=True)]))
+    if truth is not None:
+        right = lambda got, want: abs(got - int(want)) <= tolerance  # noqa: E731
+        result.truth = _paired("top-1 accuracy" + (f" (±{tolerance} classes)" if tolerance else ""),
+                               [right(g, w) for g, w in zip(truth.classes(ref_top), truth.samples, strict=True)],
+                               [right(g, w) for g, w in zip(truth.classes(test_top), truth.samples, strict=True)])
+
+
+def _sequence(task: OutputTask, r: np.ndarray, t: np.ndarray, result: OutputFidelity, truth: Truth | None) -> None:
+    ref_text = [ctc_decode(task, x) for x in r]
+    test_text = [ctc_decode(task, x) for x in t]
+    if truth is not None:  # the truth's equivalences (letter case, spaces) hold against FP32 too
+        ref_text, test_text = [truth.tokens(s) for s in ref_text], [truth.tokens(s) for s in test_text]
+    result.exact = Agreement(agreed=sum(a == b for a, b in zip(ref_text, test_text, strict=True)), total=len(r),
+                             unit="samples")
+    result.cer = _cer(ref_text, test_text)
+    if truth is not None:
+        want = [truth.tokens(s) for s in truth.samples]
+        result.truth = _paired("exact-line accuracy", [a == b for a, b in zip(ref_text, want, strict=True)],
+                               [a == b for a, b in zip(test_text, want, strict=True)])
+        result.truth.fp32_cer, result.truth.candidate_cer = _cer(want, ref_text), _cer(want, test_text)
+
+
+def _cer(reference: Sequence[Sequence[int]], got: Sequence[Sequence[int]]) -> float:
+    chars = sum(len(s) for s in reference)
+    errors = sum(edit_distance(a, b) for a, b in zip(reference, got, strict=True))
+    return errors / chars if chars else float(errors > 0)
+
+
+def _detection(task: OutputTask, r: np.ndarray, t: np.ndarray, result: OutputFidelity, truth: Truth | None) -> None:
+    ref_det = [yolo_decode(task, x) for x in r]
+    test_det = [yolo_decode(task, x) for x in t]
+    total = Matches(0, 0, 0)
+    for a, b in zip(ref_det, test_det, strict=True):
+        total = total + match_boxes(a.boxes, b.boxes, task.match_iou, a.classes, b.classes, b.scores)
+    _record_matches(result, total, "detections")
+    if truth is not None:  # mAP ranks every detection down to a low score, as COCO/VOC evaluation does
+        loose = replace(task, score_threshold=min(MAP_SCORE_FLOOR, task.score_threshold))
+        boxes = [np.asarray(s, dtype=np.float64).reshape(-1, 5) for s in truth.samples]
+
+        def mean_ap(calls: np.ndarray) -> float:
+            found = [yolo_decode(loose, x) for x in calls]
+            return average_precision(boxes, [replace(d, classes=np.asarray(truth.classes(d.classes), dtype=np.int64))
+                                             for d in found])
+
+        result.truth = TruthFidelity(metric=f"mAP@{task.match_iou:g}", fp32=mean_ap(r), candidate=mean_ap(t),
+                                     samples=len(r))
+
+
+def _segmentation(task: OutputTask, r: np.ndarray, t: np.ndarray, result: OutputFidelity,
+                  truth: Truth | None) -> None:
+    ref_regions = [map_regions(task, x) for x in r]
+    test_regions = [map_regions(task, x) for x in t]
+    total = Matches(0, 0, 0)
+    for a, b in zip(ref_regions, test_regions, strict=True):
+        total = total + match_boxes(a, b, task.match_iou)
+    _record_matches(result, total, "regions")
+    if truth is not None:
+        boxes = [np.asarray(s, dtype=np.float64).reshape(-1, 4) for s in truth.samples]
+
+        def f1(found: list[np.ndarray]) -> float:
+            m = Matches(0, 0, 0)
+            for want, got in zip(boxes, found, strict=True):
+                m = m + match_boxes(want, got, task.match_iou)
+            return 2 * m.matched / (m.reference + m.found) if m.reference + m.found else 1.0
+
+        result.truth = TruthFidelity(metric=f"region F1@{task.match_iou:g}", fp32=f1(ref_regions),
+                                     candidate=f1(test_regions), samples=len(r))
+
+
+def _record_matches(result: OutputFidelity, m: Matches, unit: str) -> None:
+    result.recall = Agreement(agreed=m.matched, total=m.reference, unit=f"FP32 {unit}")
+    result.precision = Agreement(agreed=m.matched, total=m.found, unit=f"candidate {unit}")
+
+
+def _paired(metric: str, fp32_right: list[bool], candidate_right: list[bool]) -> TruthFidelity:
+    n = len(fp32_right)
+    pairs = list(zip(fp32_right, candidate_right, strict=True))
+    return TruthFidelity(metric=metric, fp32=sum(fp32_right) / n if n else 0.0,
+                         candidate=sum(candidate_right) / n if n else 0.0, samples=n,
+                         losses=sum(a and not b for a, b in pairs), wins=sum(b and not a for a, b in pairs))
+
+
+def primary_metric(o: OutputFidelity) -> tuple[str, float]:
+    """The one figure that says whether this output still does its job (for tables and the search)."""
+    if o.top1 is not None:
+        return "top-1 agreement", o.top1.rate
+    if o.exact is not None:
+        return "decoded-string agreement", o.exact.rate
+    if o.recall is not None and o.precision is not None:
+        r, p = o.recall.rate, o.precision.rate
+        return f"{o.recall.unit.removeprefix('FP32 ')} F1 vs FP32", 2 * r * p / (r + p) if r + p else 0.0
+    return "cosine", o.cosine
+
+
+def task_score(outputs: list[OutputFidelity]) -> float:
+    """A candidate's whole-output score, higher is better: the worst output's task metric (minus its CER for a
+    recognizer), with SQNR breaking ties between candidates that agree on every counted unit."""
+    if not outputs:
+        return 0.0
+    scores = []
+    for o in outputs:
+        value = primary_metric(o)[1] - (o.cer or 0.0)
+        scores.append(value + 1e-3 * min(max(o.sqnr_db, 0.0), 60.0))
+    return float(min(scores))

@@ -1,16 +1,20 @@
 """The fidelity gate: a pure decision over measured figures and a profile's floor.
 
-Every check says what it measured, the bound, and whether mixed precision could fix it (fidelity can be bought back
-by keeping nodes in float; an artifact bigger than its source or a model with nothing quantized cannot).
+Every check says what it measured, on how many units, the bound, and whether mixed precision could fix it
+(fidelity can be bought back by keeping nodes in float; an artifact bigger than its source or a model with nothing
+quantized cannot). Counted checks (k of n units agreed) account for the evaluation's size: a floor of 0.99 means
+"a true disagreement rate of 1% could have produced what we saw", tested one-sided at the floor's confidence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydantic import BaseModel
+from scipy.stats import binom
 
-from converters.fidelity import OutputFidelity, OutputKind
+from converters.fidelity import Agreement, OutputFidelity, OutputKind, TruthFidelity
 from firmware_profiles import FidelityFloor, LatencyPolicy
 
 
@@ -22,6 +26,7 @@ class Check(BaseModel):
     upper: bool = False  # the value must stay at or below the bound (sizes, latency), not above it
     fixable: bool = False  # by mixed precision
     warning: bool = False  # passed, but worth a look (e.g. a tolerated latency regression)
+    samples: int | None = None  # the units that decided it
     detail: str = ""
 
     def line(self) -> str:
@@ -42,29 +47,79 @@ class Measured:
     latency_ratio: float | None = None  # None when latency was not measured (fidelity already failed)
 
 
+@lru_cache(maxsize=4096)
+def allowed_misses(total: int, floor: float, confidence: float) -> int:
+    """The most misses out of ``total`` that a true miss rate of ``1 - floor`` still explains: the largest k with
+    P(X ≥ k) > 1 - confidence for X ~ Binomial(total, 1 - floor)."""
+    rate = 1.0 - floor
+    if total <= 0 or rate <= 0.0:
+        return 0
+    k = int(rate * total)  # the expected count is always explained
+    while k < total and binom.sf(k, total, rate) > 1.0 - confidence:  # sf(k) = P(X > k) = P(X ≥ k + 1)
+        k += 1
+    return k
+
+
+def agreement_check(name: str, a: Agreement, floor: float, confidence: float) -> Check:
+    limit = allowed_misses(a.total, floor, confidence)
+    passed = a.disagreed <= limit
+    detail = (f"{a.disagreed} of {a.total} {a.unit} differ from FP32; at most {limit} allowed at this count "
+              f"(floor {floor:g}, one-sided binomial test, {confidence:.0%})")
+    return Check(name=name, value=a.rate, bound=floor, passed=passed, fixable=True, samples=a.total, detail=detail)
+
+
+def truth_checks(o: OutputFidelity, t: TruthFidelity, floor: FidelityFloor) -> list[Check]:
+    name = f"{o.name}: {t.metric} against ground truth"
+    detail = f"FP32 {t.fp32:.4g}, INT8 {t.candidate:.4g} on {t.samples} labelled samples"
+    if t.losses is not None and t.wins is not None:
+        net = t.losses - t.wins
+        limit = allowed_misses(t.samples, 1.0 - floor.max_accuracy_drop, floor.confidence)
+        return [Check(name=name, value=t.candidate, bound=t.fp32 - limit / max(t.samples, 1), passed=net <= limit,
+                      fixable=True, samples=t.samples,
+                      detail=f"{detail}; {t.losses} lost and {t.wins} gained against FP32, at most {limit} net "
+                             f"losses allowed (drop ≤ {floor.max_accuracy_drop:g})")]
+    bound = t.fp32 - floor.max_map_drop
+    return [Check(name=name, value=t.candidate, bound=bound, passed=t.candidate >= bound - 1e-12, fixable=True,
+                  samples=t.samples, detail=f"{detail}; drop ≤ {floor.max_map_drop:g}")]
+
+
 def fidelity_checks(outputs: list[OutputFidelity], floor: FidelityFloor) -> list[Check]:
     checks: list[Check] = []
-
-    def bound(name: str, value: float | None, limit: float, detail: str = "") -> None:
-        if value is not None:
-            checks.append(Check(name=name, value=value, bound=limit, passed=value >= limit, fixable=True,
-                                detail=detail))
-
+    c = floor.confidence
     for o in outputs:
-        bound(f"{o.name}: cosine", o.cosine, floor.min_cosine)
-        bound(f"{o.name}: SQNR dB", o.sqnr_db, floor.min_sqnr_db)
-        if o.kind is OutputKind.CLASSIFICATION:
-            bound(f"{o.name}: top-1 agreement", o.top1_agreement, floor.min_top1_agreement)
-        elif o.kind is OutputKind.SEQUENCE:
-            bound(f"{o.name}: per-step agreement", o.top1_agreement, floor.min_top1_agreement)
-            bound(f"{o.name}: sequence agreement", o.sequence_agreement, floor.min_sequence_agreement)
-        for r in o.ranges or []:
-            label = f"{o.name}[axis {r.axis}: {r.start}:{r.stop}]"
-            bound(f"{label} cosine", r.cosine, floor.min_range_cosine,
-                  f"values up to {r.magnitude:.3g} share this output with larger ones")
-            bound(f"{label} top-class agreement", r.top1_agreement, floor.min_range_top1_agreement)
-            bound(f"{label} box IoU", r.box_iou, floor.min_box_iou)
+        if o.kind is OutputKind.REGRESSION or not _decoded(o):
+            checks.append(Check(name=f"{o.name}: cosine", value=o.cosine, bound=floor.min_cosine,
+                                passed=o.cosine >= floor.min_cosine, fixable=True, samples=o.samples))
+            checks.append(Check(name=f"{o.name}: SQNR dB", value=o.sqnr_db, bound=floor.min_sqnr_db,
+                                passed=o.sqnr_db >= floor.min_sqnr_db, fixable=True, samples=o.samples))
+        if o.top1 is not None:
+            checks.append(agreement_check(f"{o.name}: top-1 agreement", o.top1, floor.min_top1_agreement, c))
+        if o.exact is not None:
+            checks.append(agreement_check(f"{o.name}: decoded-string agreement", o.exact,
+                                          floor.min_sequence_agreement, c))
+            checks.append(Check(name=f"{o.name}: character error rate vs FP32", value=o.cer, bound=floor.max_cer,
+                                upper=True, passed=(o.cer or 0.0) <= floor.max_cer, fixable=True, samples=o.samples))
+        if o.recall is not None and o.precision is not None:
+            unit = o.recall.unit.removeprefix("FP32 ")
+            if o.recall.total == 0:
+                checks.append(Check(
+                    name=f"{o.name}: {unit}", value=None, bound=None, passed=False, samples=o.samples,
+                    detail=f"FP32 finds no {unit} in the {o.samples} evaluation samples, so the gate cannot judge "
+                           "this output: evaluate on data where the model finds something, or declare the "
+                           "output's kind (--output-kind NAME=regression)"))
+            else:
+                checks.append(agreement_check(f"{o.name}: {unit} recall vs FP32", o.recall,
+                                              floor.min_detection_agreement, c))
+                checks.append(agreement_check(f"{o.name}: {unit} precision vs FP32", o.precision,
+                                              floor.min_detection_agreement, c))
+        if o.truth is not None:
+            checks += truth_checks(o, o.truth, floor)
     return checks
+
+
+def _decoded(o: OutputFidelity) -> bool:
+    """A task output whose decoder ran (its per-call shape matched what inference saw)."""
+    return any(x is not None for x in (o.top1, o.exact, o.recall))
 
 
 def judge(m: Measured, floor: FidelityFloor, *, max_artifact_bytes: int,

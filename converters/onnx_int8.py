@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,13 @@ from onnxruntime.quantization import (
 
 from converters.calibration import Sample
 from converters.errors import QuantizationError
-from converters.fidelity import OutputKind
 from converters.source import (
     PER_CHANNEL_OPSET,
     SourceModel,
     _all_initializers,
     _first_line,
     default_opset,
+    model_files,
     save_model,
 )
 from firmware_profiles import QuantizationScheme
@@ -94,6 +95,15 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
     """ONNX Runtime's quantization pre-processing, falling back step by step where real models break it."""
     out = workdir / "prepared.onnx"
     notes: list[str] = []
+    start = source.path
+    model = onnx.load(str(source.path))
+    hoisted = hoist_constants(model)
+    if hoisted:
+        start = workdir / "hoisted.onnx"
+        save_model(model, start)
+        notes.append(f"{hoisted} weight tensor(s) stored as Constant nodes became initializers (the quantizer only "
+                     "quantizes initializers; paddle2onnx exports keep every weight in Constants)")
+    del model
     attempts = [
         ({}, None),
         ({"skip_symbolic_shape": True}, "ONNX Runtime's symbolic shape inference failed ({}); used ONNX shape "
@@ -109,7 +119,7 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
             # Incomplete symbolic inference dumps sym_shape_infer_temp.onnx (+ a .data file) into the working
             # directory before raising: keep that litter in our work directory.
             with _captured_errors("onnxruntime.quantization") as swallowed, contextlib.chdir(workdir):
-                quant_pre_process(str(source.path.resolve()), str(out.resolve()),
+                quant_pre_process(str(start.resolve()), str(out.resolve()),
                                   save_as_external_data=source.external_data, all_tensors_to_one_file=True, **kwargs)
             # The pre-processor logs some failures (graph optimization) instead of raising them.
             notes += [f"pre-processing: {m}" for m in swallowed]
@@ -119,13 +129,34 @@ def prepare(source: SourceModel, workdir: Path) -> Prepared:
             log.info("pre-processing step failed: %s", error)
     else:
         notes.append(f"pre-processing skipped entirely ({error})")
-        model = onnx.load(str(source.path))
+        model = onnx.load(str(start))
         save_model(model, out)
     model = onnx.load(str(out))
     named = name_nodes(model)
     if named:
         save_model(model, out)
     return Prepared(out, onnx.load(str(out), load_external_data=False), notes)
+
+
+def hoist_constants(model: onnx.ModelProto) -> int:
+    """Turn the main graph's Constant nodes holding weight-sized tensors into initializers; returns how many."""
+    graph = model.graph
+    kept, count = [], 0
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1 and \
+                int(np.prod(value.t.dims)) >= MIN_WEIGHT_ELEMENTS and value.t.data_type in _FLOAT_TYPES:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            count += 1
+        else:
+            kept.append(node)
+    if count:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return count
 
 
 @contextlib.contextmanager
@@ -169,13 +200,139 @@ class Quantized:
     per_channel: bool
     excluded: list[str]
     notes: list[str] = field(default_factory=list)
+    choice: Choice | None = None
+
+
+# The ops that carry weights: quantizing only these keeps every elementwise op (Mul, Add, Sigmoid, Concat...) in
+# float, so a detector's decode tail and a recognizer's gates keep their own ranges, and ONNX Runtime's CPU kernels
+# stay fused (re-quantizing ~200 elementwise ops made a recognizer 1.8× slower than FP32, and broke it).
+# Gather counts when it reads a weight (an embedding table: half of a small BERT's bytes); a Gather over activations
+# only moves data and is left alone.
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather")
+CALIBRATION_CHUNK = 8  # at most this many samples' activations are held at once while calibrating...
+CALIBRATION_CHUNK_BYTES = 256 << 20  # ...and at most this many bytes of them (a 512×512 text map: one sample)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to quantize a scheme: which ops, and how activation ranges are calibrated."""
+
+    ops: str = "weighted"  # "weighted" (Conv, MatMul, Gemm) or "all" (every op ONNX Runtime can quantize)
+    method: ProfileCalibration = ProfileCalibration.MINMAX
+    percentile: float = 99.999
+
+    def label(self) -> str:
+        ops = "weight-bearing ops (Conv, MatMul, Gemm, Gather of a table)" if self.ops == "weighted" else \
+            "every quantizable op"
+        calib = f"percentile {self.percentile:g}" if self.method is ProfileCalibration.PERCENTILE else \
+            self.method.value
+        return f"{ops}, {calib} calibration"
+
+    def key(self) -> str:
+        return f"{self.ops}-{self.method.value}-{self.percentile:g}"
+
+
+def profile_choice(scheme: QuantizationScheme) -> Choice:
+    """What the profile asks for, on the weight-bearing ops."""
+    return Choice("weighted", scheme.calibration_method, scheme.percentile)
+
+
+# Percentiles computed from one histogram pass: a search that tries one of them finds the others already cached.
+SHARED_PERCENTILES = (99.99, 99.999)
+
+
+def calibration_cache(folder: Path, scheme: QuantizationScheme, choice: Choice) -> Path:
+    """Where a choice's activation ranges are cached (they depend on the ops, method, percentile and symmetry)."""
+    symmetric = "sym" if scheme.activation_symmetric else "asym"
+    method = f"percentile-{choice.percentile:g}" if choice.method is ProfileCalibration.PERCENTILE else \
+        choice.method.value
+    return folder / f"calibration-{choice.ops}-{method}-{symmetric}.json"
+
+
+def calibrate(prepared: Prepared, samples: list[Sample], scheme: QuantizationScheme, choice: Choice,
+              cache: Path) -> Path:
+    """Activation ranges of every quantizable tensor, computed once per (method, percentile, symmetry) and kept in
+    ONNX Runtime's calibration cache, which every attempt then reuses (different ops, nodes in float).
+
+    Memory stays bounded: the samples go through in chunks of ``CALIBRATION_CHUNK``; min/max merges ranges and the
+    histogram methods merge histograms after each chunk, so at most one chunk's activations are held. A percentile
+    pass also writes the caches of ``SHARED_PERCENTILES`` (same histograms, another threshold).
+    """
+    if cache.is_file():
+        return cache
+    options: dict[str, object] = {"symmetric": scheme.activation_symmetric}
+    if choice.method is ProfileCalibration.PERCENTILE:
+        options["percentile"] = choice.percentile
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _calibrate(prepared, samples, scheme, choice, cache, options)
+    except Exception as e:  # ORT's calibrators raise anything from ValueError (histogram bins) to RuntimeError
+        raise QuantizationError(f"calibration ({choice.label()}) failed: {_first_line(e)}") from e
+    return cache
+
+
+def _calibrate(prepared: Prepared, samples: list[Sample], scheme: QuantizationScheme, choice: Choice, cache: Path,
+               options: dict[str, object]) -> None:
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
+        # Only the tensors the choice quantizes: fewer histograms, and none over an attention mask's -3.4e38.
+        ops = list(WEIGHTED_OPS) if choice.ops == "weighted" else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        calibrator = create_calibrator(
+            prepared.path, ops,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=_CALIBRATION[choice.method],
+            use_external_data_format=len(model_files(prepared.path)) > 1, extra_options=options)
+        chunk = calibration_chunk(prepared.graph)
+        for start in range(0, len(samples), chunk):
+            calibrator.collect_data(SampleReader(samples[start:start + chunk]))
+        save_tensors_data(calibrator.compute_data(), cache)
+        if choice.method is ProfileCalibration.PERCENTILE:
+            for p in SHARED_PERCENTILES:
+                sibling = calibration_cache(cache.parent, scheme, Choice(choice.ops, choice.method, p))
+                if p != choice.percentile and not sibling.is_file():
+                    calibrator.collector.percentile = p
+                    save_tensors_data(calibrator.compute_data(), sibling)
+        del calibrator
+
+
+def activation_gathers(model: onnx.ModelProto) -> list[str]:
+    """Gather nodes whose data is an activation, not a weight table: they only move values."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] not in weights]
+
+
+def node_weight_elements(model: onnx.ModelProto) -> dict[str, int]:
+    """The weight elements each node reads (its initializer inputs of weight size)."""
+    sizes = {i.name: int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer
+             if i.data_type in _FLOAT_TYPES}
+    return {n.name: sum(sizes.get(i, 0) for i in n.input if sizes.get(i, 0) >= MIN_WEIGHT_ELEMENTS)
+            for n in model.graph.node}
+
+
+def calibration_chunk(model: onnx.ModelProto) -> int:
+    """How many samples to calibrate at once: the histogram methods hold every activation of a chunk, so big
+    feature maps get small chunks. Sized from the shapes shape inference recorded (batch 1)."""
+    per_sample = 0
+    for info in model.graph.value_info:
+        t = info.type.tensor_type
+        if t.elem_type in _FLOAT_TYPES:
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+            per_sample += int(np.prod(dims)) * 4
+    return max(1, min(CALIBRATION_CHUNK, CALIBRATION_CHUNK_BYTES // max(per_sample, 1)))
 
 
 def quantize(prepared: Prepared, calibration: list[Sample], scheme: QuantizationScheme, out: Path, *,
-             exclude: Iterable[str] = (), external_data: bool = False) -> Quantized:
+             choice: Choice | None = None, exclude: Iterable[str] = (), external_data: bool = False,
+             cache: Path | None = None) -> Quantized:
+    """Quantize ``prepared`` with ``scheme``'s types and ``choice``'s ops and calibration, nodes in ``exclude`` (and
+    the scheme's float ops) kept in float. ``cache``: the calibration cache to use or fill."""
+    choice = choice or profile_choice(scheme)
+    cache = calibrate(prepared, calibration, scheme, choice, cache or calibration_cache(out.parent, scheme, choice))
     model = prepared.graph
     float_op_nodes = [n.name for n in model.graph.node if n.op_type in scheme.float_ops]
     excluded = sorted(set(exclude) | set(float_op_nodes))
+    skipped = activation_gathers(model)  # not the search's to float: never quantized at all
     notes = []
     per_channel = scheme.per_channel
     if per_channel and default_opset(model) < PER_CHANNEL_OPSET:
@@ -183,7 +340,7 @@ def quantize(prepared: Prepared, calibration: list[Sample], scheme: Quantization
         notes.append(f"opset {default_opset(model)} < {PER_CHANNEL_OPSET}: per-channel quantization is impossible "
                      "(ONNX Runtime refuses to load the result); used per-tensor")
     try:
-        _quantize_static(prepared.path, out, calibration, scheme, per_channel, excluded, external_data)
+        _quantize_static(prepared.path, out, scheme, choice, cache, per_channel, excluded + skipped, external_data)
         _loads(out)
     except QuantizationError:
         raise
@@ -193,40 +350,34 @@ def quantize(prepared: Prepared, calibration: list[Sample], scheme: Quantization
         notes.append(f"per-channel result unusable ({_first_line(e)}); fell back to per-tensor")
         per_channel = False
         try:
-            _quantize_static(prepared.path, out, calibration, scheme, False, excluded, external_data)
+            _quantize_static(prepared.path, out, scheme, choice, cache, False, excluded + skipped, external_data)
             _loads(out)
         except Exception as e2:
             raise QuantizationError(f"ONNX Runtime quantization failed: {_first_line(e2)}") from e2
-    return Quantized(out, per_channel, excluded, notes)
+    return Quantized(out, per_channel, excluded, notes, choice)
 
 
-def _quantize_static(src: Path, out: Path, calibration: list[Sample], scheme: QuantizationScheme,
+def _quantize_static(src: Path, out: Path, scheme: QuantizationScheme, choice: Choice, cache: Path,
                      per_channel: bool, excluded: list[str], external_data: bool) -> None:
     extra: dict[str, object] = {
         "ActivationSymmetric": scheme.activation_symmetric,
         "WeightSymmetric": scheme.weight_symmetric,
     }
-    if scheme.calibration_method is ProfileCalibration.PERCENTILE:
-        extra["CalibPercentile"] = scheme.percentile
-    # The histogram calibrators print progress to stdout, which must stay clean for --json.
+    # Progress printed by the quantizer must not reach stdout, which stays clean for --json.
     with contextlib.redirect_stdout(io.StringIO()):
-        _run_quantize_static(src, out, calibration, scheme, per_channel, excluded, external_data, extra)
-
-
-def _run_quantize_static(src: Path, out: Path, calibration: list[Sample], scheme: QuantizationScheme,
-                         per_channel: bool, excluded: list[str], external_data: bool,
-                         extra: dict[str, object]) -> None:
-    quantize_static(
-        str(src), str(out), SampleReader(calibration),
-        quant_format=QuantFormat.QDQ if scheme.format is ProfileQuantFormat.QDQ else QuantFormat.QOperator,
-        per_channel=per_channel,
-        activation_type=_DTYPE[scheme.activation_type],
-        weight_type=_DTYPE[scheme.weight_type],
-        nodes_to_exclude=excluded,
-        calibrate_method=_CALIBRATION[scheme.calibration_method],
-        use_external_data_format=external_data,
-        extra_options=extra,
-    )
+        quantize_static(
+            str(src), str(out), None,
+            quant_format=QuantFormat.QDQ if scheme.format is ProfileQuantFormat.QDQ else QuantFormat.QOperator,
+            op_types_to_quantize=list(WEIGHTED_OPS) if choice.ops == "weighted" else None,
+            per_channel=per_channel,
+            activation_type=_DTYPE[scheme.activation_type],
+            weight_type=_DTYPE[scheme.weight_type],
+            nodes_to_exclude=excluded,
+            calibrate_method=_CALIBRATION[choice.method],
+            calibration_cache_path=str(cache),
+            use_external_data_format=external_data,
+            extra_options=extra,
+        )
 
 
 def _loads(path: Path) -> None:
@@ -285,28 +436,42 @@ def weight_stats(path: Path) -> WeightStats:
     return WeightStats(q_tensors, q_elems, f_tensors, f_elems, sub_elems, qdq)
 
 
-def output_kinds(path: Path, overrides: dict[str, OutputKind] | None = None) -> dict[str, OutputKind]:
-    """What each output is for, read from the graph: a Softmax/LogSoftmax or a named logits layer is a classifier
-    ([N, classes]) or a recognizer ([N, steps, vocab]); anything else is judged as a regression."""
+RECURRENT_OPS = {"LSTM", "GRU", "RNN", "Loop", "Scan"}
+
+
+def output_hints(path: Path) -> dict[str, dict[str, object]]:
+    """What the graph says about each output: the op computing it (after reshapes), whether a recurrent layer feeds
+    it, and whether its name says logits/scores. Task inference (``converters.tasks``) weighs these beside the
+    values the output really takes."""
     model = onnx.load(str(path), load_external_data=False)
     producers = {o: n for n in model.graph.node for o in n.output}
-    kinds: dict[str, OutputKind] = {}
+    hints: dict[str, dict[str, object]] = {}
     for out in model.graph.output:
-        rank = len(out.type.tensor_type.shape.dim)
         node = producers.get(out.name)
         while node is not None and node.op_type in PASSTHROUGH_OPS:
             node = producers.get(node.input[0])
-        classifier = node is not None and (
-            node.op_type in ("Softmax", "LogSoftmax")
-            or (node.op_type in ("Gemm", "MatMul", "Add") and CLASS_NAME_HINT.search(out.name) is not None))
-        if classifier and rank == 2:
-            kinds[out.name] = OutputKind.CLASSIFICATION
-        elif classifier and rank == 3:
-            kinds[out.name] = OutputKind.SEQUENCE
-        else:
-            kinds[out.name] = OutputKind.REGRESSION
-    kinds.update(overrides or {})
-    return kinds
+        producer = node.op_type if node is not None else None
+        if node is not None and node.op_type == "Add":  # a bias after a MatMul is still the MatMul's output
+            inner = [producers.get(i) for i in node.input]
+            if any(p is not None and p.op_type in ("MatMul", "Gemm") for p in inner):
+                producer = "MatMul"
+        hints[out.name] = {"producer": producer, "recurrent_upstream": _upstream(producers, out.name, RECURRENT_OPS),
+                           "name_hint": CLASS_NAME_HINT.search(out.name) is not None}
+    return hints
+
+
+def _upstream(producers: dict[str, onnx.NodeProto], tensor: str, ops: set[str]) -> bool:
+    seen: set[int] = set()
+    frontier = [tensor]
+    while frontier:
+        node = producers.get(frontier.pop())
+        if node is None or id(node) in seen:
+            continue
+        if node.op_type in ops:
+            return True
+        seen.add(id(node))
+        frontier.extend(i for i in node.input if i)
+    return False
 
 
 def output_tail(model: onnx.ModelProto, output: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from converters.fidelity import OutputFidelity
+from converters.fidelity import OutputFidelity, primary_metric
 from converters.gate import Check
 
 
@@ -45,6 +45,8 @@ class QuantizationInfo(BaseModel):
     activation_symmetric: bool
     weight_symmetric: bool
     calibration_method: str
+    percentile: float | None = None
+    op_types: str = "all"  # which ops were quantized: the weight-bearing ones, or every quantizable op
     quantized_weight_tensors: int
     float_weight_tensors: int
     quantized_weight_fraction: float
@@ -72,6 +74,7 @@ class TfliteInfo(BaseModel):
     io_type: str
     input_layouts: dict[str, str]  # what the app must feed, per input
     float_ops: list[str]  # builtin ops that still compute in float
+    variant: str = "full-int8"  # or "float-elementwise": elementwise ops kept in float after full INT8 failed
     conversion_seconds: float
     conversion_peak_rss_mb: float
     runtime: str = "LiteRT (ai-edge-litert), XNNPACK delegate on CPU"
@@ -94,9 +97,28 @@ class CoremlInfo(BaseModel):
     conversion_peak_rss_mb: float
 
 
+class Tried(BaseModel):
+    """One candidate the search measured."""
+
+    what: str
+    float_nodes: int
+    split: str  # "evaluation" (judged by the gate) or "calibration" (scored while searching)
+    score: float  # the whole-output task score (higher is better)
+    passed: bool | None  # the floor held (on that split)
+    failed: list[str] = []
+
+
+class SearchInfo(BaseModel):
+    choice: str  # the quantization choice of the result
+    tried: list[Tried]
+    seconds: float
+    budget_seconds: float
+    stopped: str  # why the search ended
+
+
 class MixedPrecision(BaseModel):
     float_nodes: list[str]
-    float_node_fraction: float
+    float_weight_fraction: float  # the share of the model's weights that the float nodes read
     rounds: int
     why: str
     full_int8_failed: list[str]
@@ -121,6 +143,8 @@ class ArtifactReport(BaseModel):
     latency: LatencyInfo | None = None
     fidelity: list[OutputFidelity] = []
     mixed_precision: MixedPrecision | None = None
+    search: SearchInfo | None = None
+    peak_rss_mb: float | None = None  # the converting process's peak resident memory after this artifact
     tflite: TfliteInfo | None = None
     coreml: CoremlInfo | None = None
     checks: list[Check] = []
@@ -149,14 +173,16 @@ def summary_rows(reports: list[ArtifactReport]) -> list[dict[str, str]]:
     """One row per artifact with the figures a person scans first."""
     rows = []
     for r in reports:
-        top1 = [o.top1_agreement for o in r.fidelity if o.top1_agreement is not None and o.kind != "regression"]
+        task = [primary_metric(o) for o in r.fidelity]
+        worst = min(task, key=lambda t: t[1]) if task else None
+        truth = [o.truth for o in r.fidelity if o.truth is not None]
         rows.append({
             "profile": r.profile,
             "format": r.format,
             "status": r.status.value,
             "size": f"{r.size.int8_bytes / 1e6:.2f} MB ({r.size.ratio:.3f}×)" if r.size else "-",
-            "cosine": f"{min(o.cosine for o in r.fidelity):.5f}" if r.fidelity else "-",
-            "top-1": f"{min(top1):.2%}" if top1 else "-",
+            "task vs FP32": f"{worst[0]} {worst[1]:.2%}" if worst else "-",
+            "vs truth": f"{truth[0].metric} {truth[0].fp32:.3f}→{truth[0].candidate:.3f}" if truth else "-",
             "latency": f"{r.latency.fp32_ms:.2f}→{r.latency.int8_ms:.2f} ms ({r.latency.ratio:.2f}×)"
             if r.latency else "-",
             "float nodes": str(len(r.mixed_precision.float_nodes)) if r.mixed_precision else

@@ -121,8 +121,10 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else np.dtype("float32")
     dims: list[int | str | None] = []
     for d in t.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(d.dim_value)
+        elif d.HasField("dim_value"):  # Paddle and others write -1 (or 0) for a dynamic dimension
+            dims.append(None)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:
@@ -266,7 +268,7 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
         if len(tdims) != len(dims):
             raise InvalidModelError(f"--input-shape {name}: rank {len(dims)} given, model input has rank {len(tdims)}")
         for d, value in zip(tdims, dims, strict=True):
-            if d.HasField("dim_value") and d.dim_value != value:
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != value:
                 raise InvalidModelError(f"--input-shape {name}: dim {d.dim_value} is fixed in the model, got {value}")
             d.Clear()
             d.dim_value = value

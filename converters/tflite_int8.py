@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters import tflite_options
 from converters.calibration import Sample
 from converters.errors import QuantizationError
 from converters.runtime import Latency
@@ -24,6 +25,15 @@ WORKER_TIMEOUT_S = 1200
 
 
 @dataclass
+class FloatElementwiseVariant:
+    """The second INT8 model the worker writes from the same calibration: elementwise ops kept in float."""
+
+    path: Path
+    float_ops: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TfliteBuild:
     fp32: Path
     int8: Path
@@ -32,6 +42,8 @@ class TfliteBuild:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    variant: FloatElementwiseVariant | None = None  # only where float ops are allowed
+    variant_notes: list[str] = field(default_factory=list)  # why there is none, or what it is
 
 
 def input_permutations(source: SourceModel) -> dict[str, tuple[int, ...] | None]:
@@ -44,8 +56,9 @@ def _to_tflite_layout(sample: Sample, perms: dict[str, tuple[int, ...] | None]) 
 
 def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: Path, *, io_type: str = "int8",
           allow_float_ops: bool = False) -> TfliteBuild:
-    """Convert ``model`` (the constant-folded float ONNX: onnx2tf cannot build Keras layers from constant
-    subgraphs) whose inputs and outputs are ``source``'s."""
+    """Convert ``model`` (the float ONNX with inputs pinned and shapes folded, ``tflite_prepare``) whose inputs and
+    outputs are ``source``'s. onnx2tf is retried with the options it has for known failures (``tflite_options``);
+    every failed attempt is named in the notes, or in the error when none succeeds."""
     out = workdir / f"tflite-{io_type}-{'mixed' if allow_float_ops else 'int8only'}"
     out.mkdir(parents=True, exist_ok=True)
     perms = input_permutations(source)
@@ -54,10 +67,44 @@ def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: 
     keep = [i.name for i in source.inputs if perms[i.name] is None and len(i.shape) in (3, 5)]
     job = {"onnx": str(model), "calibration": str(out / "calibration.npz"), "out": str(out),
            "io_type": io_type, "allow_float_ops": allow_float_ops, "keep_layout_inputs": keep}
-    result, seconds = run_worker("converters.tflite_worker", job, out, what="TFLite conversion",
-                                 timeout_s=WORKER_TIMEOUT_S)
-    return TfliteBuild(Path(result["fp32"]), Path(result["int8"]), perms, result["float_ops"], result["notes"],
-                       seconds, result["peak_rss_mb"])
+    failures: list[str] = []
+    seconds = 0.0
+    for attempt in tflite_options.attempts(model):
+        (out / "result.json").unlink(missing_ok=True)
+        (out / tflite_options.STAGE_FILE).unlink(missing_ok=True)
+        try:
+            result, took = run_worker("converters.tflite_worker", {**job, "onnx2tf_options": attempt.options}, out,
+                                      what="TFLite conversion", timeout_s=WORKER_TIMEOUT_S)
+        except QuantizationError as e:
+            stage = tflite_options.crash_stage(str(e), _recorded_stage(out))
+            if stage is not None:
+                raise QuantizationError(_crash_message(str(e), stage, failures)) from e
+            failures.append(f"{attempt.label}: {e}")
+            if not tflite_options.worth_retrying(str(e)):
+                break
+            continue
+        seconds += took
+        notes = [*(f"onnx2tf attempt failed — {f}" for f in failures), *attempt.notes, *result["notes"]]
+        variant = (FloatElementwiseVariant(Path(result["variant"]), result["variant_float_ops"],
+                                           result["variant_notes"]) if result.get("variant") else None)
+        return TfliteBuild(Path(result["fp32"]), Path(result["int8"]), perms, result["float_ops"], notes,
+                           seconds, result["peak_rss_mb"], variant, result.get("variant_notes", []))
+    if len(failures) == 1:
+        raise QuantizationError(failures[0].split(": ", 1)[1])
+    raise QuantizationError("; ".join(failures))
+
+
+def _recorded_stage(out: Path) -> str | None:
+    stage = out / tflite_options.STAGE_FILE
+    return stage.read_text() if stage.exists() else None
+
+
+def _crash_message(error: str, stage: tflite_options.Stage, failures: list[str]) -> str:
+    """A worker death after onnx2tf: final, with what to try instead."""
+    earlier = f" (earlier onnx2tf attempts: {'; '.join(failures)})" if failures else ""
+    return (f"{error} while {stage.value}, after onnx2tf had converted the model; not retried with other onnx2tf "
+            f"options, which rebuild the same graph{earlier}. Try float I/O (io_type float32), a profile that "
+            "allows float ops, or the ONNX INT8 artifact for this model")
 
 
 class LiteRTModel:

@@ -7,6 +7,11 @@ directory with deterministic data, so nothing ever touches the network.
 
 JOB is a JSON file: {"onnx": path, "calibration": npz path (NHWC-ready arrays per input, stacked), "out": folder,
 "io_type": "int8" | "float32", "allow_float_ops": bool}. The result is written to ``out/result.json``.
+
+Where float ops are allowed, the worker also writes a second INT8 model from the same calibration: the
+*float-elementwise variant*, weight-bearing ops INT8 and the elementwise ops float (``ELEMENTWISE_FLOAT_OPS``). It
+costs one more MLIR quantizer run (seconds), no second onnx2tf conversion; the pass measures it only when full
+INT8 fails the gate.
 """
 
 from __future__ import annotations
@@ -14,11 +19,19 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from converters import tflite_options, tflite_tail
 from converters.workers import worker_main
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+VARIANT_FILE = "model.int8-float-elementwise.tflite"
+
+
+def _record_stage(out: Path, stage: tflite_options.Stage) -> None:
+    """Where the worker is, for the parent to read when the process dies without a result (an abort in LiteRT)."""
+    (out / tflite_options.STAGE_FILE).write_text(stage.value)
 
 
 def _quiet_tensorflow() -> None:
@@ -54,21 +67,51 @@ def unsupported_ops(message: str) -> list[str]:
     return sorted({f for f in found if "PartitionedCall" not in f})  # call wrappers, not ops
 
 
-def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> tuple[bytes, bytes, list[str]]:
+# ONNX ops that always become a TF op with no TFLite builtin: asked for their pseudo operator from the start, which
+# saves a second onnx2tf run (all-MiniLM-L6-v2's GELU Erf: about 2 minutes, 2026-12-01).
+KNOWN_PSEUDO_ONNX_OPS = {"Erf": "erf"}
+
+
+def _known_pseudo_ops(path: str) -> list[str]:
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+    return sorted(pseudo for op, pseudo in KNOWN_PSEUDO_ONNX_OPS.items() if op in ops)
+
+
+# Elementwise ops the float-elementwise variant keeps in float. Requantizing after every Add/Mul/HardSwish of an
+# attention neck is what hurts: PP-OCRv4 rec reads 0.74 of lines under full INT8 TFLite, 0.9875 with these in float
+# (FP32 0.99), at 0.73x FP32 latency and the same size (measured 2026-12-01, LiteRT XNNPACK, 2 threads).
+ELEMENTWISE_FLOAT_OPS = ("ADD", "SUB", "MUL", "DIV", "HARD_SWISH", "LOGISTIC", "MEAN", "SQUARED_DIFFERENCE", "RSQRT",
+                         "SQRT", "POW", "SOFTMAX")
+
+
+@dataclass
+class Converted:
+    fp32: bytes
+    int8: bytes
+    notes: list[str]
+    variant: bytes | None = None  # the float-elementwise variant (None: float ops not allowed, or it failed)
+    variant_notes: list[str] = field(default_factory=list)
+
+
+def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> Converted:
     import onnx2tf
     import tensorflow as tf
 
     saved = out / ("saved_model" + ("-pseudo" if pseudo else ""))
+    _record_stage(out, tflite_options.Stage.ONNX2TF)
     onnx2tf.convert(input_onnx_file_path=job["onnx"], output_folder_path=str(saved), non_verbose=True,
                     copy_onnx_input_output_names_to_tflite=True, output_signaturedefs=True,
                     keep_ncw_or_nchw_or_ncdhw_input_names=job.get("keep_layout_inputs") or None,
-                    replace_to_pseudo_operators=pseudo or None)
+                    replace_to_pseudo_operators=pseudo or None, **job.get("onnx2tf_options", {}))
 
     def representative():
         n = len(next(iter(calib.values())))
         for i in range(n):
             yield {k: v[i] for k, v in calib.items()}
 
+    _record_stage(out, tflite_options.Stage.TFLITE)
     fp32 = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
 
     def int8_converter(ops):
@@ -81,30 +124,105 @@ def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> tuple[byte
             c.inference_output_type = tf.int8
         return c
 
-    notes = []
+    notes: list[str] = []
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        int8 = int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8]).convert()
+        int8 = int8_converter(ops).convert()
     except Exception as e:  # TF raises ConverterError naming the op it could not quantize
         first = str(e).strip().splitlines()[0][:300]
         if not job["allow_float_ops"]:
             raise RuntimeError(f"full-integer TFLite conversion failed and the profile allows no float ops: {first}")\
                 from e
         notes.append(f"full-integer conversion failed ({first}); kept the ops it cannot quantize in float")
-        int8 = int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]).convert()
-    denied: list[str] = []
+        ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        int8 = int8_converter(ops).convert()
+    calibrated = _calibrate(int8_converter(ops))
+    plan = _float_plan(calibrated, job, notes, _onnx_output_names(job["onnx"]))
+    if plan.nodes:
+        int8 = _quantize_denying(calibrated, plan, job["io_type"])
+    _record_stage(out, tflite_options.Stage.LITERT)
     while (refused := _refused_kernel(int8, calib)) is not None:
         op, message = refused
+        if op == XNNPACK and job["allow_float_ops"]:
+            int8 = _avoid_xnnpack_failure(calibrated, plan, job["io_type"], calib, message, notes)
+            continue
         if not job["allow_float_ops"]:
             raise RuntimeError(f"LiteRT's INT8 {op} kernel fails on this model ({message}) and the profile allows "
                                "no float ops")
-        if op in denied or len(denied) >= MAX_DENIED_OPS:
-            raise RuntimeError(f"LiteRT's INT8 kernels fail on this model even with {', '.join(denied)} in float: "
-                               f"{message}")
-        denied.append(op)
-        int8 = _quantize_denying(int8_converter([tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]),
-                                 denied, job["io_type"])
+        if op in plan.ops or len(plan.ops) >= MAX_DENIED_OPS:
+            raise RuntimeError(f"LiteRT's INT8 kernels fail on this model even with {', '.join(plan.ops)} in "
+                               f"float: {message}")
+        plan.ops.append(op)
+        int8 = _quantize_denying(calibrated, plan, job["io_type"])
         notes.append(f"LiteRT's INT8 {op} kernel refused this model at inference ({message}); {op} kept in float")
-    return fp32, int8, notes
+    converted = Converted(fp32, int8, notes)
+    if job["allow_float_ops"]:
+        converted.variant, converted.variant_notes = _float_elementwise_variant(calibrated, plan, job, calib)
+    return converted
+
+
+def _float_elementwise_variant(calibrated: bytes, plan: FloatPlan, job: dict,
+                               calib: dict) -> tuple[bytes | None, list[str]]:
+    """Full INT8's plan plus every elementwise op in float, from the same calibrated model."""
+    ops = [*plan.ops, *(op for op in ELEMENTWISE_FLOAT_OPS if op not in plan.ops)]
+    variant_plan = FloatPlan(ops=ops, nodes=plan.nodes, float_outputs=plan.float_outputs)
+    try:
+        model = _quantize_denying(calibrated, variant_plan, job["io_type"])
+        refused = _refused_kernel(model, calib)
+    except Exception as e:  # the quantizer or LiteRT refusing the variant leaves full INT8 as the only candidate
+        return None, [f"float-elementwise variant not built: {str(e).strip().splitlines()[0][:200]}"]
+    if refused is not None:
+        return None, [f"float-elementwise variant not built: LiteRT's INT8 {refused[0]} kernel refused it "
+                      f"({refused[1]})"]
+    return model, [f"float-elementwise variant: weight-bearing ops INT8, {', '.join(ELEMENTWISE_FLOAT_OPS)} in "
+                   "float (same calibration, same weights)"]
+
+
+@dataclass
+class FloatPlan:
+    """What the MLIR quantizer leaves in float: op kinds (kernels LiteRT refuses) and nodes (decode tails)."""
+
+    ops: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    float_outputs: bool = False  # a decode tail ends at an output: outputs stay float32 (one int8 scale collapses)
+    notes: list[str] = field(default_factory=list)  # why nodes outside decode tails stay float
+
+
+def _float_plan(calibrated: bytes, job: dict, notes: list[str], onnx_outputs: list[str]) -> FloatPlan:
+    """Decode tails (outputs concatenating very different ranges) kept in float where the profile allows it."""
+    plan = FloatPlan()
+    graph = tflite_tail.ops_from_flatbuffer(calibrated)
+    for tail in tflite_tail.float_tails(graph):
+        output = tflite_tail.onnx_output_name(graph, tail.tensor, onnx_outputs)
+        what = (f"output {output!r} concatenates values whose calibrated ranges differ {tail.ratio:.0f}x "
+                "(e.g. box coordinates and class scores)")
+        if not job["allow_float_ops"]:
+            notes.append(f"{what}; the profile allows no float ops, so it shares one int8 scale")
+            continue
+        plan.nodes += tail.nodes
+        plan.float_outputs = True
+        notes.append(f"{what}: its decode ({len(tail.nodes)} ops: {', '.join(tail.kinds)}) stays float and the "
+                     "outputs are float32, so each part keeps its own scale")
+    _keep_unbounded_in_float(graph, plan, job)
+    notes.extend(plan.notes)
+    return plan
+
+
+def _keep_unbounded_in_float(graph: tflite_tail.Graph, plan: FloatPlan, job: dict) -> None:
+    """Ops around a ±FLT_MAX range (an attention mask's finfo.min) into ``plan``: quantized, LiteRT aborts."""
+    ops = [op for op in tflite_tail.unbounded_range_ops(graph) if graph.tensor_names[op.outputs[0]] not in plan.nodes]
+    if not ops:
+        return
+    kinds = ", ".join(sorted({op.kind for op in ops}))
+    if not job["allow_float_ops"]:
+        raise RuntimeError(
+            f"{len(ops)} ops ({kinds}) compute with values near ±FLT_MAX (e.g. an attention mask built with "
+            "finfo(float32).min), which int8 cannot represent and LiteRT's INT8 kernels abort on; the profile "
+            "allows no float ops. Export the model with a finite mask value (e.g. -1e4) or use a profile that "
+            "allows float ops")
+    plan.nodes += [graph.tensor_names[op.outputs[0]] for op in ops]
+    plan.notes.append(f"{len(ops)} ops ({kinds}) read or write values near ±FLT_MAX (an attention mask built with "
+                      "finfo(float32).min): kept in float, as int8 cannot represent that range")
 
 
 MAX_DENIED_OPS = 4
@@ -149,6 +267,8 @@ def _refused_kernel(tflite: bytes, calib: dict) -> tuple[str, str] | None:
     try:
         runner(**feed)
     except RuntimeError as e:  # "tflite/kernels/div.cc:262 data[i] != zero_point ... Node number 66 (DIV) failed"
+        if "(TfLiteXNNPackDelegate) failed to prepare" in str(e):
+            return XNNPACK, str(e).split("Node number")[0].strip()[:160]
         found = re.search(r"Node number \d+ \((\w+)\) failed to invoke", str(e))
         if found is None:
             raise
@@ -156,17 +276,101 @@ def _refused_kernel(tflite: bytes, calib: dict) -> tuple[str, str] | None:
     return None
 
 
-def _quantize_denying(converter, ops: list[str], io_type: str) -> bytes:
-    """Calibrate, then quantize every op except ``ops`` (TF's MLIR quantizer, as its QuantizationDebugger does)."""
+XNNPACK = "XNNPACK delegate"
+MAX_NODES_TRIED = 24
+
+
+def _avoid_xnnpack_failure(calibrated: bytes, plan: FloatPlan, io_type: str, calib: dict, message: str,
+                           notes: list[str]) -> bytes:
+    """XNNPACK refuses to build its runtime for the INT8 graph and names no op (MTCNN's ONet: one INT8 CONV_2D,
+    measured 2026-12-01). Find the fewest float ops that let it prepare: one op kind at a time, then one node of
+    that kind at a time, and keep that node (or the kind) in float."""
+    graph = tflite_tail.ops_from_flatbuffer(calibrated)
+    kinds = list(dict.fromkeys(op.kind for op in graph.ops if op.kind not in plan.ops))
+
+    def prepares(extra_ops: list[str], extra_nodes: list[str]) -> bytes | None:
+        trial = FloatPlan([*plan.ops, *extra_ops], [*plan.nodes, *extra_nodes], plan.float_outputs)
+        model = _quantize_denying(calibrated, trial, io_type)
+        refused = _refused_kernel(model, calib)
+        return model if refused is None or refused[0] != XNNPACK else None
+
+    for kind in kinds:
+        if prepares([kind], []) is None:
+            continue
+        nodes = [graph.tensor_names[op.outputs[0]] for op in graph.ops if op.kind == kind]
+        for node in nodes[:MAX_NODES_TRIED]:
+            if (model := prepares([], [node])) is not None:
+                plan.nodes.append(node)
+                notes.append(f"LiteRT's XNNPACK delegate cannot prepare this INT8 graph ({message}); one {kind} "
+                             f"({node}) kept in float, which it can")
+                return model
+        plan.ops.append(kind)
+        notes.append(f"LiteRT's XNNPACK delegate cannot prepare this INT8 graph ({message}); every {kind} kept in "
+                     "float, which it can")
+        return _quantize_denying(calibrated, plan, io_type)
+    raise RuntimeError(f"LiteRT's XNNPACK delegate cannot prepare this INT8 graph ({message}), whichever op kind "
+                       "stays float; run it without the delegate or convert with float I/O")
+
+
+def _calibrate(converter) -> bytes:
+    """The float model with every tensor's calibrated range recorded (TF's route for its QuantizationDebugger)."""
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True
+    return _clamp_padding_ranges(converter.convert())
+
+
+# A recorded magnitude beyond this is no activation: it is a padding constant (±FLT_MAX) showing through.
+PADDING_SENTINEL = 1e30
+
+
+def _clamp_padding_ranges(calibrated: bytes) -> bytes:
+    """Give a PADV2 padded with ±FLT_MAX (onnx2tf's MaxPool with ceil_mode) its input's calibrated range.
+
+    The recorded range ±3.4e38 makes one int8 step worth 1e36, so every activation after it becomes zero (MTCNN's
+    ONet: softmax top-1 0.47 against FP32, and XNNPACK refuses the graph; measured 2026-12-01). With the input's
+    range, the padding constant quantizes to the range's minimum, which the max pool after it never picks over a
+    real value."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
+    pad = {i for i, c in enumerate(model.operatorCodes)
+           if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.PADV2}
+    changed = False
+    for sub in model.subgraphs:
+        for op in sub.operators:
+            if op.opcodeIndex not in pad:
+                continue
+            src, dst = sub.tensors[op.inputs[0]].quantization, sub.tensors[op.outputs[0]].quantization
+            if src is None or dst is None or src.min is None or dst.min is None or dst.max is None:
+                continue
+            if max(abs(float(dst.min[0])), abs(float(dst.max[0]))) > PADDING_SENTINEL:
+                dst.min, dst.max = list(src.min), list(src.max)
+                changed = True
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)) if changed else calibrated
+
+
+def _quantize_denying(calibrated: bytes, plan: FloatPlan, io_type: str) -> bytes:
+    """Quantize every op except ``plan``'s (TF's MLIR quantizer, as its QuantizationDebugger does), then give the
+    model INT8 inputs (and INT8 outputs unless a decode tail ends there) the way TFLiteConverter does. An input
+    read (or an output written) by a float op stays float32: there is no INT8 tensor there to expose."""
     import tensorflow as tf
     from tensorflow.lite.python import convert as tf_convert
+    from tensorflow.lite.python import util as tf_util
 
-    converter.experimental_mlir_quantizer = True
-    converter._experimental_calibrate_only = True  # the documented route of tf.lite.experimental.QuantizationDebugger
-    calibrated = converter.convert()
-    io = tf.int8 if io_type == "int8" else tf.float32
-    return tf_convert.mlir_quantize(calibrated, fully_quantize=io_type == "int8", input_data_type=io,
-                                    output_data_type=io, denylisted_ops=ops)
+    # Quantizing with float I/O first: asked for INT8 outputs directly (fully_quantize), the quantizer re-quantizes a
+    # float decode tail's output with one scale again, which is the collapse the tail is there to avoid.
+    model = tf_convert.mlir_quantize(calibrated, denylisted_ops=plan.ops or None,
+                                     denylisted_nodes=plan.nodes or None)
+    if io_type != "int8":
+        return model
+    for inputs, outputs in ((tf.int8, tf.float32 if plan.float_outputs else tf.int8), (tf.int8, tf.float32),
+                            (tf.float32, tf.int8), (tf.float32, tf.float32)):
+        try:
+            return tf_util.modify_model_io_type(model, inputs, outputs)
+        except ValueError:  # "Model input is not quantized." / "Model output is not dequantized."
+            continue
+    return model
 
 
 def run(job: dict) -> dict:
@@ -179,23 +383,34 @@ def run(job: dict) -> dict:
     np.save(out / ONNX2TF_SAMPLE, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
     with np.load(job["calibration"]) as z:
         calib = {k: z[k] for k in z.files}
+    known = _known_pseudo_ops(job["onnx"])
     try:
-        fp32, int8, notes = _convert(job, out, [], calib)
+        converted = _convert(job, out, known, calib)
+        if known:
+            converted.notes.insert(0, f"TFLite has no builtin kernel for {', '.join(known)}: replaced with onnx2tf's "
+                                      "builtin approximations; the fidelity figures include the approximation")
     except Exception as e:
         ops = unsupported_ops(str(e))
-        pseudo = sorted({PSEUDO_OPS[o.lower()] for o in ops if o.lower() in PSEUDO_OPS})
+        if known and {PSEUDO_OPS.get(o.lower(), o) for o in ops} <= set(known):
+            raise  # already replaced: retrying changes nothing
         if not ops:
             raise
-        if not pseudo or len(pseudo) < len(ops):
+        if any(o.lower() not in PSEUDO_OPS for o in ops):
             raise RuntimeError(f"TFLite has no builtin kernel for: {', '.join(ops)}") from e
-        fp32, int8, notes = _convert(job, out, pseudo, calib)
-        notes.insert(0, f"TFLite has no builtin kernel for {', '.join(ops)}: replaced with onnx2tf's builtin "
+        pseudo = sorted({PSEUDO_OPS[o.lower()] for o in ops} | set(known))
+        converted = _convert(job, out, pseudo, calib)
+        converted.notes.insert(0, f"TFLite has no builtin kernel for {', '.join(ops)}: replaced with onnx2tf's builtin "
                         f"approximations ({', '.join(pseudo)}); the fidelity figures include the approximation")
     names = _onnx_output_names(job["onnx"])
-    (out / "model.fp32.tflite").write_bytes(name_outputs(fp32, names))
-    (out / "model.int8.tflite").write_bytes(name_outputs(int8, names))
-    return {"fp32": str(out / "model.fp32.tflite"), "int8": str(out / "model.int8.tflite"),
-            "float_ops": _float_ops(int8), "notes": notes}
+    (out / "model.fp32.tflite").write_bytes(name_outputs(converted.fp32, names))
+    (out / "model.int8.tflite").write_bytes(name_outputs(converted.int8, names))
+    result = {"fp32": str(out / "model.fp32.tflite"), "int8": str(out / "model.int8.tflite"),
+              "float_ops": _float_ops(converted.int8), "notes": converted.notes, "variant": None,
+              "variant_float_ops": [], "variant_notes": converted.variant_notes}
+    if converted.variant is not None:
+        (out / VARIANT_FILE).write_bytes(name_outputs(converted.variant, names))
+        result.update(variant=str(out / VARIANT_FILE), variant_float_ops=_float_ops(converted.variant))
+    return result
 
 
 if __name__ == "__main__":

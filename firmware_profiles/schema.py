@@ -115,21 +115,29 @@ class Memory(_Strict):
 
 
 class FidelityFloor(_Strict):
-    """The least an INT8 artifact must keep of its FP32 source's behaviour to ship."""
+    """The least an INT8 artifact must keep of its FP32 source's behaviour to ship, in the terms of each output's task.
 
-    min_top1_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99
-    min_sequence_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    Agreement floors are rates over counted units (samples, detections); the gate refuses only when the count it saw
+    is unlikely (one-sided binomial test at ``confidence``) under a true rate at the floor, so a floor of 0.99 over
+    32 samples allows one flip, not zero, and over 1,000 samples allows 15.
+    """
+
+    min_top1_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99  # classifiers: the top class
+    min_sequence_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95  # recognizers: whole decoded strings
+    max_cer: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02  # recognizers: characters of the decoded strings
+    # Detectors and text maps: FP32's detections (regions) the candidate finds, and the candidate's FP32 has.
+    min_detection_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    # Outputs without a task decoder (embeddings, regressions): numeric closeness.
     min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.99
     min_sqnr_db: float = 15.0
-    # A mixed-range output is judged per value range: every range must keep this cosine.
-    min_range_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.98
-    # Detector heads: class agreement on confident anchors, and IoU of box coordinates.
-    min_range_top1_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    min_box_iou: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    # Against the user's ground truth, when given: the accuracy FP32 has that INT8 may lose.
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    max_map_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
+    confidence: Annotated[float, Field(ge=0.5, lt=1.0)] = 0.95
     max_latency_ratio: Annotated[float, Field(gt=0.0)] = 1.0
     latency_regression: LatencyPolicy = LatencyPolicy.WARN
-    # Mixed precision may keep at most this share of the graph's nodes in float before the gate refuses.
-    max_float_node_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
+    # Mixed precision may keep at most this share of the weights in float (elementwise ops cost nothing here).
+    max_float_weight_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
 
 
 class Ops(_Strict):

@@ -25,6 +25,8 @@ from fleet_server import logs
 from fleet_server.artifacts import LocalArtifactStore
 from fleet_server.auth import AuditLimiter, TokenCache
 from fleet_server.broker import BrokerConfigError, BrokerSync, server_account, share_group
+from fleet_server.console import api as console_api
+from fleet_server.console import mount_console
 from fleet_server.db import make_engine
 from fleet_server.guard import RequestGuard, http_error, route_policies, validation_error
 from fleet_server.ingest import Ingest
@@ -120,9 +122,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     routers = (tokens.router, devices.router, artifacts.router, trust.router, models.router, rollouts.router,
-               telemetry.router, insights.router)
+               telemetry.router, insights.router, console_api.router)
     for router in routers:
         app.include_router(router)
+    mount_console(app)  # the operator console under /ui
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(OperationalError, _database_unavailable)

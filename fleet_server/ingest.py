@@ -308,7 +308,7 @@ class Ingest:
                          # a tuple: the edges repeat across windows, so db.json_dumps encodes them once
                          "latency_edges": m.latency_ms.edges if m.latency_ms else None,
                          "latency_counts": list(m.latency_ms.counts) if m.latency_ms else None,
-                         "cpu_percent": m.cpu_percent, "rss_mb": m.rss_mb,
+                         "cpu_percent": m.cpu_percent, "rss_mb": m.rss_mb, "temperature_c": m.temperature_c,
                          "inputs": [i.model_dump(mode="json") for i in m.inputs]})
         insert = sqlite_insert if self.engine.dialect.name == "sqlite" else pg_insert
         statement = insert(TelemetryWindow.__table__).on_conflict_do_nothing(  # type: ignore[attr-defined]

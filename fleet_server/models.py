@@ -343,6 +343,7 @@ class TelemetryWindow(SQLModel, table=True):
     latency_counts: list[int] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     cpu_percent: float | None = None
     rss_mb: float | None = None
+    temperature_c: float | None = None  # the device's first thermal zone, where it has one
     inputs: list[dict] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
 
 

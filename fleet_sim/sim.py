@@ -5,7 +5,9 @@ Each device is a real paho MQTT 5 client with its own client id (and credentials
 ``fleet_protocol``'s ``UpdateVerifier`` against the pinned root (signature, device, profile, version, expiry), fetches
 the delta for the artifact it runs (or the full file) in chunks over MQTT, checks every chunk and the whole file
 against the signed hashes, rebuilds the target, reports ``committed`` and its new state, and follows rollback
-orders. It sends telemetry batches (requests, a latency histogram labelled with the version it runs) on demand.
+orders. Its state reports name the version it runs and its slot, as an agent's do; it sends telemetry batches on
+demand (requests, a latency histogram labelled with that version, and CPU, RSS and temperature figures drawn from
+``SimResources``: deterministic per device id, bounded, so a console shows what a real fleet would).
 What it leaves out is the model itself: no runtime, no probe run (the probe's signed hash is checked), no slots on
 disk. Failures on command: ``fail_probe`` (reports ``probe_failed``), ``slow`` (its latency is multiplied, as a
 slower model would make it), ``SimFleet.drop`` (the connection is cut without a DISCONNECT: the broker publishes
@@ -47,6 +49,9 @@ from fleet_protocol.metadata import UpdateVerifier
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 
 REQUEST_TIMEOUT_S = 3.0
+CPU_PERCENT_MAX = 100.0  # one core's worth: what the agent's process-time measure gives on a busy single thread
+RSS_MB_RANGE = (16.0, 1024.0)
+TEMPERATURE_C_RANGE = (25.0, 90.0)
 RECEIVED_KINDS = ("cmd", "dl")  # what a device subscribes to (topics.device_subscriptions)
 _rebuilt: dict[tuple[str, str], str] = {}  # (base, patch) → the rebuilt target's sha256
 
@@ -78,6 +83,31 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+class SimResources:
+    """A device's CPU, RSS and temperature figures for each telemetry window. Each device has its own baseline
+    (seeded by its id, so a re-run reports the same) and a little noise per window; CPU follows the load, RSS grows
+    a little with a newer model, temperature follows CPU. Its own random stream: the latency draws (and with them
+    every benchmark built on fleet-sim) stay what they were."""
+
+    def __init__(self, device_id: str):
+        self.rng = random.Random(f"{device_id}/resources")
+        self.cpu_base = self.rng.uniform(8.0, 30.0)  # % at 100 requests a window
+        self.rss_base = self.rng.uniform(70.0, 160.0)
+        self.temperature_base = self.rng.uniform(40.0, 56.0)
+
+    def window(self, requests: int, window_s: float, slow: float, updates: int) -> tuple[float, float, float]:
+        """(cpu_percent, rss_mb, temperature_c) for one window, each clamped to its plausible range."""
+        load = min(requests / max(window_s, 1e-3) / 100.0, 10.0)  # requests per second over a nominal 100
+        cpu = _clamp(self.cpu_base * load * slow + self.rng.gauss(0, 1.5), 0.5, CPU_PERCENT_MAX)
+        rss = _clamp(self.rss_base + 6.0 * min(updates, 10) + self.rng.gauss(0, 0.8), *RSS_MB_RANGE)
+        temperature = _clamp(self.temperature_base + 0.15 * cpu + self.rng.gauss(0, 0.4), *TEMPERATURE_C_RANGE)
+        return round(cpu, 1), round(rss, 1), round(temperature, 1)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
 @dataclass
 class _Download:
     job: str
@@ -103,10 +133,12 @@ class SimDevice:
         self.previous: str | None = None  # what a rollback order goes back to
         self.label = active_label  # "model version", as agents label telemetry
         self.previous_label: str | None = None
+        self.slot: str | None = "a" if active_sha256 else None  # which of an agent's two slots runs the model
         self.fail_probe = fail_probe
         self.slow, self.base_latency_ms = slow, base_latency_ms
         self.slow_after_update = False  # fleet-sim's "a model that regressed": slow once an update is installed
         self.rng = random.Random(device_id)
+        self.resources = SimResources(device_id)
         self.verifier = UpdateVerifier(fleet.root, device_id=device_id, profile=profile)
         self.download: _Download | None = None
         self.installed: list[str] = []  # jobs committed
@@ -145,7 +177,10 @@ class SimDevice:
         self.report_state()
 
     def report_state(self) -> None:
-        self.publish("state", messages.DeviceState(active_version=None, active_sha256=self.active, root_version=1,
+        """The agent's state report: the active slot's "model version" label, its sha256 and slot."""
+        self.publish("state", messages.DeviceState(active_version=self.label, active_sha256=self.active,
+                                                   active_slot=self.slot,  # type: ignore[arg-type]
+                                                   root_version=self.verifier.root_version,
                                                    update_version=self.verifier.update_version, ts=time.time()))
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -253,6 +288,7 @@ class SimDevice:
             return
         self.previous, self.active = self.active, dl.target_sha256
         self.previous_label, self.label = self.label, dl.label
+        self.slot = "b" if self.slot == "a" else "a"  # installed into the inactive slot, which becomes active
         self.installed.append(dl.job)
         self.update_seconds.append(time.monotonic() - dl.started)
         self._event(dl.job, UpdateState.COMMITTED, UpdateResult.OK)
@@ -263,6 +299,7 @@ class SimDevice:
             return
         self.active, self.previous = self.previous, None
         self.label, self.previous_label = self.previous_label, None
+        self.slot = "b" if self.slot == "a" else "a"  # back to the slot that ran before
         self._event(order.job, UpdateState.ROLLED_BACK, UpdateResult.OK, Reason.ROLLED_BACK, order.reason)
         self.report_state()
 
@@ -274,17 +311,19 @@ class SimDevice:
     def telemetry(self, requests: int = 100, model_version: str | None = None, window_s: float = 1.0,
                   errors: int = 0) -> mqtt.MQTTMessageInfo:
         """One window: ``requests`` latencies around ``base_latency_ms`` (log-normal, × ``slow``), binned on the
-        agent's own edges, labelled with the version this device runs."""
+        agent's own edges, labelled with the version this device runs, with its CPU, RSS and temperature."""
         edges = LATENCY_EDGES_MS
         counts = [0] * (len(edges) - 1)
         for _ in range(requests):
             ms = self.base_latency_ms * self.slow * self.rng.lognormvariate(0, 0.25)
             counts[min(max(bisect.bisect_right(edges, ms) - 1, 0), len(counts) - 1)] += 1
+        cpu, rss, temperature = self.resources.window(requests, window_s, self.slow, len(self.installed))
         now = time.time()
         batch = messages.TelemetryBatch(seq=self.seq, window_start=now - window_s, window_end=now,
-                                        model_version=model_version or self.label, requests=requests,
-                                        errors={"runtime": errors} if errors else {},
-                                        latency_ms=messages.Histogram(edges=edges, counts=tuple(counts)))
+                                        model_version=model_version or self.label, slot=self.slot,  # type: ignore[arg-type]
+                                        requests=requests, errors={"runtime": errors} if errors else {},
+                                        latency_ms=messages.Histogram(edges=edges, counts=tuple(counts)),
+                                        cpu_percent=cpu, rss_mb=rss, temperature_c=temperature)
         info = self.publish("tm", batch)
         self.seq += 1
         return info

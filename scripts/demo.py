@@ -580,15 +580,31 @@ class Demo:
                                  f"{self.traffic.failed} failed")
         console.print(table)
         self.summary["traffic"] = {"answered": dict(self.traffic.by_version), "failed": self.traffic.failed}
-        self.summary["urls"] = {"api_docs": f"http://127.0.0.1:{self.http_port}/docs",
+        self.summary["urls"] = {"console": f"http://127.0.0.1:{self.http_port}/ui",
+                                "api_docs": f"http://127.0.0.1:{self.http_port}/docs",
                                 "metrics": f"http://127.0.0.1:{self.http_port}/metrics",
                                 "agents": [f"http://127.0.0.1:{a['port']}/v1/model" for a in self.agents]}
+        signins = self.console_signins()
         console.print(Panel(
+            f"[bold]console        {self.summary['urls']['console']}[/bold]\n"
+            f"  sign in as a viewer:   {signins['viewer']}\n"
+            f"  sign in as an operator: {signins['operator']}\n"
             f"OpenAPI docs   {self.summary['urls']['api_docs']}   (token in {self.out / 'admin.token'})\n"
             f"metrics        {self.summary['urls']['metrics']}\n"
             f"an agent       {self.summary['urls']['agents'][0]}\n"
             f"logs           {self.out}/*.log",
             title="explore"))
+
+    def console_signins(self) -> dict[str, str]:
+        """A viewer and an operator token for the console, issued like any API token (kept in 0600 files)."""
+        out = {}
+        for role in ("viewer", "operator"):
+            token = cli("fleet_server.cli", "tokens", "create", f"demo-{role}", "--role", role,
+                        env=self.env).stdout.strip()
+            (self.out / f"{role}.token").write_text(token)
+            os.chmod(self.out / f"{role}.token", 0o600)
+            out[role] = token
+        return out
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -11,10 +11,12 @@ import numpy as np
 
 from converters import onnx_int8, runtime
 from converters.calibration import DataSet
-from converters.fidelity import OutputFidelity, OutputKind, output_fidelity
+from converters.fidelity import OutputFidelity, output_fidelity
 from converters.gate import Check, Measured, judge
-from converters.report import CoremlInfo, MixedPrecision, QuantizationInfo, TfliteInfo
+from converters.report import CoremlInfo, MixedPrecision, QuantizationInfo, SearchInfo, TfliteInfo
 from converters.source import SourceModel
+from converters.tasks import OutputTask
+from converters.truth import Truth
 from firmware_profiles import ArtifactTarget, Profile
 
 if TYPE_CHECKING:  # the pipeline imports the passes; the passes only need its options' type
@@ -31,7 +33,8 @@ class SharedWork(Protocol):
     evaluation: DataSet
     workdir: Path
     options: ConvertOptions
-    kinds: dict[str, OutputKind]
+    tasks: dict[str, OutputTask]  # what each output is for, inferred from what it returned (or declared)
+    truth: Truth | None
     progress: Callable[[str], None]
 
     @property
@@ -42,6 +45,14 @@ class SharedWork(Protocol):
 
     @property
     def fp32_outputs(self) -> dict[str, np.ndarray]: ...
+
+    @property
+    def search_samples(self) -> list[dict[str, np.ndarray]]:
+        """The calibration samples a search scores its candidates on (never the evaluation set)."""
+        ...
+
+    @property
+    def search_fp32(self) -> dict[str, np.ndarray]: ...
 
 
 class TargetPass(Protocol):
@@ -74,6 +85,7 @@ class TargetResult:
     mixed_precision: MixedPrecision | None = None
     tflite: TfliteInfo | None = None
     coreml: CoremlInfo | None = None
+    search: SearchInfo | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -82,10 +94,17 @@ class TargetResult:
         return self.attempt.quantized.path
 
 
-def fidelity(kinds: dict[str, OutputKind], reference: dict[str, np.ndarray],
-             got: dict[str, np.ndarray]) -> list[OutputFidelity]:
-    """Per output, the candidate's answers against the FP32 reference's."""
-    return [output_fidelity(name, kinds[name], ref, got[name]) for name, ref in reference.items()]
+def fidelity(tasks: dict[str, OutputTask], reference: dict[str, np.ndarray], got: dict[str, np.ndarray], *,
+             truth: Truth | None = None) -> list[OutputFidelity]:
+    """Per output, the candidate's answers against the FP32 reference's, in the terms of the output's task (and
+    against ``truth`` for the output it names). Arrays are ``runtime.run_all``'s: calls stacked on axis 0."""
+    out = []
+    for name, ref in reference.items():
+        task = tasks[name]
+        calls = ref.shape[0] // task.shape[0] if task.shape and task.shape[0] else ref.shape[0]
+        out.append(output_fidelity(task, ref, got[name], calls=calls,
+                                   truth=truth if truth is not None and truth.output == name else None))
+    return out
 
 
 def judge_attempt(profile: Profile, attempt: Attempt, source_bytes: int, latency_ratio: float | None) -> list[Check]:

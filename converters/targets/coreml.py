@@ -30,8 +30,8 @@ class CoremlPass:
         stats = onnx_int8.WeightStats(facts["int8_weight_tensors"], facts["int8_weight_elements"],
                                       len(facts["float_weight_tensors"]), facts["float_weight_elements"], 0, 0)
         attempt = Attempt(onnx_int8.Quantized(build.package, True, [], list(build.notes)), stats,
-                          coreml_int8.package_bytes(build.package), fidelity(work.kinds, work.fp32_outputs,
-                                                                             build.judged))
+                          coreml_int8.package_bytes(build.package), fidelity(work.tasks, work.fp32_outputs,
+                                                                             build.judged, truth=work.truth))
         checks = judge_attempt(profile, attempt, work.source.size_bytes, latency_ratio=None)
         checks.append(_route_check(route))
         for problem in coreml_int8.structural_problems(work.source, facts, work.evaluation.samples[0]):
@@ -65,7 +65,7 @@ class CoremlPass:
                                  f"edgefleet from ONNX (sha256 {work.source.sha256[:16]}…)",
             "input_descriptions": {i.name: f"{i.describe()}, layout as in the source model"
                                    for i in work.source.inputs},
-            "output_descriptions": {o.name: f"{o.describe()} ({work.kinds[o.name].value})"
+            "output_descriptions": {o.name: f"{o.describe()} ({work.tasks[o.name].kind.value})"
                                     for o in work.source.outputs},
             "user": {"edgefleet.model": options.model_name, "edgefleet.source_sha256": work.source.sha256,
                      "edgefleet.calibration_sha256": work.calibration.sha256()},

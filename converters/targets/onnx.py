@@ -1,9 +1,16 @@
-"""ONNX INT8 (QDQ): quantize, measure, gate; below the floor, buy fidelity (or speed) back with mixed precision.
+"""ONNX INT8 (QDQ): a bounded search for the quantization that ships, judged in the terms of each output's task.
 
-Profiles with the same quantization scheme share their attempts (two Jetsons quantize identically); each profile then
-applies its own floor. The search for a mixed-precision attempt follows plans: for fidelity, mixed-range output tails
-first, then the most damaged tensors (measured per-slice SQNR), 1, 2, 4, ... of them; for latency, the slowest
-integer kernels (measured per node). Each plan must fit the profile's budget of float compute nodes.
+1. **Choices** that matter for the target, best-first: the weight-bearing ops only (Conv, MatMul, Gemm: elementwise
+   ops, decode tails and gates keep their float ranges) with the profile's calibration, then other calibrations,
+   then every quantizable op. The first that passes the profile's gate on the evaluation set ships.
+2. **Mixed precision** from the best choice (scored on the calibration split, never on the evaluation set): the
+   weight-bearing nodes in graph order are cut into blocks; each round floats the block that most improves the
+   whole-output task score, until the floor holds on the calibration split; then floated nodes go back to INT8,
+   half a block at a time, while it still holds. Or, when only latency failed, the slowest INT8 kernels (measured
+   per node) go back to float.
+3. The result is judged once more on the evaluation set. Everything tried is reported, with its score.
+
+Profiles with the same scheme share attempts (two Jetsons quantize identically); each applies its own floor.
 """
 
 from __future__ import annotations
@@ -11,62 +18,134 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from converters import onnx_int8, runtime
-from converters.gate import Check, failed, fixable
-from converters.report import MixedPrecision, QuantizationInfo
-from converters.sensitivity import rank_tensors
+from converters.errors import QuantizationError
+from converters.fidelity import OutputFidelity, task_score
+from converters.gate import Check, Measured, failed, fixable, judge
+from converters.report import MixedPrecision, QuantizationInfo, SearchInfo, Tried
 from converters.source import model_files
 from converters.targets.base import Attempt, SharedWork, TargetResult, fidelity, judge_attempt
 from firmware_profiles import ArtifactTarget, Profile, QuantizationScheme
+from firmware_profiles.schema import CalibrationMethod
 
 log = logging.getLogger(__name__)
 
 LATENCY_WHERE = f"host CPU ({platform.machine()}), ONNX Runtime CPU EP, batch 1"
-# Tensors whose median slice SQNR is below this are candidates for float; above it, quantization is harmless.
-DAMAGE_CANDIDATE_DB = 30.0
 # Latency rescue: float the fewest slow INT8 kernels covering these shares of the integer-kernel time.
 LATENCY_SHARES = (0.5, 0.75, 0.9, 0.95)
+BLOCKS = 8
 
 Plan = tuple[str, frozenset[str]]  # why, and the nodes kept in float
 
 
+@dataclass
+class Candidate:
+    """One quantized model on disk and what it measured on each split (measured lazily)."""
+
+    attempt: Attempt
+    search: list[OutputFidelity]
+
+
 class OnnxInt8Pass:
-    """The ONNX INT8 target: one attempt per (scheme, float nodes), shared by every profile that asks for it."""
+    """The ONNX INT8 target: one candidate per (scheme, choice, float nodes), shared by every profile."""
 
     def __init__(self, work: SharedWork):
         self.work = work
-        self._attempts: dict[tuple[str, frozenset[str]], Attempt] = {}
-        self._rankings: dict[str, list[str]] = {}
+        self._candidates: dict[tuple[str, str, frozenset[str]], Candidate] = {}
+
+    # ------------------------------------------------------------------ the pass
 
     def run(self, profile: Profile, target: ArtifactTarget) -> TargetResult:
         scheme = target.quantization
-        self.work.progress(f"{profile.id}: quantizing")
-        full = self.attempt(scheme, frozenset())
-        checks = self._judge(profile, full, with_latency=False)
-        if not failed(checks):  # timing is only worth its cost for a candidate that is otherwise good
-            checks = self._judge(profile, full, with_latency=True)
-        chosen, mixed = full, None
-        if failed(checks) and fixable(checks):
-            chosen, checks, mixed = self._mixed_precision(profile, scheme, full, checks)
-        return TargetResult(chosen, checks, latency_where=LATENCY_WHERE,
-                            quantization=quantization_info(scheme, chosen), mixed_precision=mixed)
+        started = time.monotonic()
+        deadline = started + self.work.options.search_seconds
+        tried: list[Tried] = []
+        errors: list[QuantizationError] = []
+        best: tuple[float, Candidate, list[Check]] | None = None
+        for choice in choices(scheme):
+            if best is not None and time.monotonic() > deadline:
+                break
+            if best is not None and not fixable(best[2]) and choice.ops == "weighted":
+                continue  # what failed (nothing quantized, not smaller) is not a matter of calibration
+            self.work.progress(f"{profile.id}: quantizing ({choice.label()})")
+            try:
+                cand = self.candidate(scheme, choice, frozenset())
+            except QuantizationError as e:  # one choice failing (a calibration method) leaves the others
+                errors.append(e)
+                tried.append(Tried(what=choice.label(), float_nodes=0, split="evaluation", score=0.0, passed=False,
+                                   failed=[str(e)]))
+                continue
+            checks = self._judge(profile, cand.attempt, with_latency=False)
+            if not failed(checks):
+                checks = self._judge(profile, cand.attempt, with_latency=True)
+            tried.append(_tried(choice.label(), 0, "evaluation", task_score(cand.attempt.outputs), checks))
+            if not failed(checks):
+                return self._result(profile, scheme, cand, checks, tried, started, None, "passed")
+            score = task_score(cand.search)
+            if best is None or score > best[0]:
+                best = (score, cand, checks)
+        if best is None:
+            raise errors[0]
+        _, base, base_checks = best
+        if not fixable(base_checks):
+            return self._result(profile, scheme, base, base_checks, tried, started, None, "not fixable by float")
+        if all(c.name.startswith("latency") for c in failed(base_checks)):
+            found = self._latency_search(profile, scheme, base, tried)
+        else:
+            found = self._fidelity_search(profile, scheme, base, tried, deadline)
+        if found is None:
+            checks = [*base_checks, Check(
+                name="mixed precision", value=None, bound=None, passed=False,
+                detail=f"the search ({len(tried)} candidates, {time.monotonic() - started:.0f} s of "
+                       f"{self.work.options.search_seconds:.0f} s) found no mix of INT8 and float that holds the "
+                       "floor within the budget")]
+            return self._result(profile, scheme, base, checks, tried, started, None, "no candidate held the floor")
+        cand, why = found
+        checks = self._judge(profile, cand.attempt, with_latency=True)
+        mixed = self._mixed(profile, base, cand, base_checks, why, len(tried))
+        return self._result(profile, scheme, cand, checks, tried, started, mixed,
+                            "passed" if not failed(checks) else "held on calibration data, not on evaluation")
 
-    def attempt(self, scheme: QuantizationScheme, exclude: frozenset[str]) -> Attempt:
-        key = (scheme_key(scheme), exclude)
-        if key not in self._attempts:
+    # ------------------------------------------------------------------ candidates
+
+    def candidate(self, scheme: QuantizationScheme, choice: onnx_int8.Choice, exclude: frozenset[str], *,
+                  evaluate: bool = True) -> Candidate:
+        key = (scheme_key(scheme), choice.key(), exclude)
+        cand = self._candidates.get(key)
+        if cand is None:
             work = self.work
-            out = work.workdir / scheme_key(scheme) / f"attempt{len(self._attempts)}.onnx"
+            folder = work.workdir / scheme_key(scheme)
+            out = folder / f"attempt{len(self._candidates)}.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
-            work.progress(f"quantizing ({len(exclude)} nodes in float)")
-            quantized = onnx_int8.quantize(work.prepared, work.calibration.samples, scheme, out, exclude=exclude,
-                                           external_data=work.source.external_data)
+            quantized = onnx_int8.quantize(work.prepared, work.calibration.samples, scheme, out, choice=choice,
+                                           exclude=exclude, external_data=work.source.external_data,
+                                           cache=onnx_int8.calibration_cache(folder, scheme, choice))
             session = runtime.session(out, threads=work.options.threads)
-            int8 = runtime.run_all(session, work.evaluation.samples)
+            search = fidelity(work.tasks, work.search_fp32, runtime.run_all(session, work.search_samples))
             size = sum(p.stat().st_size for p in model_files(out))
-            self._attempts[key] = Attempt(quantized, onnx_int8.weight_stats(out), size,
-                                          fidelity(work.kinds, work.fp32_outputs, int8))
-        return self._attempts[key]
+            cand = Candidate(Attempt(quantized, onnx_int8.weight_stats(out), size, []), search)
+            self._candidates[key] = cand
+        if evaluate and not cand.attempt.outputs:
+            work = self.work
+            session = runtime.session(cand.attempt.quantized.path, threads=work.options.threads)
+            got = runtime.run_all(session, work.evaluation.samples)
+            cand.attempt.outputs = fidelity(work.tasks, work.fp32_outputs, got, truth=work.truth)
+        return cand
+
+    def _try(self, scheme: QuantizationScheme, choice: onnx_int8.Choice, exclude: frozenset[str],
+             tried: list[Tried], label: str, *, evaluate: bool = False) -> Candidate | None:
+        """A search candidate, or None (recorded as tried) when ONNX Runtime cannot build or load it."""
+        try:
+            return self.candidate(scheme, choice, exclude, evaluate=evaluate)
+        except QuantizationError as e:
+            tried.append(Tried(what=f"{choice.label()}; {label}", float_nodes=len(exclude), split="calibration",
+                               score=0.0, passed=False, failed=[str(e)[:300]]))
+            return None
 
     def measure_latency(self, attempt: Attempt) -> runtime.Latency:
         if attempt.latency is None:
@@ -77,81 +156,174 @@ class OnnxInt8Pass:
                                                       runs=work.options.latency_runs)
         return attempt.latency
 
-    def ranking(self, scheme: QuantizationScheme, full: Attempt) -> list[str]:
-        """Quantized tensors, most damaged first (measured once per scheme)."""
-        key = scheme_key(scheme)
-        if key not in self._rankings:
-            self.work.progress("measuring per-tensor quantization damage")
-            samples = self.work.calibration.samples[: self.work.options.sensitivity_samples]
-            damage = rank_tensors(self.work.prepared.path, full.quantized.path, samples)
-            self._rankings[key] = [d.tensor for d in damage if d.median_slice_sqnr_db < DAMAGE_CANDIDATE_DB]
-        return self._rankings[key]
-
     def _judge(self, profile: Profile, attempt: Attempt, *, with_latency: bool) -> list[Check]:
         latency = self.measure_latency(attempt).ratio if with_latency else None
         return judge_attempt(profile, attempt, self.work.source.size_bytes, latency)
 
-    def _mixed_precision(self, profile: Profile, scheme: QuantizationScheme, full: Attempt,
-                         full_checks: list[Check]) -> tuple[Attempt, list[Check], MixedPrecision | None]:
-        """Keep nodes in float, plan by plan, until the floor is met, within the profile's budget."""
-        prepared = self.work.prepared
-        budget = max(1, int(profile.fidelity.max_float_node_fraction * prepared.compute_nodes))
-        if any(c.name.startswith("latency") for c in failed(full_checks)):
-            plans = self._latency_plans(full)
-        else:
-            plans = self._fidelity_plans(scheme, full)
-        rounds = 0
-        last: tuple[Attempt, list[Check]] = (full, full_checks)
-        for why, nodes in plans:
-            cost = onnx_int8.compute_nodes(prepared.graph, nodes)
-            if cost > budget:
-                log.info("%s: %d float compute nodes exceed the budget of %d", profile.id, cost, budget)
-                break
-            rounds += 1
-            candidate = self.attempt(scheme, nodes)
-            checks = self._judge(profile, candidate, with_latency=False)
-            if not failed(checks):
-                checks = self._judge(profile, candidate, with_latency=True)
-            last = (candidate, checks)
-            if not failed(checks):
-                full_latency = self.measure_latency(full)
-                mixed = MixedPrecision(
-                    float_nodes=sorted(nodes), float_node_fraction=cost / prepared.compute_nodes,
-                    rounds=rounds, why=why, full_int8_failed=[c.line() for c in failed(full_checks)],
-                    size_cost_bytes=candidate.size_bytes - full.size_bytes,
-                    latency_cost_ms=self.measure_latency(candidate).int8_ms - full_latency.int8_ms)
-                return candidate, checks, mixed
-            if not fixable(checks):
-                break
-        chosen, checks = last
-        if chosen is not full:
-            checks = [*checks, Check(name="mixed precision", value=None, bound=None, passed=False,
-                                     detail=f"{rounds} round(s) keeping up to {len(chosen.quantized.excluded)} "
-                                            f"nodes in float (budget: {budget} compute nodes) did not reach "
-                                            "the floor")]
-        return chosen, checks, None
+    def _holds_on_search(self, profile: Profile, cand: Candidate) -> bool:
+        """The profile's fidelity floor over the calibration split (sizes and latency are judged at the end)."""
+        m = Measured(outputs=cand.search, artifact_bytes=cand.attempt.size_bytes,
+                     source_bytes=self.work.source.size_bytes, quantized_tensors=cand.attempt.stats.quantized_tensors,
+                     source_has_weights=True)
+        checks = judge(m, profile.fidelity, max_artifact_bytes=int(profile.memory.max_artifact_mb * 1e6))
+        return not [c for c in failed(checks) if c.fixable and not c.upper]
 
-    def _fidelity_plans(self, scheme: QuantizationScheme, full: Attempt) -> list[Plan]:
-        """Mixed-range output tails first, then the most damaged tensors: 1, 2, 4, ... of them."""
-        graph = self.work.prepared.graph
-        plans: list[Plan] = []
-        tails = {n for o in full.outputs if o.ranges for n in onnx_int8.output_tail(graph, o.name)}
-        if tails:
-            plans.append(("mixed-range output: its assembling tail kept in float", frozenset(tails)))
-        ranked = self.ranking(scheme, full)
-        k = 1
-        while k <= len(ranked) and len(plans) < self.work.options.max_rounds:
-            nodes = frozenset(onnx_int8.neighbours(graph, ranked[:k])) | frozenset(tails)
-            plans.append((f"{k} most damaged tensor(s) kept in float (measured per-slice SQNR)", nodes))
-            k *= 2
-        return plans
+    # ------------------------------------------------------------------ the searches
 
-    def _latency_plans(self, full: Attempt) -> list[Plan]:
+    def _fidelity_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate, tried: list[Tried],
+                         deadline: float) -> tuple[Candidate, str] | None:
+        """Greedy block search on the whole-output task score over the calibration split, then give back."""
+        choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
+        blocks = self._blocks(choice, base.attempt.quantized.excluded)
+        floated: frozenset[str] = frozenset()
+        current = task_score(base.search)
+        reached = None
+        while blocks and time.monotonic() < deadline:
+            self.work.progress(f"{profile.id}: mixed precision, round {len(tried)}")
+            scored = []
+            for label, block in blocks:
+                if time.monotonic() > deadline:
+                    break
+                cand = self._try(scheme, choice, floated | block, tried, label)
+                if cand is None:
+                    continue
+                score = task_score(cand.search)
+                tried.append(_tried(f"{choice.label()}; {label} in float", len(floated | block), "calibration",
+                                    score, None, holds=self._holds_on_search(profile, cand)))
+                scored.append((score, label, block, cand))
+            if not scored:
+                break
+            score, label, block, cand = max(scored, key=lambda s: s[0])
+            if score <= current and not self._holds_on_search(profile, cand):
+                break  # no block helps any more
+            floated, current = floated | block, score
+            blocks = [(lab, b) for lab, b in blocks if b is not block]
+            if self._holds_on_search(profile, cand):
+                reached = cand
+                break
+        if reached is None:
+            return None
+        floated = self._give_back(profile, scheme, choice, floated, tried, deadline)
+        final = self.candidate(scheme, choice, floated)
+        return final, (f"{len(floated)} weight-bearing node(s) kept in float: greedy block search on the whole-output "
+                       "task score over the calibration split, then nodes given back to INT8 while the floor held")
+
+    def _give_back(self, profile: Profile, scheme: QuantizationScheme, choice: onnx_int8.Choice,
+                   floated: frozenset[str], tried: list[Tried], deadline: float) -> frozenset[str]:
+        """Put floated nodes back into INT8, halves first, while the floor holds on the calibration split."""
+        order = [n for n in self._weighted_nodes(choice, ()) if n in floated]
+        pending = [order]
+        while pending and time.monotonic() < deadline:
+            group = pending.pop(0)
+            trial = floated - set(group)
+            cand = self._try(scheme, choice, trial, tried, f"{len(group)} node(s) given back to INT8")
+            holds = cand is not None and self._holds_on_search(profile, cand)
+            if cand is not None:
+                tried.append(_tried(f"{choice.label()}; {len(group)} node(s) given back to INT8", len(trial),
+                                    "calibration", task_score(cand.search), None, holds=holds))
+            if holds:
+                floated = trial
+            elif len(group) > 1:
+                half = len(group) // 2
+                pending += [group[:half], group[half:]]
+        return floated
+
+    def _latency_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate,
+                        tried: list[Tried]) -> tuple[Candidate, str] | None:
         self.work.progress("profiling INT8 kernels")
-        times = runtime.integer_node_times(full.quantized.path, self.work.evaluation.samples[0],
+        times = runtime.integer_node_times(base.attempt.quantized.path, self.work.evaluation.samples[0],
                                            threads=self.work.options.threads)
         known = {n.name for n in self.work.prepared.graph.graph.node}
-        return latency_plans(times, known, self.work.options.max_rounds)
+        choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
+        for why, nodes in latency_plans(times, known, self.work.options.max_rounds):
+            cand = self._try(scheme, choice, frozenset(nodes) | frozenset(base.attempt.quantized.excluded), tried,
+                             why, evaluate=True)
+            if cand is None:
+                continue
+            checks = self._judge(profile, cand.attempt, with_latency=True)
+            tried.append(_tried(f"{choice.label()}; {why}", len(nodes), "evaluation", task_score(cand.attempt.outputs),
+                                checks))
+            if not failed(checks):
+                return cand, why
+        return None
+
+    # ------------------------------------------------------------------ graph structure
+
+    def _weighted_nodes(self, choice: onnx_int8.Choice, excluded) -> list[str]:
+        """Nodes the choice quantizes that carry weights, in graph order."""
+        graph = self.work.prepared.graph
+        skip = set(excluded) | set(onnx_int8.activation_gathers(graph))
+        return [n.name for n in graph.graph.node if n.op_type in onnx_int8.WEIGHTED_OPS and n.name not in skip]
+
+    def _blocks(self, choice: onnx_int8.Choice, excluded) -> list[tuple[str, frozenset[str]]]:
+        """Contiguous blocks of weight-bearing nodes, plus the attention products (activation × activation MatMul)
+        as a block of their own: they carry no weights, so floating them costs no bytes."""
+        graph = self.work.prepared.graph.graph
+        weights = {i.name for i in graph.initializer}
+        nodes = self._weighted_nodes(choice, excluded)
+        attention = frozenset(n.name for n in graph.node if n.name in set(nodes) and n.op_type == "MatMul"
+                              and not any(i in weights for i in n.input))
+        rest = [n for n in nodes if n not in attention]
+        out: list[tuple[str, frozenset[str]]] = []
+        if attention:
+            out.append((f"the {len(attention)} attention MatMul(s)", attention))
+        count = min(BLOCKS, len(rest))
+        for i, part in enumerate(np.array_split(np.array(rest, dtype=object), count) if count else []):
+            if len(part):
+                out.append((f"block {i + 1}/{count} ({part[0]} … {part[-1]}, {len(part)} nodes)",
+                            frozenset(str(p) for p in part)))
+        return out
+
+    # ------------------------------------------------------------------ report
+
+    def _mixed(self, profile: Profile, base: Candidate, cand: Candidate, base_checks: list[Check], why: str,
+               rounds: int) -> MixedPrecision:
+        floated = sorted(set(cand.attempt.quantized.excluded) - set(base.attempt.quantized.excluded))
+        weights = onnx_int8.node_weight_elements(self.work.prepared.graph)
+        total = sum(weights.values())
+        share = sum(weights.get(n, 0) for n in floated) / total if total else 0.0
+        base_latency = self.measure_latency(base.attempt)
+        return MixedPrecision(
+            float_nodes=floated, float_weight_fraction=share, rounds=rounds, why=why,
+            full_int8_failed=[c.line() for c in failed(base_checks)],
+            size_cost_bytes=cand.attempt.size_bytes - base.attempt.size_bytes,
+            latency_cost_ms=self.measure_latency(cand.attempt).int8_ms - base_latency.int8_ms)
+
+    def _result(self, profile: Profile, scheme: QuantizationScheme, cand: Candidate, checks: list[Check],
+                tried: list[Tried], started: float, mixed: MixedPrecision | None, stopped: str) -> TargetResult:
+        attempt = cand.attempt
+        if mixed is not None and mixed.float_weight_fraction > profile.fidelity.max_float_weight_fraction:
+            checks = [*checks, Check(name="float weight fraction", value=mixed.float_weight_fraction,
+                                     bound=profile.fidelity.max_float_weight_fraction, upper=True, passed=False,
+                                     detail="mixed precision keeps more of the weights in float than the profile "
+                                            "allows")]
+        choice = attempt.quantized.choice or onnx_int8.profile_choice(scheme)
+        search = SearchInfo(choice=choice.label(), tried=tried, seconds=time.monotonic() - started,
+                            budget_seconds=self.work.options.search_seconds, stopped=stopped)
+        return TargetResult(attempt, checks, latency_where=LATENCY_WHERE,
+                            quantization=quantization_info(scheme, attempt), mixed_precision=mixed, search=search)
+
+
+def choices(scheme: QuantizationScheme) -> list[onnx_int8.Choice]:
+    """The quantization choices worth trying for a scheme, best-first: the profile's calibration on the weight-bearing
+    ops, the other calibrations (percentile 99.999 keeps detector heads, 99.99 recognizers; min/max for everything
+    that has no outliers), then every quantizable op with the profile's calibration."""
+    own = onnx_int8.profile_choice(scheme)
+    out = [own]
+    for method, p in ((CalibrationMethod.PERCENTILE, 99.999), (CalibrationMethod.PERCENTILE, 99.99),
+                      (CalibrationMethod.MINMAX, 99.999)):
+        alt = onnx_int8.Choice("weighted", method, p)
+        if alt.key() not in {c.key() for c in out}:
+            out.append(alt)
+    out.append(onnx_int8.Choice("all", own.method, own.percentile))
+    return out
+
+
+def _tried(what: str, float_nodes: int, split: str, score: float, checks: list[Check] | None, *,
+           holds: bool | None = None) -> Tried:
+    bad = failed(checks) if checks is not None else []
+    return Tried(what=what, float_nodes=float_nodes, split=split, score=round(score, 6),
+                 passed=(not bad) if checks is not None else holds, failed=[c.line() for c in bad][:4])
 
 
 def latency_plans(times: dict[str, float], known: set[str], max_rounds: int) -> list[Plan]:
@@ -179,11 +351,14 @@ def latency_plans(times: dict[str, float], known: set[str], max_rounds: int) -> 
 def quantization_info(scheme: QuantizationScheme, attempt: Attempt) -> QuantizationInfo:
     """The scheme the profile asked for beside what the quantizer did with it."""
     s = attempt.stats
+    choice = attempt.quantized.choice or onnx_int8.profile_choice(scheme)
     return QuantizationInfo(
         format=scheme.format.value, per_channel_requested=scheme.per_channel,
         per_channel_used=attempt.quantized.per_channel, activation_type=scheme.activation_type.value,
         weight_type=scheme.weight_type.value, activation_symmetric=scheme.activation_symmetric,
-        weight_symmetric=scheme.weight_symmetric, calibration_method=scheme.calibration_method.value,
+        weight_symmetric=scheme.weight_symmetric, calibration_method=choice.method.value,
+        percentile=choice.percentile if choice.method is CalibrationMethod.PERCENTILE else None,
+        op_types="Conv, ConvTranspose, MatMul, Gemm, Gather (tables)" if choice.ops == "weighted" else "all",
         quantized_weight_tensors=s.quantized_tensors, float_weight_tensors=s.float_tensors,
         quantized_weight_fraction=s.quantized_fraction, subgraph_float_weights=s.subgraph_float_elements,
         qdq_nodes=s.qdq_nodes)

@@ -1,16 +1,22 @@
 """TFLite INT8: onnx2tf → TFLiteConverter with our calibration data, measured under LiteRT against the FP32 .tflite.
 
 One conversion per (I/O type, float-op policy), shared by every profile that asks for it; a conversion that failed
-fails the same way for the next profile without being tried again.
+fails the same way for the next profile without being tried again. Where the profile allows float ops, the
+conversion also yields a float-elementwise variant (``tflite_worker.ELEMENTWISE_FLOAT_OPS`` in float, same
+calibration); it is measured only when full INT8 fails the profile's gate on checks mixed precision can fix, and
+ships when it passes.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 
-from converters import onnx_int8, tflite_int8
+from converters import onnx_int8, tflite_int8, tflite_prepare
 from converters.errors import QuantizationError
+from converters.gate import Check, failed, fixable
 from converters.report import TfliteInfo
+from converters.runtime import Latency
 from converters.targets.base import Attempt, SharedWork, TargetResult, fidelity, judge_attempt
 from firmware_profiles import ArtifactTarget, Profile
 
@@ -18,21 +24,74 @@ LATENCY_WHERE = f"host CPU ({platform.machine()}), LiteRT (XNNPACK), FP32 vs INT
 NCHW_LAYOUT = "NHWC (transposed from the ONNX NCHW)"
 
 
+@dataclass
+class Measured:
+    """One .tflite candidate measured under LiteRT."""
+
+    attempt: Attempt
+    float_ops: list[str]
+
+
 class TflitePass:
     def __init__(self, work: SharedWork):
         self.work = work
         self._builds: dict[tuple[str, bool], tuple[tflite_int8.TfliteBuild, Attempt] | QuantizationError] = {}
+        self._variants: dict[tuple[str, bool], Measured | str] = {}  # str: why it could not be measured
+        self._prepared: tflite_prepare.TflitePrepared | None = None
 
     def run(self, profile: Profile, target: ArtifactTarget) -> TargetResult:
-        build, attempt = self.attempt(target.io_type, allow_float_ops=profile.fidelity.max_float_node_fraction > 0)
-        checks = judge_attempt(profile, attempt, self.work.source.size_bytes,
-                               attempt.latency.ratio if attempt.latency else None)
+        allow_float_ops = profile.fidelity.max_float_weight_fraction > 0
+        build, attempt = self.attempt(target.io_type, allow_float_ops=allow_float_ops)
+        checks = self._judge(profile, attempt)
+        float_ops, notes = build.float_ops, []
+        if allow_float_ops and fixable(checks):
+            chosen = self._try_variant(profile, (target.io_type, allow_float_ops), build, checks)
+            notes.append(chosen.note)
+            if chosen.measured is not None:
+                attempt, checks, float_ops = chosen.measured.attempt, chosen.checks, chosen.measured.float_ops
         info = TfliteInfo(
             io_type=target.io_type,
             input_layouts={n: NCHW_LAYOUT if perm else "as in the ONNX model" for n, perm in build.input_perm.items()},
-            float_ops=build.float_ops, conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
-        notes = [f"ops left in float in the INT8 model: {', '.join(build.float_ops)}"] if build.float_ops else []
+            float_ops=float_ops, conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
+        if float_ops:
+            notes.insert(0, f"ops left in float in the INT8 model: {', '.join(float_ops)}")
         return TargetResult(attempt, checks, latency_where=LATENCY_WHERE, tflite=info, notes=notes)
+
+    def _judge(self, profile: Profile, attempt: Attempt) -> list[Check]:
+        return judge_attempt(profile, attempt, self.work.source.size_bytes,
+                             attempt.latency.ratio if attempt.latency else None)
+
+    def _try_variant(self, profile: Profile, key: tuple[str, bool], build: tflite_int8.TfliteBuild,
+                     full_checks: list[Check]) -> VariantChoice:
+        """Judge the float-elementwise variant after full INT8 failed ``full_checks``; ship it only if it passes."""
+        why = "; ".join(c.line() for c in failed(full_checks))
+        measured = self._variant(key, build)
+        if isinstance(measured, str):
+            return VariantChoice(None, [], f"full INT8 failed ({why}); {measured}")
+        checks = self._judge(profile, measured.attempt)
+        if failed(checks):
+            still = "; ".join(c.line() for c in failed(checks))
+            return VariantChoice(None, [], f"full INT8 failed ({why}); the float-elementwise variant was tried and "
+                                           f"failed too ({still}); reported: full INT8")
+        return VariantChoice(measured, checks, f"shipped variant: float-elementwise (weight-bearing ops INT8, "
+                                               f"elementwise ops float), because full INT8 failed: {why}")
+
+    def _variant(self, key: tuple[str, bool], build: tflite_int8.TfliteBuild) -> Measured | str:
+        """The variant measured under LiteRT once per build, on first need; a string says why there is none."""
+        if key not in self._variants:
+            self._variants[key] = self._measure_variant(build)
+        return self._variants[key]
+
+    def _measure_variant(self, build: tflite_int8.TfliteBuild) -> Measured | str:
+        variant = build.variant
+        if variant is None:
+            return "; ".join(build.variant_notes) or "no float-elementwise variant was built"
+        self.work.progress("measuring the float-elementwise TFLite variant")
+        try:
+            attempt = self._measure(build, variant.path, [*build.notes, *variant.notes])
+        except QuantizationError as e:
+            return f"the float-elementwise variant could not be measured: {e}"
+        return Measured(attempt, variant.float_ops)
 
     def attempt(self, io_type: str, *, allow_float_ops: bool) -> tuple[tflite_int8.TfliteBuild, Attempt]:
         """Convert once per (I/O type, float-op policy) and measure with LiteRT; profiles share the result."""
@@ -47,21 +106,47 @@ class TflitePass:
             raise found
         return found
 
+    def _prepared_graph(self) -> tflite_prepare.TflitePrepared:
+        """Pinned and folded once for every (I/O type, float-op policy); not the ONNX pass's graph, whose dynamic
+        dimensions onnx2tf cannot convert."""
+        if self._prepared is None:
+            work = self.work
+            work.progress("pinning input shapes from the data and folding the graph for TFLite")
+            self._prepared = tflite_prepare.prepare(work.source, work.calibration.samples + work.evaluation.samples,
+                                                    work.workdir / "tflite")
+        return self._prepared
+
     def _build(self, io_type: str, allow_float_ops: bool) -> tuple[tflite_int8.TfliteBuild, Attempt]:
         work = self.work
         work.progress(f"converting to TFLite ({io_type} I/O)")
-        build = tflite_int8.build(work.source, work.prepared.path, work.calibration.samples, work.workdir,
+        # The evaluation samples run through the same static-shape model, so they must share the pinned shapes.
+        prepared = self._prepared_graph()
+        build = tflite_int8.build(work.source, prepared.path, work.calibration.samples, work.workdir,
                                   io_type=io_type, allow_float_ops=allow_float_ops)
+        build.notes[:0] = prepared.notes
+        return build, self._measure(build, build.int8, list(build.notes))
+
+    def _measure(self, build: tflite_int8.TfliteBuild, path, notes: list[str]) -> Attempt:
+        """``path`` (an INT8 .tflite of ``build``) under LiteRT: task fidelity and latency against the FP32 .tflite."""
+        work = self.work
         try:
-            int8 = tflite_int8.LiteRTModel(build.int8, build.input_perm, work.options.threads)
+            int8 = tflite_int8.LiteRTModel(path, build.input_perm, work.options.threads)
             fp32 = tflite_int8.LiteRTModel(build.fp32, build.input_perm, work.options.threads)
             got = int8.run_all(work.evaluation.samples, work.fp32_outputs)
-            latency = tflite_int8.compare_latency(fp32, int8, work.evaluation.samples[0],
-                                                  runs=work.options.latency_runs)
+            latency: Latency = tflite_int8.compare_latency(fp32, int8, work.evaluation.samples[0],
+                                                           runs=work.options.latency_runs)
         except RuntimeError as e:  # LiteRT refuses to run what the converter produced
             raise QuantizationError(f"the INT8 TFLite model fails at inference under LiteRT: "
                                     f"{str(e).splitlines()[0][:300]}") from e
         stats = onnx_int8.WeightStats(int(int8.has_int8_weights()), 0, 0, 0, 0, 0)
-        attempt = Attempt(onnx_int8.Quantized(build.int8, True, [], list(build.notes)), stats,
-                          build.int8.stat().st_size, fidelity(work.kinds, work.fp32_outputs, got), latency)
-        return build, attempt
+        return Attempt(onnx_int8.Quantized(path, True, [], notes), stats, path.stat().st_size,
+                       fidelity(work.tasks, work.fp32_outputs, got, truth=work.truth), latency)
+
+
+@dataclass
+class VariantChoice:
+    """What the float-elementwise step decided: the variant to ship (None: keep full INT8) and the report's note."""
+
+    measured: Measured | None
+    checks: list[Check]
+    note: str

@@ -106,7 +106,9 @@ def plain_defaults(model: Path, cal: DataSet, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_mixed_range_head_keeps_its_tail_in_float_where_plain_int8_collapses_scores(detector, tmp_path):
+def test_detector_head_ships_on_weight_bearing_ops_where_plain_int8_collapses_scores(detector, tmp_path):
+    """Quantizing every op gives boxes (pixels) and scores (0..1) one shared INT8 scale at the final Concat and the
+    scores collapse; quantizing only Conv/MatMul/Gemm leaves the decode tail in float with no node list at all."""
     data = samples_for(detector, 60)
     cal, ev = split(data, 0.3)
     fp32 = run(detector, ev.samples)["output0"]
@@ -115,13 +117,14 @@ def test_mixed_range_head_keeps_its_tail_in_float_where_plain_int8_collapses_sco
     assert cosine_per_sample(fp32[:, 4:], plain[:, 4:]).mean() < 0.5  # ...the scores are gone
     reports, ev = convert(detector, data, tmp_path, ["rpi5"])
     r = reports[0]
-    assert r.status is Status.SHIPPABLE and r.mixed_precision is not None
-    assert "Concat" in " ".join(r.mixed_precision.float_nodes) and "mixed-range" in r.mixed_precision.why
+    assert r.status is Status.SHIPPABLE, r.reasons
+    assert r.mixed_precision is None and r.quantization.op_types.startswith("Conv")
+    out = r.fidelity[0]
+    assert out.kind is OutputKind.DETECTION and out.recall.total > 20  # judged on the detections at 0.25
+    assert out.recall.rate >= 0.9 and out.precision.rate >= 0.9
     ours = run(tmp_path / "out" / "rpi5" / "model.int8.onnx", ev.samples)["output0"]
     assert cosine_per_sample(fp32[:, 4:], ours[:, 4:]).mean() > 0.98
     assert (fp32[:, 4:].argmax(1) == ours[:, 4:].argmax(1)).mean() > 0.9
-    boxes, scores = r.fidelity[0].ranges
-    assert (boxes.start, boxes.stop, scores.start, scores.stop) == (0, 4, 4, 12) and boxes.box_iou > 0.9
 
 
 @pytest.mark.slow
@@ -135,12 +138,15 @@ def test_recognizer_collapses_under_plain_int8_and_mixed_precision_rescues_it(re
     assert np.mean([a == b for a, b in zip(fp32_text, ev_truth, strict=True)]) >= 0.9
     plain_text = zoo.read_text(run(plain_defaults(recognizer, cal, tmp_path / "plain.onnx"), ev.samples)["logprobs"])
     assert np.mean([a == b for a, b in zip(plain_text, fp32_text, strict=True)]) < 0.2  # 95% → 0% class of failure
-    reports, _ = convert(recognizer, data, tmp_path, ["rpi5"])
+    # A four-layer toy: its one outlier layer is half of its weights.
+    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.6)])
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons
     assert r.mixed_precision and r.mixed_precision.full_int8_failed and r.mixed_precision.float_nodes
+    assert r.fidelity[0].kind is OutputKind.SEQUENCE and r.fidelity[0].exact.rate >= 0.95
+    assert [t for t in r.search.tried if t.split == "calibration"]  # the blocks were scored on calibration data
     assert r.mixed_precision.size_cost_bytes is not None and r.mixed_precision.latency_cost_ms is not None
-    ours = zoo.read_text(run(tmp_path / "out" / "rpi5" / "model.int8.onnx", ev.samples)["logprobs"])
+    ours = zoo.read_text(run(tmp_path / "out" / "strict" / "model.int8.onnx", ev.samples)["logprobs"])
     assert np.mean([a == b for a, b in zip(ours, fp32_text, strict=True)]) >= 0.95
 
 
@@ -162,10 +168,10 @@ def test_gate_refuses_when_mixed_precision_budget_cannot_meet_the_floor(recogniz
     out = tmp_path / "out" / "strict" / "model.int8.onnx"
     out.parent.mkdir(parents=True)
     out.write_bytes(b"stale artifact from an earlier run")
-    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_node_fraction=0.0)])
+    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.1)])
     r = reports[0]
     assert r.status is Status.REFUSED and not r.shippable and r.artifact is None
-    assert any("sequence agreement" in x for x in r.reasons)
+    assert any("float weight fraction" in x for x in r.reasons)
     assert not out.exists()  # nothing left behind that could be mistaken for a shippable artifact
     assert (tmp_path / "out" / "strict" / "onnx-int8.report.json").exists()
 
@@ -225,7 +231,7 @@ def test_int8_slower_than_fp32_is_flagged_and_the_profile_decides(tmp_path):
     assert any("latency regression" in n for n in rpi5.notes)
 
     # A profile that refuses slow INT8 but allows no float nodes: refused, nothing written.
-    no_budget = strict_profile(tmp_path, "rpi4", max_latency_ratio=1.0, max_float_node_fraction=0.0)
+    no_budget = strict_profile(tmp_path, "rpi4", max_latency_ratio=1.0, max_float_weight_fraction=0.0)
     reports, _ = convert(model, data, tmp_path / "a", [no_budget], output_kinds=NOT_A_CLASSIFIER)
     refused = reports[0]
     assert refused.status is Status.REFUSED and any("latency ratio" in x and "'refuse'" in x for x in refused.reasons)
@@ -237,7 +243,7 @@ def test_slowest_int8_kernels_measured_and_kept_in_float_until_int8_is_faster(tm
     """All-INT8 runs ~9x slower than FP32 here; a 3x bound leaves a wide margin for a noisy shared host (this is a
     test of the mechanism, not a timing: the figures themselves belong to the benchmark)."""
     model = zoo.grouped_conv_net(tmp_path / "grouped.onnx", size=32)
-    profile = strict_profile(tmp_path, "rpi4", max_float_node_fraction=0.5, max_latency_ratio=3.0)
+    profile = strict_profile(tmp_path, "rpi4", max_float_weight_fraction=0.5, max_latency_ratio=3.0)
     reports, ev = convert(model, samples_for(model, 16), tmp_path, [profile], output_kinds=NOT_A_CLASSIFIER)
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons

@@ -121,3 +121,41 @@ def test_a_message_that_does_not_parse_is_counted_not_raised(device):
     deliver(device, DL, messages.CHUNK_FRAME_MAGIC)
     deliver(device, CMD, messages.chunk_frame("job-1", 0, b"x"))
     assert device.fleet.counts["invalid"] == 2 and not device.sent
+
+
+def reports(dev, kind: str) -> list:
+    return [messages.parse_for(kind, payload) for topic, payload, _ in dev.sent if topic.endswith(f"/{kind}")]
+
+
+def test_state_reports_name_the_running_version_and_slot_as_an_agent_does(device):
+    device.report_state()
+    artifact = os.urandom(1200)
+    deliver(device, CMD, offer(artifact, probe=b"golden").to_bytes())
+    for i in (0, 1):
+        deliver(device, DL, messages.chunk_frame("job-1", i, artifact[i * 1000:(i + 1) * 1000]))
+    before, after = reports(device, "state")
+    assert (before.active_version, before.active_sha256, before.active_slot) == (None, None, None)
+    assert after.active_version == "cls 2.0"  # the agent's label: "model version" (agent.slots.version_label)
+    assert after.active_sha256 == hashlib.sha256(artifact).hexdigest() and after.active_slot == "a"
+    assert after.root_version == 1 and after.update_version == 1
+
+
+def test_telemetry_carries_bounded_resources_that_repeat_per_device_id():
+    def windows(device_id: str, slow: float = 1.0) -> list[messages.TelemetryBatch]:
+        fleet = SimFleet("mqtt://127.0.0.1:1", ROOT)
+        dev = fleet.add(device_id, profile="rpi5", active_sha256=None)
+        dev.sent, dev.slow = [], slow
+        dev.client.publish = lambda topic, payload, qos=0, retain=False, properties=None: dev.sent.append(
+            (topic, payload, properties))
+        for requests in (0, 40, 100, 5000):
+            dev.telemetry(requests, window_s=1.0)
+        fleet.close()
+        return reports(dev, "tm")
+
+    first, again, other = windows("sim-1"), windows("sim-1"), windows("sim-2")
+    figures = [(w.cpu_percent, w.rss_mb, w.temperature_c) for w in first]
+    assert figures == [(w.cpu_percent, w.rss_mb, w.temperature_c) for w in again]
+    assert figures != [(w.cpu_percent, w.rss_mb, w.temperature_c) for w in other]
+    for w in first + other + windows("sim-3", slow=50.0):
+        assert 0 < w.cpu_percent <= 100 and 16 <= w.rss_mb <= 1024 and 25 <= w.temperature_c <= 90
+    assert first[0].cpu_percent < first[2].cpu_percent  # CPU follows the load
