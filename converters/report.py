@@ -74,7 +74,7 @@ class TfliteInfo(BaseModel):
     io_type: str
     input_layouts: dict[str, str]  # what the app must feed, per input
     float_ops: list[str]  # builtin ops that still compute in float
-    variant: str = "full-int8"  # or "float-elementwise": elementwise ops kept in float after full INT8 failed
+    variant: str = "full-int8"  # or "float-elementwise" / "float-outlier-layers" (more float), after full INT8 failed
     conversion_seconds: float
     conversion_peak_rss_mb: float
     runtime: str = "LiteRT (ai-edge-litert), XNNPACK delegate on CPU"

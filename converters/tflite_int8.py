@@ -25,12 +25,19 @@ WORKER_TIMEOUT_S = 1200
 
 
 @dataclass
-class FloatElementwiseVariant:
-    """The second INT8 model the worker writes from the same calibration: elementwise ops kept in float."""
+class FloatVariant:
+    """A further INT8 model the worker writes from the same calibration, more ops in float (``tflite_worker``):
+    "float-elementwise", or "float-outlier-layers" (also the weight-bearing ops with outlier output ranges)."""
 
+    name: str
     path: Path
     float_ops: list[str]
     notes: list[str] = field(default_factory=list)
+    float_layers: int = 0  # weight-bearing ops kept in float
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.float_layers} layers in float)" if self.float_layers else self.name
 
 
 @dataclass
@@ -42,8 +49,8 @@ class TfliteBuild:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
-    variant: FloatElementwiseVariant | None = None  # only where float ops are allowed
-    variant_notes: list[str] = field(default_factory=list)  # why there is none, or what it is
+    variants: list[FloatVariant] = field(default_factory=list)  # only where float ops are allowed, in judging order
+    variant_notes: list[str] = field(default_factory=list)  # variants that could not be built
 
 
 def input_permutations(source: SourceModel) -> dict[str, tuple[int, ...] | None]:
@@ -85,10 +92,10 @@ def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: 
             continue
         seconds += took
         notes = [*(f"onnx2tf attempt failed — {f}" for f in failures), *attempt.notes, *result["notes"]]
-        variant = (FloatElementwiseVariant(Path(result["variant"]), result["variant_float_ops"],
-                                           result["variant_notes"]) if result.get("variant") else None)
+        variants = [FloatVariant(v["name"], Path(v["path"]), v["float_ops"], v["notes"], v.get("float_layers", 0))
+                    for v in result.get("variants", [])]
         return TfliteBuild(Path(result["fp32"]), Path(result["int8"]), perms, result["float_ops"], notes,
-                           seconds, result["peak_rss_mb"], variant, result.get("variant_notes", []))
+                           seconds, result["peak_rss_mb"], variants, result.get("variant_notes", []))
     if len(failures) == 1:
         raise QuantizationError(failures[0].split(": ", 1)[1])
     raise QuantizationError("; ".join(failures))

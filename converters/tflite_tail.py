@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 # Concatenated parts whose calibrated magnitudes differ by this much cannot share one int8 scale: the smaller one
 # keeps fewer than 128/30 ≈ 4 levels. Same threshold as the fidelity report's mixed-range outputs.
 MIXED_SCALE_RATIO = 30.0
@@ -35,6 +37,7 @@ class Graph:
     magnitudes: dict[int, float]  # tensor index → calibrated max |value| (where recorded)
     outputs: list[int]
     signature_outputs: dict[int, str] = field(default_factory=dict)  # tensor index → signature key ("output_0")
+    constants: dict[int, int] = field(default_factory=dict)  # tensor index → element count, for weight tensors
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,38 @@ def ops_from_flatbuffer(tflite: bytes) -> Graph:
             magnitudes[i] = float(max(abs(q.min[0]), abs(q.max[0])))
     signature = {int(o.tensorIndex): o.name.decode() for sig in model.signatureDefs or [] if sig.subgraphIndex == 0
                  for o in sig.outputs}
-    return Graph(ops, [t.name.decode() for t in sub.tensors], magnitudes, [int(i) for i in sub.outputs], signature)
+    constants = {i: int(np.prod(t.shape)) if t.shape is not None else 1 for i, t in enumerate(sub.tensors)
+                 if t.buffer and model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data)}
+    return Graph(ops, [t.name.decode() for t in sub.tensors], magnitudes, [int(i) for i in sub.outputs], signature,
+                 constants)
+
+
+# Outlier layers: a weight-bearing op whose calibrated output range is this many times the median of all
+# weight-bearing ops' ranges gives most of its values a handful of int8 steps (all-MiniLM-L6-v2: the FFN output
+# projections reach ±223 and the attention-score BATCH_MATMULs ±542 where the median is ±8; measured 2026-12-01).
+OUTLIER_RATIOS = (4.0, 2.0)  # the variants' thresholds, fewest float layers first
+# Float weights cost 4 bytes instead of 1: at most a third of the weight elements keeps the model ≤ 0.5x FP32.
+MAX_FLOAT_WEIGHT_FRACTION = 0.3
+
+
+def outlier_layers(graph: Graph, ratio: float, *, max_weight_fraction: float = MAX_FLOAT_WEIGHT_FRACTION) -> list[Op]:
+    """Weight-bearing ops whose calibrated output magnitude is ≥ ``ratio`` × the median one, widest first, while
+    their weights (constant inputs) stay within ``max_weight_fraction`` of the model's weight elements."""
+    weighted = [op for op in graph.ops if op.kind in WEIGHTED_OPS and op.outputs[0] in graph.magnitudes]
+    if not weighted:
+        return []
+    median = float(np.median([graph.magnitudes[op.outputs[0]] for op in weighted]))
+    wide = sorted((op for op in weighted if graph.magnitudes[op.outputs[0]] >= ratio * median),
+                  key=lambda op: -graph.magnitudes[op.outputs[0]])
+    budget = max_weight_fraction * sum(graph.constants.values())
+    chosen, used = [], 0
+    for op in wide:
+        weights = sum(graph.constants.get(t, 0) for t in op.inputs if t >= 0)
+        if used + weights > budget:
+            continue
+        chosen.append(op)
+        used += weights
+    return chosen
 
 
 # A calibrated magnitude beyond this is no activation range but ±FLT_MAX showing through: a padding constant (handled

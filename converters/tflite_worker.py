@@ -8,10 +8,11 @@ directory with deterministic data, so nothing ever touches the network.
 JOB is a JSON file: {"onnx": path, "calibration": npz path (NHWC-ready arrays per input, stacked), "out": folder,
 "io_type": "int8" | "float32", "allow_float_ops": bool}. The result is written to ``out/result.json``.
 
-Where float ops are allowed, the worker also writes a second INT8 model from the same calibration: the
-*float-elementwise variant*, weight-bearing ops INT8 and the elementwise ops float (``ELEMENTWISE_FLOAT_OPS``). It
-costs one more MLIR quantizer run (seconds), no second onnx2tf conversion; the pass measures it only when full
-INT8 fails the gate.
+Where float ops are allowed, the worker also writes further INT8 models from the same calibration, each one more
+MLIR quantizer run (seconds), no second onnx2tf conversion: the *float-elementwise variant* (weight-bearing ops
+INT8, ``ELEMENTWISE_FLOAT_OPS`` float), then the *float-outlier-layers variants* (also the weight-bearing ops whose
+calibrated output range dwarfs the others', ``tflite_tail.outlier_layers``). The pass measures them in that order,
+only when full INT8 fails the gate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,6 @@ from converters import tflite_options, tflite_tail
 from converters.workers import worker_main
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
-VARIANT_FILE = "model.int8-float-elementwise.tflite"
 
 
 def _record_stage(out: Path, stage: tflite_options.Stage) -> None:
@@ -91,8 +92,8 @@ class Converted:
     fp32: bytes
     int8: bytes
     notes: list[str]
-    variant: bytes | None = None  # the float-elementwise variant (None: float ops not allowed, or it failed)
-    variant_notes: list[str] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)  # only where float ops are allowed
+    variant_notes: list[str] = field(default_factory=list)  # variants that could not be built
 
 
 def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> Converted:
@@ -157,25 +158,66 @@ def _convert(job: dict, out: Path, pseudo: list[str], calib: dict) -> Converted:
         notes.append(f"LiteRT's INT8 {op} kernel refused this model at inference ({message}); {op} kept in float")
     converted = Converted(fp32, int8, notes)
     if job["allow_float_ops"]:
-        converted.variant, converted.variant_notes = _float_elementwise_variant(calibrated, plan, job, calib)
+        converted.variants, converted.variant_notes = _variants(calibrated, plan, job, calib)
     return converted
 
 
-def _float_elementwise_variant(calibrated: bytes, plan: FloatPlan, job: dict,
-                               calib: dict) -> tuple[bytes | None, list[str]]:
-    """Full INT8's plan plus every elementwise op in float, from the same calibrated model."""
-    ops = [*plan.ops, *(op for op in ELEMENTWISE_FLOAT_OPS if op not in plan.ops)]
-    variant_plan = FloatPlan(ops=ops, nodes=plan.nodes, float_outputs=plan.float_outputs)
+@dataclass
+class Variant:
+    """A further INT8 model from the same calibration, more ops in float; the pass judges them in order."""
+
+    name: str
+    model: bytes
+    notes: list[str]
+    float_layers: int = 0  # weight-bearing ops kept in float
+
+
+FLOAT_ELEMENTWISE = "float-elementwise"
+FLOAT_OUTLIER_LAYERS = "float-outlier-layers"
+
+
+def _variants(calibrated: bytes, plan: FloatPlan, job: dict, calib: dict) -> tuple[list[Variant], list[str]]:
+    """The float-elementwise variant, then the float-outlier-layers ones (fewest float layers first); notes say
+    which could not be built."""
+    elementwise = [*plan.ops, *(op for op in ELEMENTWISE_FLOAT_OPS if op not in plan.ops)]
+    built, notes = [], []
+    first = _variant(calibrated, FloatPlan(elementwise, plan.nodes, plan.float_outputs), job, calib)
+    if isinstance(first, str):
+        notes.append(f"{FLOAT_ELEMENTWISE} variant not built: {first}")
+    else:
+        built.append(Variant(FLOAT_ELEMENTWISE, first, [
+            f"{FLOAT_ELEMENTWISE} variant: weight-bearing ops INT8, {', '.join(ELEMENTWISE_FLOAT_OPS)} in float "
+            "(same calibration, same weights)"]))
+    graph = tflite_tail.ops_from_flatbuffer(calibrated)
+    seen: set[tuple[str, ...]] = set()
+    for ratio in tflite_tail.OUTLIER_RATIOS:
+        layers = tflite_tail.outlier_layers(graph, ratio)
+        nodes = tuple(graph.tensor_names[op.outputs[0]] for op in layers)
+        if not nodes or nodes in seen:
+            continue
+        seen.add(nodes)
+        model = _variant(calibrated, FloatPlan(elementwise, [*plan.nodes, *nodes], plan.float_outputs), job, calib)
+        if isinstance(model, str):
+            notes.append(f"{FLOAT_OUTLIER_LAYERS} variant ({len(nodes)} layers) not built: {model}")
+            continue
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(op.kind for op in layers).items())
+        built.append(Variant(FLOAT_OUTLIER_LAYERS, model, [
+            f"{FLOAT_OUTLIER_LAYERS} variant: as {FLOAT_ELEMENTWISE}, plus the {len(nodes)} weight-bearing ops "
+            f"({kinds}) whose calibrated output range is at least {ratio:g}x the median one in float; the other "
+            "weights INT8"], len(nodes)))
+    return built, notes
+
+
+def _variant(calibrated: bytes, plan: FloatPlan, job: dict, calib: dict) -> bytes | str:
+    """``plan`` quantized and run once under LiteRT; a string says why there is no such model."""
     try:
-        model = _quantize_denying(calibrated, variant_plan, job["io_type"])
+        model = _quantize_denying(calibrated, plan, job["io_type"])
         refused = _refused_kernel(model, calib)
-    except Exception as e:  # the quantizer or LiteRT refusing the variant leaves full INT8 as the only candidate
-        return None, [f"float-elementwise variant not built: {str(e).strip().splitlines()[0][:200]}"]
+    except Exception as e:  # the quantizer or LiteRT refusing a variant leaves the others as candidates
+        return str(e).strip().splitlines()[0][:200]
     if refused is not None:
-        return None, [f"float-elementwise variant not built: LiteRT's INT8 {refused[0]} kernel refused it "
-                      f"({refused[1]})"]
-    return model, [f"float-elementwise variant: weight-bearing ops INT8, {', '.join(ELEMENTWISE_FLOAT_OPS)} in "
-                   "float (same calibration, same weights)"]
+        return f"LiteRT's INT8 {refused[0]} kernel refused it ({refused[1]})"
+    return model
 
 
 @dataclass
@@ -405,11 +447,13 @@ def run(job: dict) -> dict:
     (out / "model.fp32.tflite").write_bytes(name_outputs(converted.fp32, names))
     (out / "model.int8.tflite").write_bytes(name_outputs(converted.int8, names))
     result = {"fp32": str(out / "model.fp32.tflite"), "int8": str(out / "model.int8.tflite"),
-              "float_ops": _float_ops(converted.int8), "notes": converted.notes, "variant": None,
-              "variant_float_ops": [], "variant_notes": converted.variant_notes}
-    if converted.variant is not None:
-        (out / VARIANT_FILE).write_bytes(name_outputs(converted.variant, names))
-        result.update(variant=str(out / VARIANT_FILE), variant_float_ops=_float_ops(converted.variant))
+              "float_ops": _float_ops(converted.int8), "notes": converted.notes, "variants": [],
+              "variant_notes": converted.variant_notes}
+    for i, variant in enumerate(converted.variants):
+        path = out / f"model.int8-variant{i}.tflite"
+        path.write_bytes(name_outputs(variant.model, names))
+        result["variants"].append({"name": variant.name, "path": str(path), "float_ops": _float_ops(variant.model),
+                                   "notes": variant.notes, "float_layers": variant.float_layers})
     return result
 
 

@@ -57,6 +57,7 @@ class OnnxInt8Pass:
     def __init__(self, work: SharedWork):
         self.work = work
         self._candidates: dict[tuple[str, str, frozenset[str]], Candidate] = {}
+        self._weights: dict[str, int] | None = None  # weight elements per node of the prepared graph
 
     # ------------------------------------------------------------------ the pass
 
@@ -147,6 +148,13 @@ class OnnxInt8Pass:
                                score=0.0, passed=False, failed=[str(e)[:300]]))
             return None
 
+    def _weight_share(self, nodes) -> float:
+        """The share of the model's weights that ``nodes`` read (what keeping them in float costs in size)."""
+        if self._weights is None:
+            self._weights = onnx_int8.node_weight_elements(self.work.prepared.graph)
+        total = sum(self._weights.values())
+        return sum(self._weights.get(n, 0) for n in nodes) / total if total else 0.0
+
     def measure_latency(self, attempt: Attempt) -> runtime.Latency:
         if attempt.latency is None:
             work = self.work
@@ -184,6 +192,8 @@ class OnnxInt8Pass:
             for label, block in blocks:
                 if time.monotonic() > deadline:
                     break
+                if self._weight_share(floated | block) > profile.fidelity.max_float_weight_fraction:
+                    continue  # over the profile's float budget: not worth measuring
                 cand = self._try(scheme, choice, floated | block, tried, label)
                 if cand is None:
                     continue
@@ -236,6 +246,8 @@ class OnnxInt8Pass:
         known = {n.name for n in self.work.prepared.graph.graph.node}
         choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
         for why, nodes in latency_plans(times, known, self.work.options.max_rounds):
+            if self._weight_share(nodes) > profile.fidelity.max_float_weight_fraction:
+                continue  # over the profile's float budget
             cand = self._try(scheme, choice, frozenset(nodes) | frozenset(base.attempt.quantized.excluded), tried,
                              why, evaluate=True)
             if cand is None:
@@ -279,9 +291,7 @@ class OnnxInt8Pass:
     def _mixed(self, profile: Profile, base: Candidate, cand: Candidate, base_checks: list[Check], why: str,
                rounds: int) -> MixedPrecision:
         floated = sorted(set(cand.attempt.quantized.excluded) - set(base.attempt.quantized.excluded))
-        weights = onnx_int8.node_weight_elements(self.work.prepared.graph)
-        total = sum(weights.values())
-        share = sum(weights.get(n, 0) for n in floated) / total if total else 0.0
+        share = self._weight_share(floated)
         base_latency = self.measure_latency(base.attempt)
         return MixedPrecision(
             float_nodes=floated, float_weight_fraction=share, rounds=rounds, why=why,

@@ -2,9 +2,10 @@
 
 One conversion per (I/O type, float-op policy), shared by every profile that asks for it; a conversion that failed
 fails the same way for the next profile without being tried again. Where the profile allows float ops, the
-conversion also yields a float-elementwise variant (``tflite_worker.ELEMENTWISE_FLOAT_OPS`` in float, same
-calibration); it is measured only when full INT8 fails the profile's gate on checks mixed precision can fix, and
-ships when it passes.
+conversion also yields further variants from the same calibration: float-elementwise
+(``tflite_worker.ELEMENTWISE_FLOAT_OPS`` in float), then float-outlier-layers (also the weight-bearing ops whose
+calibrated output range dwarfs the others', ``tflite_tail.outlier_layers``). They are measured only when full INT8
+fails the profile's gate on checks mixed precision can fix, in that order, and the first that passes ships.
 """
 
 from __future__ import annotations
@@ -36,23 +37,25 @@ class TflitePass:
     def __init__(self, work: SharedWork):
         self.work = work
         self._builds: dict[tuple[str, bool], tuple[tflite_int8.TfliteBuild, Attempt] | QuantizationError] = {}
-        self._variants: dict[tuple[str, bool], Measured | str] = {}  # str: why it could not be measured
+        self._variants: dict[tuple[str, bool, str], Measured | str] = {}  # str: why it could not be measured
         self._prepared: tflite_prepare.TflitePrepared | None = None
 
     def run(self, profile: Profile, target: ArtifactTarget) -> TargetResult:
         allow_float_ops = profile.fidelity.max_float_weight_fraction > 0
         build, attempt = self.attempt(target.io_type, allow_float_ops=allow_float_ops)
         checks = self._judge(profile, attempt)
-        float_ops, notes = build.float_ops, []
+        float_ops, notes, variant = build.float_ops, [], "full-int8"
         if allow_float_ops and fixable(checks):
             chosen = self._try_variant(profile, (target.io_type, allow_float_ops), build, checks)
             notes.append(chosen.note)
             if chosen.measured is not None:
                 attempt, checks, float_ops = chosen.measured.attempt, chosen.checks, chosen.measured.float_ops
+                variant = chosen.name
         info = TfliteInfo(
             io_type=target.io_type,
             input_layouts={n: NCHW_LAYOUT if perm else "as in the ONNX model" for n, perm in build.input_perm.items()},
-            float_ops=float_ops, conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
+            float_ops=float_ops, variant=variant, conversion_seconds=build.seconds,
+            conversion_peak_rss_mb=build.peak_rss_mb)
         if float_ops:
             notes.insert(0, f"ops left in float in the INT8 model: {', '.join(float_ops)}")
         return TargetResult(attempt, checks, latency_where=LATENCY_WHERE, tflite=info, notes=notes)
@@ -63,35 +66,39 @@ class TflitePass:
 
     def _try_variant(self, profile: Profile, key: tuple[str, bool], build: tflite_int8.TfliteBuild,
                      full_checks: list[Check]) -> VariantChoice:
-        """Judge the float-elementwise variant after full INT8 failed ``full_checks``; ship it only if it passes."""
+        """Judge the build's variants in order (float-elementwise, then float-outlier-layers, fewest float layers
+        first) after full INT8 failed ``full_checks``; ship the first that passes. The next is judged only while the
+        last one failed on checks more float precision can fix."""
         why = "; ".join(c.line() for c in failed(full_checks))
-        measured = self._variant(key, build)
-        if isinstance(measured, str):
-            return VariantChoice(None, [], f"full INT8 failed ({why}); {measured}")
-        checks = self._judge(profile, measured.attempt)
-        if failed(checks):
-            still = "; ".join(c.line() for c in failed(checks))
-            return VariantChoice(None, [], f"full INT8 failed ({why}); the float-elementwise variant was tried and "
-                                           f"failed too ({still}); reported: full INT8")
-        return VariantChoice(measured, checks, f"shipped variant: float-elementwise (weight-bearing ops INT8, "
-                                               f"elementwise ops float), because full INT8 failed: {why}")
+        tried: list[str] = []
+        for variant in build.variants:
+            measured = self._variant(key, build, variant)
+            if isinstance(measured, str):
+                tried.append(f"{variant.label}: {measured}")
+                continue
+            checks = self._judge(profile, measured.attempt)
+            if not failed(checks):
+                return VariantChoice(measured, checks, variant.name, _shipped_note(variant, why, tried))
+            tried.append(f"{variant.label} failed too ({'; '.join(c.line() for c in failed(checks))})")
+            if not fixable(checks):
+                break
+        tried += build.variant_notes
+        variants = "; ".join(tried) if tried else "no variant was built"
+        return VariantChoice(None, [], "full-int8", f"full INT8 failed ({why}); variants tried: {variants}; "
+                                                    "reported: full INT8")
 
-    def _variant(self, key: tuple[str, bool], build: tflite_int8.TfliteBuild) -> Measured | str:
-        """The variant measured under LiteRT once per build, on first need; a string says why there is none."""
-        if key not in self._variants:
-            self._variants[key] = self._measure_variant(build)
-        return self._variants[key]
-
-    def _measure_variant(self, build: tflite_int8.TfliteBuild) -> Measured | str:
-        variant = build.variant
-        if variant is None:
-            return "; ".join(build.variant_notes) or "no float-elementwise variant was built"
-        self.work.progress("measuring the float-elementwise TFLite variant")
-        try:
-            attempt = self._measure(build, variant.path, [*build.notes, *variant.notes])
-        except QuantizationError as e:
-            return f"the float-elementwise variant could not be measured: {e}"
-        return Measured(attempt, variant.float_ops)
+    def _variant(self, key: tuple[str, bool], build: tflite_int8.TfliteBuild,
+                 variant: tflite_int8.FloatVariant) -> Measured | str:
+        """A variant measured under LiteRT once per build, on first need; a string says why it could not be."""
+        cache = (*key, str(variant.path))
+        if cache not in self._variants:
+            self.work.progress(f"measuring the {variant.label} TFLite variant")
+            try:
+                attempt = self._measure(build, variant.path, [*build.notes, *variant.notes])
+                self._variants[cache] = Measured(attempt, variant.float_ops)
+            except QuantizationError as e:
+                self._variants[cache] = f"could not be measured: {e}"
+        return self._variants[cache]
 
     def attempt(self, io_type: str, *, allow_float_ops: bool) -> tuple[tflite_int8.TfliteBuild, Attempt]:
         """Convert once per (I/O type, float-op policy) and measure with LiteRT; profiles share the result."""
@@ -145,8 +152,16 @@ class TflitePass:
 
 @dataclass
 class VariantChoice:
-    """What the float-elementwise step decided: the variant to ship (None: keep full INT8) and the report's note."""
+    """What the variant step decided: the variant to ship (None: keep full INT8), its name and the report's note."""
 
     measured: Measured | None
     checks: list[Check]
+    name: str
     note: str
+
+
+def _shipped_note(variant: tflite_int8.FloatVariant, why: str, tried: list[str]) -> str:
+    before = f"; before it: {'; '.join(tried)}" if tried else ""
+    what = ("weight-bearing ops INT8, elementwise ops float" if not variant.float_layers else
+            f"elementwise ops and {variant.float_layers} outlier-range weight-bearing ops float, the rest INT8")
+    return f"shipped variant: {variant.label} ({what}), because full INT8 failed: {why}{before}"

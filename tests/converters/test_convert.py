@@ -168,10 +168,10 @@ def test_gate_refuses_when_mixed_precision_budget_cannot_meet_the_floor(recogniz
     out = tmp_path / "out" / "strict" / "model.int8.onnx"
     out.parent.mkdir(parents=True)
     out.write_bytes(b"stale artifact from an earlier run")
-    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.1)])
+    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.0)])
     r = reports[0]
     assert r.status is Status.REFUSED and not r.shippable and r.artifact is None
-    assert any("float weight fraction" in x for x in r.reasons)
+    assert any("decoded-string agreement" in x for x in r.reasons) and any("mixed precision" in x for x in r.reasons)
     assert not out.exists()  # nothing left behind that could be mistaken for a shippable artifact
     assert (tmp_path / "out" / "strict" / "onnx-int8.report.json").exists()
 
@@ -243,7 +243,8 @@ def test_slowest_int8_kernels_measured_and_kept_in_float_until_int8_is_faster(tm
     """All-INT8 runs ~9x slower than FP32 here; a 3x bound leaves a wide margin for a noisy shared host (this is a
     test of the mechanism, not a timing: the figures themselves belong to the benchmark)."""
     model = zoo.grouped_conv_net(tmp_path / "grouped.onnx", size=32)
-    profile = strict_profile(tmp_path, "rpi4", max_float_weight_fraction=0.5, max_latency_ratio=3.0)
+    # The widest grouped conv holds most of the weights: the budget must allow floating it.
+    profile = strict_profile(tmp_path, "rpi4", max_float_weight_fraction=0.9, max_latency_ratio=3.0)
     reports, ev = convert(model, samples_for(model, 16), tmp_path, [profile], output_kinds=NOT_A_CLASSIFIER)
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons

@@ -15,7 +15,15 @@ from converters.fidelity import cosine_per_sample
 from converters.report import Status
 from converters.source import load_source
 from converters.tflite_int8 import LiteRTModel
-from converters.tflite_tail import Graph, Op, float_tails, onnx_output_name, tail_ops, unbounded_range_ops
+from converters.tflite_tail import (
+    Graph,
+    Op,
+    float_tails,
+    onnx_output_name,
+    outlier_layers,
+    tail_ops,
+    unbounded_range_ops,
+)
 from tests import zoo
 
 from .test_convert import convert, run, samples_for, strict_profile
@@ -224,6 +232,29 @@ def test_ops_around_a_flt_max_attention_mask_stay_float_but_a_clamped_padding_do
     kept = unbounded_range_ops(attention_mask_graph())
     assert [(op.kind, op.outputs[0]) for op in kept] == [("SUB", 1), ("MUL", 2), ("MUL", 4), ("ADD", 5),
                                                           ("SOFTMAX", 6)]
+
+
+def encoder_graph(ffn_out: float = 220.0) -> Graph:
+    """A BERT-style block in TFLite ops: q, k, v, out, ffn_up FCs (range ±8, 64 weights each), ffn_down (256
+    weights) and the attention-score BATCH_MATMUL (no weights, ±540)."""
+    names = ["x", "wq", "wk", "wv", "wo", "wu", "wd", "q", "k", "v", "qk", "o", "u", "d"]
+    fc = "FULLY_CONNECTED"
+    ops = [Op(fc, (0, 1), (7,)), Op(fc, (0, 2), (8,)), Op(fc, (0, 3), (9,)), Op("BATCH_MATMUL", (7, 8), (10,)),
+           Op(fc, (9, 4), (11,)), Op(fc, (11, 5), (12,)), Op(fc, (12, 6), (13,))]
+    magnitudes = {7: 8.0, 8: 8.0, 9: 8.0, 10: 540.0, 11: 8.0, 12: 8.0, 13: ffn_out}
+    constants = {1: 64, 2: 64, 3: 64, 4: 64, 5: 64, 6: 256}
+    return Graph(ops, names, magnitudes, [13], constants=constants)
+
+
+def test_weighted_ops_with_outlier_output_ranges_are_found_widest_first():
+    assert [op.outputs[0] for op in outlier_layers(encoder_graph(), 4.0, max_weight_fraction=0.5)] == [10, 13]
+
+
+def test_outlier_layers_stay_within_the_float_weight_budget_and_ordinary_ranges_are_not_outliers():
+    # ffn_down holds 256 of 576 weights: over a 30% budget it stays INT8; the weightless BATCH_MATMUL still goes float
+    assert [op.outputs[0] for op in outlier_layers(encoder_graph(), 4.0, max_weight_fraction=0.3)] == [10]
+    assert [op.outputs[0] for op in outlier_layers(encoder_graph(ffn_out=9.0), 4.0)] == [10]
+    assert outlier_layers(Graph([Op("FULLY_CONNECTED", (0,), (1,))], ["x", "y"], {1: 9.0}, [1]), 4.0) == []
 
 
 @pytest.mark.parametrize(("names", "safe"), [

@@ -148,3 +148,17 @@ def test_ppocr_text_detector_ships_judged_on_its_regions_within_bounded_time(tmp
     assert any("regions recall vs FP32" in name for name in checks)
     assert report.size.ratio <= 0.35
     assert report.tflite.conversion_seconds < 300 and report.tflite.conversion_peak_rss_mb < 4096
+
+
+def test_minilm_sentence_encoder_ships_with_its_outlier_layers_in_float(tmp_path):
+    """Full INT8 (cosine 0.80) and float-elementwise (0.93) fail the cosine floor: the FFN output projections
+    (calibrated ±223) and attention-score BATCH_MATMULs (±542) against a median ±8 leave most values a few int8
+    steps. The float-outlier-layers variant keeps those in float, the other weights INT8, and ships."""
+    report = convert_for_android(zoo_model("minilm_encoder"), tmp_path)
+    assert report.status is Status.SHIPPABLE, (report.reasons, report.notes)
+    assert report.tflite.variant == "float-outlier-layers", report.notes
+    shipped = next(n for n in report.notes if n.startswith("shipped variant: float-outlier-layers"))
+    assert "float-elementwise" in shipped and "cosine" in shipped, shipped  # what failed before it, named
+    assert "FULLY_CONNECTED" in report.tflite.float_ops
+    assert report.size.ratio <= 0.5  # still an INT8 artifact: most weights int8
+    assert report.tflite.conversion_seconds < 240
