@@ -57,7 +57,8 @@ def build(source: SourceModel, samples: list[Sample], workdir: Path, *, ios: int
     names = [i.name for i in source.inputs]
     np.savez(out / "samples.npz", **{f"s{i}_{k}": s[n] for i, s in enumerate(samples) for k, n in enumerate(names)})
     job = {"onnx": str(source.path), "out": str(out), "samples": str(out / "samples.npz"), "inputs": names,
-           "outputs": [o.name for o in source.outputs], "target": ios, "metadata": metadata}
+           "outputs": [o.name for o in source.outputs], "target": ios, "metadata": metadata,
+           "pt2": str(source.original) if source.original.suffix == ".pt2" else None}
     result, seconds = run_worker("converters.coreml_worker", job, out, what="Core ML conversion",
                                  timeout_s=WORKER_TIMEOUT_S)
     outputs = [o.name for o in source.outputs]
@@ -99,11 +100,12 @@ def structural_problems(source: SourceModel, facts: dict, example: Sample) -> li
     problems = []
     if facts["model_type"] != "mlProgram":
         problems.append(f"the package is a {facts['model_type']}, not an ML program")
-    want_in = {i.name: list(example[i.name].shape) for i in source.inputs}
+    renamed = facts.get("renamed") or {}  # source name → the Core ML name coremltools made of it
+    want_in = {renamed.get(i.name, i.name): list(example[i.name].shape) for i in source.inputs}
     got_in = {n: f["shape"] for n, f in facts["inputs"].items()}
     if want_in != got_in:
         problems.append(f"inputs {got_in} differ from the source's {want_in}")
-    want_out = [o.name for o in source.outputs]
+    want_out = [renamed.get(o.name, o.name) for o in source.outputs]
     if sorted(facts["outputs"]) != sorted(want_out):
         problems.append(f"outputs {sorted(facts['outputs'])} differ from the source's {sorted(want_out)}")
     if facts["float_weight_tensors"]:

@@ -62,26 +62,200 @@ def _load_samples(path: str, n_inputs: int) -> list[list]:
         return [[z[f"s{i}_{k}"] for k in range(n_inputs)] for i in range(count)]
 
 
-def _to_torch(onnx_path: str):
+# ONNX revisions that only widened the accepted types (int4, bfloat16, ...) onnx2torch has no converter for: the
+# converter of the previous revision translates them exactly (same attributes, same semantics).
+TYPE_ONLY_REVISIONS = {"Reshape": {19: 14, 21: 14}, "Shape": {19: 15, 21: 15}, "Identity": {19: 16, 21: 16},
+                       "Cast": {19: 13, 21: 13}, "Constant": {19: 13, 21: 13}, "Flatten": {21: 13},
+                       "Squeeze": {21: 13}, "Unsqueeze": {21: 13}, "Transpose": {21: 13}, "Size": {19: 13, 21: 13},
+                       "ConstantOfShape": {20: 9, 21: 9}, "Equal": {19: 13}}
+
+
+def _register_type_only_revisions() -> None:
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+
+    for op, revisions in TYPE_ONLY_REVISIONS.items():
+        for new, old in revisions.items():
+            known = _CONVERTER_REGISTRY.get(OperationDescription("", op, old))
+            if known is not None:
+                _CONVERTER_REGISTRY.setdefault(OperationDescription("", op, new), known)
+
+
+def _register_lstm() -> None:
+    """onnx2torch has no LSTM converter (CRNN text recognisers use one): the common form (default activations, no
+    peepholes, clip or sequence lengths, layout 0) maps onto ``torch.nn.LSTM``, which coremltools converts."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+
+    for version in (7, 14, 22):
+        _CONVERTER_REGISTRY.setdefault(OperationDescription("", "LSTM", version), _convert_lstm)
+
+
+def _convert_lstm(node, graph):
+    import torch
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    names = list(node.input_values) + [""] * (8 - len(node.input_values))
+    x, w, r, b, lengths, h0, c0, peepholes = names
+    attrs = node.attributes
+    unsupported = [a for a in ("activations", "clip", "input_forget") if attrs.get(a)] + \
+        (["layout=1"] if attrs.get("layout", 0) else []) + (["sequence_lens"] if lengths else []) + \
+        (["peepholes"] if peepholes else []) + [i for i in (w, r, b) if i and i not in graph.initializers]
+    if unsupported:
+        raise NotImplementedError(f"operation_type='LSTM' with {', '.join(unsupported)}, version=0")
+    weights = {k: torch.from_numpy(graph.initializers[n].to_numpy().copy()) for k, n in (("w", w), ("r", r))}
+    hidden, dirs = weights["r"].shape[-1], weights["w"].shape[0]
+    lstm = torch.nn.LSTM(weights["w"].shape[-1], hidden, bidirectional=dirs == 2)
+    order = torch.cat([torch.arange(k * hidden, (k + 1) * hidden) for k in (0, 2, 3, 1)])  # ONNX iofc → torch ifgo
+    bias = torch.from_numpy(graph.initializers[b].to_numpy().copy()) if b else torch.zeros(dirs, 8 * hidden)
+    with torch.no_grad():
+        for d, suffix in enumerate(["_l0", "_l0_reverse"][:dirs]):
+            getattr(lstm, "weight_ih" + suffix).copy_(weights["w"][d][order])
+            getattr(lstm, "weight_hh" + suffix).copy_(weights["r"][d][order])
+            getattr(lstm, "bias_ih" + suffix).copy_(bias[d, :4 * hidden][order])
+            getattr(lstm, "bias_hh" + suffix).copy_(bias[d, 4 * hidden:][order])
+    module = _lstm_module(lstm, has_state=bool(h0 and c0))
+    inputs = (x, h0, c0) if h0 and c0 else (x,)
+    return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(inputs=inputs,
+                                                                                 outputs=node.output_values))
+
+
+def _lstm_module_class():
+    import torch
+
+    class OnnxLstm(torch.nn.Module):
+        """ONNX LSTM outputs from ``torch.nn.LSTM``: Y [seq, dirs, batch, hidden], Y_h and Y_c [dirs, batch, hidden]."""
+
+        def __init__(self, lstm: torch.nn.LSTM, has_state: bool):
+            super().__init__()
+            self.lstm, self.has_state = lstm, has_state
+
+        def forward(self, x, h0=None, c0=None):
+            y, (h, c) = self.lstm(x, (h0, c0)) if self.has_state else self.lstm(x)
+            dirs = 2 if self.lstm.bidirectional else 1
+            return y.reshape(y.shape[0], y.shape[1], dirs, -1).permute(0, 2, 1, 3), h, c
+
+    return OnnxLstm
+
+
+def _lstm_module(lstm, has_state: bool):  # the class is built lazily: torch loads in the worker only
+    return _lstm_module_class()(lstm, has_state)
+
+
+def _register_rank_free_batchnorm() -> None:
+    """onnx2torch picks BatchNorm1d/2d/3d from the input's inferred rank; where ONNX shape inference loses the rank
+    (PP-OCRv4's recogniser, after its attention blocks) it gives up. ``batch_norm`` itself takes any rank."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+
+    for version in (9, 14, 15):
+        key = OperationDescription("", "BatchNormalization", version)
+        by_rank = _CONVERTER_REGISTRY.get(key)
+        if by_rank is not None and not getattr(by_rank, "rank_free", False):
+            _CONVERTER_REGISTRY[key] = _rank_free_batchnorm(by_rank)
+
+
+def _rank_free_batchnorm(by_rank):
+    def convert(node, graph):
+        import torch
+        from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+        try:
+            return by_rank(node, graph)
+        except NotImplementedError:
+            params = node.input_values[1:5]
+            if len(node.output_values) != 1 or not all(p in graph.initializers for p in params):
+                raise
+        scale, bias, mean, var = (torch.from_numpy(graph.initializers[p].to_numpy().copy()) for p in params)
+        norm = torch.nn.BatchNorm1d(len(mean), eps=node.attributes.get("epsilon", 1e-5))
+        with torch.no_grad():
+            for name, value in (("weight", scale), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+                getattr(norm, name).copy_(value)
+        norm._check_input_dim = lambda _x: None  # BatchNorm1d's own rank check is the only rank-specific part
+        return OperationConverterResult(torch_module=norm.eval(), onnx_mapping=OnnxMapping(
+            inputs=(node.input_values[0],), outputs=node.output_values))
+
+    convert.rank_free = True
+    return convert
+
+
+def _constants_to_initializers(model) -> int:
+    """Move Constant nodes' tensors into initializers: onnx2torch reads Conv / MatMul / Gemm weights from
+    initializers only (paddle2onnx models keep every weight in a Constant node). Returns how many moved."""
+    from onnx import numpy_helper
+
+    graph, moved = model.graph, []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            tensor = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+            graph.initializer.append(tensor)
+            moved.append(node)
+    for node in moved:
+        graph.node.remove(node)
+    return len(moved)
+
+
+def _to_torch(onnx_path: str, notes: list[str]):
     import re
 
     import onnx
     import onnx2torch
 
+    _register_type_only_revisions()
+    _register_lstm()
+    _register_rank_free_batchnorm()
+    model = onnx.load(onnx_path)
+    for node in model.graph.node:  # onnx2torch reads a trailing "" (an omitted optional input) as a value's name
+        while node.input and not node.input[-1]:
+            node.input.pop()
+    moved = _constants_to_initializers(model)
+    if moved:
+        notes.append(f"{moved} Constant node(s) moved to initializers for the ONNX → PyTorch translation")
     try:
-        return onnx2torch.convert(onnx.load(onnx_path)).eval()
+        return onnx2torch.convert(model).eval()
     except NotImplementedError as e:  # "Converter is not implemented (OperationDescription(... 'GRU', version=14))"
         op = re.search(r"operation_type='(\w+)', version=(\d+)", str(e))
         what = f"{op.group(1)} (opset {op.group(2)})" if op else str(e)
         raise RuntimeError(f"the Core ML route (ONNX → PyTorch → Core ML) has no conversion for {what}") from e
 
 
-def _quantize_like_coreml(module):
+def _prelu(x, weight):
+    """PReLU as ``where``: coremltools' prelu takes one alpha per channel on rank-4 inputs only (MTCNN's ONet applies
+    per-feature PReLU to a rank-2 Linear output)."""
+    import torch
+
+    shape = [1] * x.dim()
+    if x.dim() > 1:
+        shape[1] = -1
+    return torch.where(x > 0, x, x * weight.reshape(shape))
+
+
+def _load_export(pt2_path: str):
+    """The source's ExportedProgram, with the decompositions coremltools needs. The source loader already checked
+    the archive holds no pickles."""
+    import torch
+
+    program = torch.export.load(pt2_path)
+    return program.run_decompositions({torch.ops.aten.prelu.default: _prelu,
+                                       torch.ops.aten._prelu_kernel.default: _prelu})
+
+
+def _conv_transpose_weights(module) -> set[str]:
+    """Names of the parameters an exported graph uses as transposed-convolution weights (output channels on axis 1)."""
+    names = set()
+    for node in module.graph.nodes:
+        transposed = "conv_transpose" in str(node.target) or (
+            str(node.target) == "aten.convolution.default" and len(node.args) > 6 and node.args[6])
+        if node.op == "call_function" and transposed and getattr(node.args[1], "op", "") == "get_attr":
+            names.add(node.args[1].target)
+    return names
+
+
+def _quantize_like_coreml(module, *, exported: bool = False):
     """A copy of ``module`` whose weights went through Core ML's INT8 round trip.
 
     Conv and Linear weights are quantized per output channel, symmetric, as ``linear_quantize_weights`` stores them;
     any other constant above the threshold per tensor, which is coarser than Core ML's per-channel choice and
-    so errs on the pessimistic side.
+    so errs on the pessimistic side. An exported graph has no Conv / Linear modules: there every tensor of rank ≥ 2
+    is quantized per channel on axis 0 (axis 1 for transposed convolutions), as coremltools does.
     """
     import copy
 
@@ -91,6 +265,10 @@ def _quantize_like_coreml(module):
     per_channel = {id(m.weight): (1 if isinstance(m, torch.nn.modules.conv._ConvTransposeNd) else 0)
                    for m in q.modules()
                    if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear) and m.weight is not None}
+    if exported:
+        transposed = _conv_transpose_weights(q)
+        per_channel = {id(t): (1 if name in transposed else 0)
+                       for name, t in [*q.named_parameters(), *q.named_buffers()]}
     with torch.no_grad():
         for t in [*q.parameters(), *q.buffers()]:
             if not t.is_floating_point() or t.ndim < 2 or t.numel() <= WEIGHT_THRESHOLD:
@@ -126,35 +304,51 @@ def _save_outputs(path: Path, runs: list[list]) -> None:
     np.savez(path, **{str(k): np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))})
 
 
-def _convert(job: dict, torch_model, example: list):
+def _convert(job: dict, torch_model, example: list, program=None):
+    """The 8-bit package: from the ExportedProgram when there is one, else from a TorchScript trace."""
     import coremltools as ct
     import torch
     from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 
-    with torch.no_grad():
-        traced = torch.jit.trace(torch_model, tuple(torch.from_numpy(v) for v in example))
     target = getattr(ct.target, f"iOS{job['target']}")
-    mlmodel = ct.convert(
-        traced, convert_to="mlprogram", minimum_deployment_target=target,
-        inputs=[ct.TensorType(name=n, shape=v.shape, dtype=v.dtype) for n, v in zip(job["inputs"], example,
-                                                                                      strict=True)],
-        outputs=[ct.TensorType(name=n) for n in job["outputs"]])
+    outputs = [ct.TensorType(name=n) for n in job["outputs"]]
+    if program is not None:  # its inputs carry the source's names and static shapes already
+        mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=target, outputs=outputs)
+    else:
+        with torch.no_grad():
+            traced = torch.jit.trace(torch_model, tuple(torch.from_numpy(v) for v in example))
+        mlmodel = ct.convert(
+            traced, convert_to="mlprogram", minimum_deployment_target=target, outputs=outputs,
+            inputs=[ct.TensorType(name=n, shape=v.shape, dtype=v.dtype)
+                    for n, v in zip(job["inputs"], example, strict=True)])
     config = OptimizationConfig(global_config=OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD))
     return linear_quantize_weights(mlmodel, config)
 
 
-def _describe(mlmodel, meta: dict) -> None:
+def _feature_names(mlmodel, job: dict) -> dict[str, str]:
+    """Source name → Core ML feature name, for the names coremltools changed (it makes every name a valid MIL
+    identifier: ``save_infer_model/scale_0.tmp_1`` → ``save_infer_model_scale_0_tmp_1``, ``387`` → ``var_387``).
+    Features keep the source's order, so they pair up by position."""
+    spec = mlmodel.get_spec()
+    got = [f.name for f in spec.description.input] + [f.name for f in spec.description.output]
+    want = list(job["inputs"]) + list(job["outputs"])
+    return {w: g for w, g in zip(want, got, strict=True) if w != g}
+
+
+def _describe(mlmodel, meta: dict, renamed: dict[str, str]) -> None:
     mlmodel.author = meta.get("author") or ""
     mlmodel.version = meta.get("version") or ""
     mlmodel.short_description = meta.get("short_description") or ""
     for name, text in (meta.get("input_descriptions") or {}).items():
-        mlmodel.input_description[name] = text
+        mlmodel.input_description[renamed.get(name, name)] = text
     for name, text in (meta.get("output_descriptions") or {}).items():
-        mlmodel.output_description[name] = text
+        mlmodel.output_description[renamed.get(name, name)] = text
     user = dict(meta.get("user") or {})
     if meta.get("labels"):
         user["edgefleet.labels"] = json.dumps(meta["labels"])
+    if renamed:  # the app can find a feature by the name the model's authors gave it
+        user["edgefleet.source_feature_names"] = json.dumps(renamed, sort_keys=True)
     for k, v in user.items():
         mlmodel.user_defined_metadata[k] = v
 
@@ -234,29 +428,69 @@ def _predict(package: Path, names: list[str], samples: list[list], outputs: list
     return [[model.predict(dict(zip(names, s, strict=True)))[o] for o in outputs] for s in samples]
 
 
+def _routes(job: dict, notes: list[str]):
+    """(route name, PyTorch module, ExportedProgram or None), best first: the .pt2 source itself (no translation),
+    then ONNX via onnx2torch. A route that cannot even load is skipped with a note."""
+    if job.get("pt2"):
+        try:
+            program = _load_export(job["pt2"])
+            yield "PyTorch ExportedProgram (.pt2 source) → Core ML", program.module(), program
+        except Exception as e:
+            notes.append(f"the .pt2 source could not be loaded for Core ML ({_first_line(e)})")
+    yield "ONNX → PyTorch (onnx2torch) → TorchScript trace → Core ML", _to_torch(job["onnx"], notes), None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def _simulate(torch_model, samples: list[list], out: Path, exported: bool, notes: list[str]) -> str:
+    simulated = _quantize_like_coreml(torch_model, exported=exported)
+    try:
+        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=True))
+        return "INT8 weights (Core ML's per-channel round trip), FP16 compute, PyTorch on this host"
+    except RuntimeError as e:  # an op without a CPU FP16 kernel in this torch build
+        simulated = _quantize_like_coreml(torch_model, exported=exported)  # .half() converted the first copy
+        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=False))
+        notes.append(f"FP16 compute could not be simulated on this host ({str(e).splitlines()[0][:120]})")
+        return "INT8 weights (Core ML's per-channel round trip), FP32 compute, PyTorch on this host"
+
+
+def _build(job: dict, samples: list[list], out: Path, notes: list[str]):
+    """Convert by the first route that works; the FP32 and simulated outputs are that route's."""
+    failures = []
+    for route, torch_model, program in _routes(job, notes):
+        try:
+            _save_outputs(out / "torch_fp32.npz", _run_torch(torch_model, samples, half=False))
+            simulation = _simulate(torch_model, samples, out, program is not None, notes)
+            mlmodel = _convert(job, torch_model, samples[0], program)
+        except Exception as e:
+            if program is None:  # the last route: its error is the build's
+                raise
+            failures.append(f"{route} failed ({_first_line(e)})")
+            continue
+        notes.extend(f"{f}; used the next route" for f in failures)
+        notes.append(f"route: {route}")
+        return mlmodel, simulation
+    raise AssertionError("unreachable: the ONNX route raises or returns")
+
+
 def run(job: dict) -> dict:
     _isolate_imports()
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     samples = _load_samples(job["samples"], len(job["inputs"]))
-    torch_model = _to_torch(job["onnx"])
-    notes = []
-    _save_outputs(out / "torch_fp32.npz", _run_torch(torch_model, samples, half=False))
-    simulated = _quantize_like_coreml(torch_model)
-    try:
-        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=True))
-        simulation = "INT8 weights (Core ML's per-channel round trip), FP16 compute, PyTorch on this host"
-    except RuntimeError as e:  # an op without a CPU FP16 kernel in this torch build
-        simulated = _quantize_like_coreml(torch_model)  # .half() converted the first copy in place
-        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=False))
-        simulation = "INT8 weights (Core ML's per-channel round trip), FP32 compute, PyTorch on this host"
-        notes.append(f"FP16 compute could not be simulated on this host ({str(e).splitlines()[0][:120]})")
-    mlmodel = _convert(job, torch_model, samples[0])
-    _describe(mlmodel, job.get("metadata") or {})
+    notes: list[str] = []
+    mlmodel, simulation = _build(job, samples, out, notes)
+    renamed = _feature_names(mlmodel, job)
+    if renamed:
+        notes.append("Core ML feature names differ from the source's (coremltools makes them MIL identifiers): "
+                     + ", ".join(f"{k} → {v}" for k, v in renamed.items()))
+    _describe(mlmodel, job.get("metadata") or {}, renamed)
     package = out / PACKAGE_NAME
     mlmodel.save(str(package))
     make_reproducible(package)
-    result = {"mlpackage": str(package), "structure": structure(package),
+    result = {"mlpackage": str(package), "structure": {**structure(package), "renamed": renamed},
               "torch_fp32": str(out / "torch_fp32.npz"), "simulated": str(out / "simulated.npz"),
               "simulation": simulation, "notes": notes, "predicted": None}
     if sys.platform == "darwin":

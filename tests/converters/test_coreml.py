@@ -115,3 +115,34 @@ def test_structural_problems_are_named(tmp_path):
            "outputs": {"class_logits": {}}, "float_weight_tensors": ["w FLOAT16 4096"]}
     problems = structural_problems(source, bad, example)
     assert len(problems) == 4 and "neuralNetwork" in problems[0] and "w FLOAT16 4096" in problems[3]
+
+
+def test_onnx_lstm_translates_to_torch_exactly(tmp_path):
+    """onnx2torch has no LSTM: the worker's converter (ONNX gate order iofc → torch's ifgo, bidirectional, initial
+    state) reproduces onnxruntime."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx import save as save_onnx
+
+    from converters.coreml_worker import _isolate_imports, _to_torch
+
+    _isolate_imports()
+    rng = np.random.default_rng(0)
+    hidden, features, steps = 8, 5, 7
+    weights = {"W": (2, 4 * hidden, features), "R": (2, 4 * hidden, hidden), "B": (2, 8 * hidden)}
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["y", "y_h", "y_c"],
+                            direction="bidirectional", hidden_size=hidden)
+    shapes = {"x": [steps, 1, features], "h0": [2, 1, hidden], "c0": [2, 1, hidden]}
+    graph = helper.make_graph(
+        [node], "lstm", [helper.make_tensor_value_info(k, TensorProto.FLOAT, s) for k, s in shapes.items()],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in node.output],
+        [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), k) for k, s in weights.items()])
+    save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), tmp_path / "lstm.onnx")
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    want = ort.InferenceSession(str(tmp_path / "lstm.onnx")).run(None, feeds)
+    notes: list[str] = []
+    with torch.no_grad():
+        got = _to_torch(str(tmp_path / "lstm.onnx"), notes)(*(torch.from_numpy(v) for v in feeds.values()))
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, atol=1e-5)
