@@ -136,10 +136,6 @@ class Converter:
             self._tasks = tasks
         return self._tasks
 
-    @property
-    def kinds(self) -> dict[str, OutputTask]:
-        return self.tasks
-
     # ------------------------------------------------------------------ per profile
 
     def convert(self, profile: Profile, outdir: Path,
