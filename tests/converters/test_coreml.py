@@ -125,7 +125,8 @@ def test_onnx_lstm_translates_to_torch_exactly(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
     from onnx import save as save_onnx
 
-    from converters.coreml_worker import _isolate_imports, _to_torch
+    from converters.coreml_onnx2torch import to_torch
+    from converters.coreml_worker import _isolate_imports
 
     _isolate_imports()
     rng = np.random.default_rng(0)
@@ -143,6 +144,6 @@ def test_onnx_lstm_translates_to_torch_exactly(tmp_path):
     want = ort.InferenceSession(str(tmp_path / "lstm.onnx")).run(None, feeds)
     notes: list[str] = []
     with torch.no_grad():
-        got = _to_torch(str(tmp_path / "lstm.onnx"), notes)(*(torch.from_numpy(v) for v in feeds.values()))
+        got = to_torch(str(tmp_path / "lstm.onnx"), notes)(*(torch.from_numpy(v) for v in feeds.values()))
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g.numpy(), w, atol=1e-5)
