@@ -46,7 +46,7 @@ def _convert_lstm(node, graph):
         (["layout=1"] if attrs.get("layout", 0) else []) + (["sequence_lens"] if lengths else []) + \
         (["peepholes"] if peepholes else []) + [i for i in (w, r, b) if i and i not in graph.initializers]
     if unsupported:
-        raise NotImplementedError(f"operation_type='LSTM' with {', '.join(unsupported)}, version=0")
+        raise NotImplementedError(f"LSTM with {', '.join(unsupported)}")  # to_torch names it in its refusal
     weights = {k: torch.from_numpy(graph.initializers[n].to_numpy().copy()) for k, n in (("w", w), ("r", r))}
     hidden, dirs = weights["r"].shape[-1], weights["w"].shape[0]
     lstm = torch.nn.LSTM(weights["w"].shape[-1], hidden, bidirectional=dirs == 2)

@@ -28,9 +28,9 @@ AXE = Path(__file__).parent / "vendor" / "axe.min.js"
 LAB, FIELD = 16, 4  # devices tagged site:lab (healthy) and site:field (every update's probe fails)
 
 
-def _skip_without_browser() -> None:
+def _require_browser() -> None:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
+        pytest.fail("Debian's chromium is not installed: run make system-deps (make test does)")
     pytest.importorskip("playwright.sync_api")
 
 
@@ -72,7 +72,7 @@ class SimulatedFleet:
 @pytest.fixture(scope="module")
 def console_fleet(tmp_path_factory):
     """The live fleet, tokens per role, and the simulated devices (16 lab, 4 field), all running."""
-    _skip_without_browser()
+    _require_browser()
     from fleet_sim.cli import enroll
 
     work = tmp_path_factory.mktemp("console-fleet")
@@ -106,7 +106,7 @@ def console_fleet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    _skip_without_browser()
+    _require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -18,7 +18,8 @@ PIP_TIMEOUT_S = 900
 
 
 class ZooError(RuntimeError):
-    pass
+    """A zoo model that cannot be prepared: an unknown name, a wheel pip cannot fetch, a wheel that is not the pinned
+    one."""
 
 
 def cache_root() -> Path:
