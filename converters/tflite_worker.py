@@ -293,8 +293,42 @@ def name_outputs(tflite: bytes, names: list[str]) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+PROBE_TRIES = 3
+
+
 def _refused_kernel(tflite: bytes, calib: dict) -> tuple[str, str] | None:
-    """Run the model once with LiteRT: (op, message) when a kernel refuses to invoke, else None."""
+    """Run the model once with LiteRT in a forked child: (op, message) when a kernel refuses to invoke, else None.
+
+    An INT8 kernel fed a zero scale is undefined behaviour in LiteRT: usually it refuses, sometimes it kills the
+    process. The child takes the crash; a crashed probe is tried again, and only a model that crashes every time
+    fails the conversion."""
+    import pickle
+
+    for _ in range(PROBE_TRIES):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: probe, send the answer, leave without running the parent's cleanup
+            os.close(read)
+            try:
+                answer: object = ("ok", _probe_kernels(tflite, calib))
+            except Exception as e:  # carried to the parent, raised there
+                answer = ("error", f"{type(e).__name__}: {e}")
+            with os.fdopen(write, "wb") as f:
+                pickle.dump(answer, f)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if data and os.WIFEXITED(status):
+            kind, value = pickle.loads(data)
+            if kind == "error":
+                raise RuntimeError(value)
+            return value
+    raise RuntimeError(f"LiteRT crashes running the INT8 model ({PROBE_TRIES} tries)")
+
+
+def _probe_kernels(tflite: bytes, calib: dict) -> tuple[str, str] | None:
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
