@@ -6,6 +6,7 @@ Per device ``{d}`` under ``ef/v1/d/{d}/``: ``cmd`` (server→device), ``dl/{job}
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -51,7 +52,16 @@ def topic(device: str, kind: str, job: str | None = None) -> str:
 
 
 def parse(text: str) -> Topic:
-    parts = text.split("/") if isinstance(text, str) else []
+    """A device topic's name → its parts, or TopicError. Remembered per name (a fleet's servers parse the same few
+    names per device over and over); what does not parse is never remembered."""
+    if not isinstance(text, str):
+        raise TopicError(f"{text!r} is not an {ROOT} device topic")
+    return _parse(text)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _parse(text: str) -> Topic:
+    parts = text.split("/")
     if len(parts) < 5 or "/".join(parts[:3]) != f"{ROOT}/d":
         raise TopicError(f"{text!r} is not an {ROOT} device topic")
     device, rest = parts[3], parts[4:]
