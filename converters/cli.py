@@ -281,7 +281,9 @@ def _print_summary(reports, rows: list[dict[str, str]], output: Path) -> None:
     for r in reports:
         if r.mixed_precision:
             mp = r.mixed_precision
-            out.print(f"  {r.profile}: mixed precision kept {len(mp.float_nodes)} node(s) in float — {escape(mp.why)}; "
+            kept = f"{len(mp.float_nodes)} node(s) in float" + \
+                (f" and {len(mp.sixteen_bit_nodes)} with 16-bit activations" if mp.sixteen_bit_nodes else "")
+            out.print(f"  {r.profile}: mixed precision kept {kept} — {escape(mp.why)}; "
                       f"cost {mp.size_cost_bytes / 1e3:+.1f} kB, {mp.latency_cost_ms:+.2f} ms", highlight=False)
 
 

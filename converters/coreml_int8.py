@@ -9,7 +9,8 @@ reads the result and turns it into what the pipeline judges:
 * **the PyTorch route**: the intermediate PyTorch model reproduces the ONNX model in FP32 (catches a wrong op
   translation before anyone blames quantization);
 * **fidelity**: on macOS, the package's own predictions; elsewhere a host simulation (INT8 weights as Core ML stores
-  them, FP16 compute), reported as a simulation — Core ML's numerics were not measured on this host.
+  them, FP16 compute), reported as a simulation — Core ML's numerics were not measured on this host. A model whose
+  numbers do not survive FP16 compute is built again computing in FP32 (the pass decides, the report says so).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class CoremlBuild:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    compute: str = "fp16"
 
 
 def ios_version(runtime_versions: str) -> int:
@@ -51,13 +53,16 @@ def ios_version(runtime_versions: str) -> int:
     return max(version, MIN_IOS)
 
 
-def build(source: SourceModel, samples: list[Sample], workdir: Path, *, ios: int, metadata: dict) -> CoremlBuild:
-    out = workdir / f"coreml-ios{ios}"
+def build(source: SourceModel, samples: list[Sample], workdir: Path, *, ios: int, metadata: dict,
+          compute: str = "fp16") -> CoremlBuild:
+    """``compute``: the precision the package computes in — "fp16" (Core ML's default; what the Neural Engine runs)
+    or "fp32" (CPU and GPU only, for models whose numbers do not fit FP16). Weights are 8-bit either way."""
+    out = workdir / f"coreml-ios{ios}-{compute}"
     out.mkdir(parents=True, exist_ok=True)
     names = [i.name for i in source.inputs]
     np.savez(out / "samples.npz", **{f"s{i}_{k}": s[n] for i, s in enumerate(samples) for k, n in enumerate(names)})
     job = {"onnx": str(source.path), "out": str(out), "samples": str(out / "samples.npz"), "inputs": names,
-           "outputs": [o.name for o in source.outputs], "target": ios, "metadata": metadata,
+           "outputs": [o.name for o in source.outputs], "target": ios, "metadata": metadata, "compute": compute,
            "pt2": str(source.original) if source.original.suffix == ".pt2" else None}
     result, seconds = run_worker("converters.coreml_worker", job, out, what="Core ML conversion",
                                  timeout_s=WORKER_TIMEOUT_S)
@@ -68,7 +73,8 @@ def build(source: SourceModel, samples: list[Sample], workdir: Path, *, ios: int
         torch_fp32=_named(result["torch_fp32"], outputs), judged=_named(result["predicted"] or result["simulated"],
                                                                         outputs),
         measured_by="Core ML predictions on macOS" if predicted else f"simulated: {result['simulation']}",
-        predicted=predicted, notes=result["notes"], seconds=seconds, peak_rss_mb=result["peak_rss_mb"])
+        predicted=predicted, notes=result["notes"], seconds=seconds, peak_rss_mb=result["peak_rss_mb"],
+        compute=compute)
 
 
 def _named(npz: str, outputs: list[str]) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """ONNX → Core ML ``.mlpackage`` with 8-bit weights, run as a child process: ``python -m converters.coreml_worker JOB``.
 
 The route is ONNX → PyTorch (``onnx2torch``) → TorchScript trace → ``coremltools.convert`` (ML program, FP16
-compute) → ``linear_quantize_weights`` (INT8, per channel, symmetric). coremltools cannot run a model on Linux, so
+compute, or FP32 when the job asks) → ``linear_quantize_weights`` (INT8, per channel, symmetric). coremltools cannot run a model on Linux, so
 the worker also measures what the host can measure:
 
 * the PyTorch model against itself with every weight quantized the way Core ML stores it and FP16 compute (Core ML's
@@ -97,13 +97,52 @@ def _conv_transpose_weights(module) -> set[str]:
     return names
 
 
+_MATMUL_TARGETS = ("matmul", "mm.default", "matmul.default", "OnnxMatMul")
+
+
+def _matmul_weight_axes(module) -> dict[int, int]:
+    """id(tensor) → -1 for every constant a graph feeds as a MatMul's right-hand side (``x @ W``, ``W`` [in, out]).
+
+    coremltools folds ``matmul(x, W) + b`` into ``linear`` with ``W`` transposed and quantizes that per output
+    channel: per column of ``W``. An onnx2torch graph (``OnnxMatMul`` modules) or an exported one (``aten.mm``,
+    ``aten.matmul``) reads such weights through ``get_attr`` nodes, possibly behind an Identity."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return {}
+    axes: dict[int, int] = {}
+    for node in graph.nodes:
+        kind = type(module.get_submodule(str(node.target))).__name__ if node.op == "call_module" else \
+            str(getattr(node.target, "__name__", node.target))
+        if not kind.endswith(_MATMUL_TARGETS) or len(node.args) < 2:
+            continue
+        source = node.args[1]
+        while getattr(source, "op", None) == "call_module" and \
+                "Identity" in type(module.get_submodule(str(source.target))).__name__ and source.args:
+            source = source.args[0]
+        if getattr(source, "op", None) == "get_attr":
+            tensor = _attr(module, str(source.target))
+            if tensor is not None:
+                axes[id(tensor)] = -1
+    return axes
+
+
+def _attr(module, path: str):
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def _quantize_like_coreml(module, *, exported: bool = False):
     """A copy of ``module`` whose weights went through Core ML's INT8 round trip.
 
-    Conv and Linear weights are quantized per output channel, symmetric, as ``linear_quantize_weights`` stores them;
-    any other constant above the threshold per tensor, which is coarser than Core ML's per-channel choice and
-    so errs on the pessimistic side. An exported graph has no Conv / Linear modules: there every tensor of rank ≥ 2
-    is quantized per channel on axis 0 (axis 1 for transposed convolutions), as coremltools does.
+    Conv and Linear weights are quantized per output channel, symmetric, as ``linear_quantize_weights`` stores them,
+    and so are the constants a MatMul reads as its weight (per column: ``_matmul_weight_axes``); any other constant
+    above the threshold per tensor, which is coarser than Core ML's per-channel choice and so errs on the pessimistic
+    side. An exported graph has no Conv / Linear modules: there every tensor of rank ≥ 2 is quantized per channel on
+    axis 0 (axis 1 for transposed convolutions, -1 for MatMul weights), as coremltools does.
     """
     import copy
 
@@ -117,6 +156,7 @@ def _quantize_like_coreml(module, *, exported: bool = False):
         transposed = _conv_transpose_weights(q)
         per_channel = {id(t): (1 if name in transposed else 0)
                        for name, t in [*q.named_parameters(), *q.named_buffers()]}
+    per_channel.update(_matmul_weight_axes(q))
     with torch.no_grad():
         for t in [*q.parameters(), *q.buffers()]:
             if not t.is_floating_point() or t.ndim < 2 or t.numel() <= WEIGHT_THRESHOLD:
@@ -125,7 +165,7 @@ def _quantize_like_coreml(module, *, exported: bool = False):
             if axis is None:
                 peak = t.abs().max()
             else:
-                dims = [d for d in range(t.ndim) if d != axis]
+                dims = [d for d in range(t.ndim) if d != axis % t.ndim]
                 peak = t.abs().amax(dim=dims, keepdim=True)
             scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
             t.copy_(torch.clamp(torch.round(t / scale), -127, 127) * scale)
@@ -160,14 +200,16 @@ def _convert(job: dict, torch_model, example: list, program=None):
 
     target = getattr(ct.target, f"iOS{job['target']}")
     outputs = [ct.TensorType(name=n) for n in job["outputs"]]
+    precision = ct.precision.FLOAT32 if job.get("compute") == "fp32" else ct.precision.FLOAT16
     if program is not None:  # its inputs carry the source's names and static shapes already
-        mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=target, outputs=outputs)
+        mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=target, outputs=outputs,
+                             compute_precision=precision)
     else:
         with torch.no_grad():
             traced = torch.jit.trace(torch_model, tuple(torch.from_numpy(v) for v in example))
         mlmodel = ct.convert(
             traced, convert_to="mlprogram", minimum_deployment_target=target, outputs=outputs,
-            inputs=[ct.TensorType(name=n, shape=v.shape, dtype=v.dtype)
+            compute_precision=precision, inputs=[ct.TensorType(name=n, shape=v.shape, dtype=v.dtype)
                     for n, v in zip(job["inputs"], example, strict=True)])
     config = OptimizationConfig(global_config=OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD))
@@ -292,8 +334,11 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
-def _simulate(torch_model, samples: list[list], out: Path, exported: bool, notes: list[str]) -> str:
+def _simulate(torch_model, samples: list[list], out: Path, exported: bool, notes: list[str], compute: str) -> str:
     simulated = _quantize_like_coreml(torch_model, exported=exported)
+    if compute == "fp32":
+        _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=False))
+        return "INT8 weights (Core ML's per-channel round trip), FP32 compute, PyTorch on this host"
     try:
         _save_outputs(out / "simulated.npz", _run_torch(simulated, samples, half=True))
         return "INT8 weights (Core ML's per-channel round trip), FP16 compute, PyTorch on this host"
@@ -310,7 +355,8 @@ def _build(job: dict, samples: list[list], out: Path, notes: list[str]):
     for route, torch_model, program in _routes(job, notes):
         try:
             _save_outputs(out / "torch_fp32.npz", _run_torch(torch_model, samples, half=False))
-            simulation = _simulate(torch_model, samples, out, program is not None, notes)
+            simulation = _simulate(torch_model, samples, out, program is not None, notes,
+                                   job.get("compute", "fp16"))
             mlmodel = _convert(job, torch_model, samples[0], program)
         except Exception as e:
             if program is None:  # the last route: its error is the build's

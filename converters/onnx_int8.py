@@ -201,6 +201,7 @@ class Quantized:
     excluded: list[str]
     notes: list[str] = field(default_factory=list)
     choice: Choice | None = None
+    wide: list[str] = field(default_factory=list)  # nodes whose activations are 16-bit
 
 
 # The ops that carry weights: quantizing only these keeps every elementwise op (Mul, Add, Sigmoid, Concat...) in
@@ -324,15 +325,18 @@ def calibration_chunk(model: onnx.ModelProto) -> int:
 
 def quantize(prepared: Prepared, calibration: list[Sample], scheme: QuantizationScheme, out: Path, *,
              choice: Choice | None = None, exclude: Iterable[str] = (), external_data: bool = False,
-             cache: Path | None = None) -> Quantized:
+             cache: Path | None = None, wide: Iterable[str] = ()) -> Quantized:
     """Quantize ``prepared`` with ``scheme``'s types and ``choice``'s ops and calibration, nodes in ``exclude`` (and
-    the scheme's float ops) kept in float. ``cache``: the calibration cache to use or fill."""
+    the scheme's float ops) kept in float, nodes in ``wide`` with 16-bit activations (``sixteen_bit_overrides``).
+    ``cache``: the calibration cache to use or fill."""
     choice = choice or profile_choice(scheme)
     cache = calibrate(prepared, calibration, scheme, choice, cache or calibration_cache(out.parent, scheme, choice))
     model = prepared.graph
     float_op_nodes = [n.name for n in model.graph.node if n.op_type in scheme.float_ops]
     excluded = sorted(set(exclude) | set(float_op_nodes))
     skipped = activation_gathers(model)  # not the search's to float: never quantized at all
+    wide = sorted(set(wide) - set(excluded))
+    overrides = sixteen_bit_overrides(model, wide, scheme)
     notes = []
     per_channel = scheme.per_channel
     if per_channel and default_opset(model) < PER_CHANNEL_OPSET:
@@ -340,7 +344,8 @@ def quantize(prepared: Prepared, calibration: list[Sample], scheme: Quantization
         notes.append(f"opset {default_opset(model)} < {PER_CHANNEL_OPSET}: per-channel quantization is impossible "
                      "(ONNX Runtime refuses to load the result); used per-tensor")
     try:
-        _quantize_static(prepared.path, out, scheme, choice, cache, per_channel, excluded + skipped, external_data)
+        _quantize_static(prepared.path, out, scheme, choice, cache, per_channel, excluded + skipped, external_data,
+                         overrides)
         _loads(out)
     except QuantizationError:
         raise
@@ -350,21 +355,31 @@ def quantize(prepared: Prepared, calibration: list[Sample], scheme: Quantization
         notes.append(f"per-channel result unusable ({_first_line(e)}); fell back to per-tensor")
         per_channel = False
         try:
-            _quantize_static(prepared.path, out, scheme, choice, cache, False, excluded + skipped, external_data)
+            _quantize_static(prepared.path, out, scheme, choice, cache, False, excluded + skipped, external_data,
+                             overrides)
             _loads(out)
         except Exception as e2:
             raise QuantizationError(f"ONNX Runtime quantization failed: {_first_line(e2)}") from e2
-    return Quantized(out, per_channel, excluded, notes, choice)
+    if wide:
+        notes.append(f"{len(wide)} node(s) with 16-bit activations: the artifact's opset is 21 (ONNX Runtime ≥ "
+                     f"{SIXTEEN_BIT_MIN_ORT})")
+    return Quantized(out, per_channel, excluded, notes, choice, wide)
 
 
 def _quantize_static(src: Path, out: Path, scheme: QuantizationScheme, choice: Choice, cache: Path,
-                     per_channel: bool, excluded: list[str], external_data: bool) -> None:
+                     per_channel: bool, excluded: list[str], external_data: bool,
+                     overrides: dict[str, list[dict[str, object]]]) -> None:
     extra: dict[str, object] = {
         "ActivationSymmetric": scheme.activation_symmetric,
         "WeightSymmetric": scheme.weight_symmetric,
     }
-    # Progress printed by the quantizer must not reach stdout, which stays clean for --json.
-    with contextlib.redirect_stdout(io.StringIO()):
+    if overrides:
+        # 16-bit Q/DQ: ONNX's QuantizeLinear takes 16-bit types from opset 21; the quantizer raises the model's
+        # opset to 21 itself (ONNX Runtime runs opset 21 from 1.18: ``SIXTEEN_BIT_MIN_ORT``).
+        extra["TensorQuantOverrides"] = overrides
+    # Progress printed by the quantizer must not reach stdout, which stays clean for --json; its warning that it
+    # raised the opset for 16-bit Q/DQ (intended, see above) must not reach the user's terminal.
+    with contextlib.redirect_stdout(io.StringIO()), _muted(logging.getLogger(), "does not support 16-bit"):
         quantize_static(
             str(src), str(out), None,
             quant_format=QuantFormat.QDQ if scheme.format is ProfileQuantFormat.QDQ else QuantFormat.QOperator,
@@ -378,6 +393,56 @@ def _quantize_static(src: Path, out: Path, scheme: QuantizationScheme, choice: C
             use_external_data_format=external_data,
             extra_options=extra,
         )
+
+
+# 16-bit activations: ONNX Runtime's CPU kernels run 16-bit Q/DQ (opset 21) from 1.18 on; the node itself then
+# computes in float between a DequantizeLinear and a QuantizeLinear, its weights stay INT8. For a sensitive tensor
+# this is most of float's accuracy at none of its bytes.
+SIXTEEN_BIT_MIN_ORT = "1.18"
+_WIDE = {QuantDtype.UINT8: QuantType.QUInt16, QuantDtype.INT8: QuantType.QInt16}
+
+
+def sixteen_bit_supported(runtime: str, runtime_versions: str, providers: Iterable[str]) -> bool:
+    """Whether a target's runtime runs 16-bit activations: ONNX Runtime's CPU execution provider, with every version
+    the profile admits at or above ``SIXTEEN_BIT_MIN_ORT`` (TensorRT and the other EPs need 8-bit)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if runtime != "onnxruntime" or set(providers) - {"CPUExecutionProvider"}:
+        return False
+    floor = Version(SIXTEEN_BIT_MIN_ORT)
+    return any(s.operator in (">=", ">", "==", "~=") and Version(s.version.rstrip(".*")) >= floor
+               for s in SpecifierSet(runtime_versions))
+
+
+def sixteen_bit_overrides(model: onnx.ModelProto, nodes: Iterable[str],
+                          scheme: QuantizationScheme) -> dict[str, list[dict[str, object]]]:
+    """ONNX Runtime's per-tensor overrides that give ``nodes`` 16-bit activations: their activation inputs and their
+    outputs (a tensor shared with an INT8 node becomes 16-bit for both: one Q/DQ pair per tensor)."""
+    wanted = set(nodes)
+    if not wanted:
+        return {}
+    weights = {i.name for i in model.graph.initializer}
+    kind = {"quant_type": _WIDE[scheme.activation_type]}
+    tensors: list[str] = []
+    for node in model.graph.node:
+        if node.name in wanted:
+            tensors += [t for t in node.input if t and t not in weights]
+            tensors += [t for t in node.output if t]
+    return {t: [dict(kind)] for t in dict.fromkeys(tensors)}
+
+
+@contextlib.contextmanager
+def _muted(logger: logging.Logger, text: str):
+    """Drop a logger's records that contain ``text`` while the block runs."""
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _loads(path: Path) -> None:

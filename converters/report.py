@@ -93,6 +93,7 @@ class CoremlInfo(BaseModel):
     pytorch_route_cosine: float  # the intermediate FP32 PyTorch model against the ONNX model (worst output)
     numeric_fidelity_measured: bool  # False: Core ML itself could not run on this host
     fidelity_measured_by: str
+    compute_precision: str = "fp16"  # "fp32" when FP16 compute failed the floor (no Neural Engine then)
     conversion_seconds: float
     conversion_peak_rss_mb: float
 
@@ -118,6 +119,7 @@ class SearchInfo(BaseModel):
 
 class MixedPrecision(BaseModel):
     float_nodes: list[str]
+    sixteen_bit_nodes: list[str] = []  # weights INT8, activations 16-bit (ONNX Runtime CPU)
     float_weight_fraction: float  # the share of the model's weights that the float nodes read
     rounds: int
     why: str
@@ -185,7 +187,12 @@ def summary_rows(reports: list[ArtifactReport]) -> list[dict[str, str]]:
             "vs truth": f"{truth[0].metric} {truth[0].fp32:.3f}→{truth[0].candidate:.3f}" if truth else "-",
             "latency": f"{r.latency.fp32_ms:.2f}→{r.latency.int8_ms:.2f} ms ({r.latency.ratio:.2f}×)"
             if r.latency else "-",
-            "float nodes": str(len(r.mixed_precision.float_nodes)) if r.mixed_precision else
+            "float nodes": _mixed_cell(r.mixed_precision) if r.mixed_precision else
             (f"ops: {', '.join(r.tflite.float_ops)}" if r.tflite and r.tflite.float_ops else "0"),
         })
     return rows
+
+
+def _mixed_cell(mp: MixedPrecision) -> str:
+    return f"{len(mp.float_nodes)} (+{len(mp.sixteen_bit_nodes)} 16-bit)" if mp.sixteen_bit_nodes else \
+        str(len(mp.float_nodes))

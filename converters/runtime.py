@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,29 +43,54 @@ class Latency:
     fp32_ms: float
     int8_ms: float
     runs: int
+    paired: float | None = None  # median of the per-round INT8/FP32 ratios (see ``time_pairs``)
 
     @property
     def ratio(self) -> float:
+        if self.paired is not None:
+            return self.paired
         return self.int8_ms / self.fp32_ms if self.fp32_ms > 0 else float("inf")
+
+
+MIN_TIMED_S = 2.0  # a sub-millisecond model is timed for at least this long: 30 runs of it are 30 ms of noise
+MAX_PAIRS = 20_000
+
+
+def time_pairs(fp32: Callable[[], object], int8: Callable[[], object], *, runs: int = 30, warmup: int = 5,
+               budget_s: float = 20.0, min_s: float = MIN_TIMED_S) -> Latency:
+    """Batch-1 latency of two models measured in pairs, so that a shared host's noise hits both alike.
+
+    Each round runs both models back to back, in alternating order (the second of a pair runs with warmer caches);
+    the ratio is the median of the per-round ratios, which a burst of load on the host moves far less than the ratio
+    of two medians taken over a minute of drifting load. At least ``runs`` rounds and ``min_s`` seconds, at most
+    ``budget_s`` seconds (and ``MAX_PAIRS`` rounds).
+    """
+    for _ in range(warmup):
+        fp32()
+        int8()
+    t_fp32: list[float] = []
+    t_int8: list[float] = []
+    ratios: list[float] = []
+    start = time.perf_counter()
+    while len(ratios) < MAX_PAIRS:
+        pair = ((fp32, t_fp32), (int8, t_int8))
+        for fn, acc in pair if len(ratios) % 2 == 0 else reversed(pair):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+        ratios.append(t_int8[-1] / max(t_fp32[-1], 1e-9))
+        elapsed = time.perf_counter() - start
+        if elapsed > budget_s or (len(ratios) >= runs and elapsed >= min(min_s, budget_s)):
+            break
+    return Latency(float(np.median(t_fp32) * 1e3), float(np.median(t_int8) * 1e3), len(ratios),
+                   paired=float(np.median(ratios)))
 
 
 def compare_latency(fp32: ort.InferenceSession, int8: ort.InferenceSession, sample: Sample, *,
                     runs: int = 30, warmup: int = 5, budget_s: float = 20.0) -> Latency:
-    """Median batch-1 latency of both models, measured interleaved so machine noise hits both alike."""
-    for _ in range(warmup):
-        fp32.run(None, sample)
-        int8.run(None, sample)
-    t_fp32: list[float] = []
-    t_int8: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(runs):
-        for sess, acc in ((fp32, t_fp32), (int8, t_int8)):
-            t0 = time.perf_counter()
-            sess.run(None, sample)
-            acc.append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            break
-    return Latency(float(np.median(t_fp32) * 1e3), float(np.median(t_int8) * 1e3), len(t_fp32))
+    """ONNX Runtime latency of both models on one sample, timed in pairs (``time_pairs``)."""
+    return time_pairs(lambda: fp32.run(None, sample), lambda: int8.run(None, sample), runs=runs, warmup=warmup,
+                      budget_s=budget_s)
 
 
 # Kernels that run in integer arithmetic: the candidates when INT8 turns out slower than float.

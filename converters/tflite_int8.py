@@ -7,7 +7,6 @@ as TFLite expects; other inputs keep their layout. The report states the layout 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from converters import tflite_options
 from converters.calibration import Sample
 from converters.errors import QuantizationError
-from converters.runtime import Latency
+from converters.runtime import Latency, time_pairs
 from converters.source import SourceModel
 from converters.workers import run_worker
 
@@ -193,18 +192,7 @@ def _match_layout(value: np.ndarray, shape: tuple[int, ...], name: str) -> np.nd
 
 def compare_latency(fp32: LiteRTModel, int8: LiteRTModel, sample: Sample, *, runs: int = 30,
                     warmup: int = 5, budget_s: float = 20.0) -> Latency:
-    """Median batch-1 latency under LiteRT, FP32 and INT8 interleaved (same as the ONNX Runtime figures)."""
+    """Batch-1 latency under LiteRT, timed in pairs as the ONNX Runtime figures are (``runtime.time_pairs``)."""
     feeds = (fp32.feed(sample), int8.feed(sample))  # quantize inputs outside the timed call
-    for _ in range(warmup):
-        fp32.runner(**feeds[0])
-        int8.runner(**feeds[1])
-    t = ([], [])
-    deadline = time.perf_counter() + budget_s
-    for _ in range(runs):
-        for i, m in enumerate((fp32, int8)):
-            t0 = time.perf_counter()
-            m.runner(**feeds[i])
-            t[i].append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            break
-    return Latency(float(np.median(t[0]) * 1e3), float(np.median(t[1]) * 1e3), len(t[0]))
+    return time_pairs(lambda: fp32.runner(**feeds[0]), lambda: int8.runner(**feeds[1]), runs=runs, warmup=warmup,
+                      budget_s=budget_s)

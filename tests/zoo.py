@@ -261,8 +261,8 @@ def read_text(logp: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(int(c) for c in row) for row in logp.argmax(-1)]
 
 
-def recognizer(path: Path, *, seed: int = 0) -> Path:
-    model = train_recognizer(seed=seed)
+def recognizer(path: Path, *, seed: int = 0, outlier: float = 2000.0) -> Path:
+    model = train_recognizer(seed=seed, outlier=outlier)
     return export(model, (torch.zeros(1, 1, 8, 32),), path, input_names=["image"], output_names=["logprobs"])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from converters import coreml_int8, onnx_int8
 from converters.errors import QuantizationError
 from converters.fidelity import cosine_per_sample
-from converters.gate import Check
+from converters.gate import Check, failed
 from converters.report import CoremlInfo
 from converters.targets.base import Attempt, SharedWork, TargetResult, fidelity, judge_attempt
 from firmware_profiles import ArtifactTarget, Profile
@@ -19,11 +19,32 @@ from firmware_profiles import ArtifactTarget, Profile
 class CoremlPass:
     def __init__(self, work: SharedWork):
         self.work = work
-        self._builds: dict[int, coreml_int8.CoremlBuild | QuantizationError] = {}
+        self._builds: dict[tuple[int, str], coreml_int8.CoremlBuild | QuantizationError] = {}
 
     def run(self, profile: Profile, target: ArtifactTarget) -> TargetResult:
+        """FP16 compute first (Core ML's default, what the Neural Engine runs); when only the numbers fail, the same
+        8-bit package computing in FP32 (CPU and GPU: a DB text detector's probability map, for one, does not survive
+        FP16 accumulation)."""
+        ios = coreml_int8.ios_version(target.runtime_versions)
+        result = self._judge(profile, self.build(ios, "fp16"))
+        numbers = [c for c in failed(result.checks) if c.fixable]
+        if numbers and len(numbers) == len(failed(result.checks)):
+            try:
+                wide = self._judge(profile, self.build(ios, "fp32"))
+            except QuantizationError as e:
+                result.notes.append(f"FP32 compute was tried after FP16 failed and could not be built ({e})")
+                return result
+            if not failed(wide.checks):
+                wide.notes.append("FP16 compute failed the floor (" + "; ".join(c.line() for c in numbers[:2]) +
+                                  "): the package computes in FP32 (CPU and GPU; the Neural Engine runs FP16 only), "
+                                  "its weights are still 8-bit")
+                return wide
+            result.notes.append("FP32 compute was tried after FP16 failed and did not hold the floor either (" +
+                                "; ".join(c.line() for c in failed(wide.checks)[:2]) + ")")
+        return result
+
+    def _judge(self, profile: Profile, build: coreml_int8.CoremlBuild) -> TargetResult:
         work = self.work
-        build = self.build(coreml_int8.ios_version(target.runtime_versions))
         facts = build.structure
         route = min(float(cosine_per_sample(work.fp32_outputs[n], build.torch_fp32[n]).min())
                     for n in work.fp32_outputs)
@@ -42,16 +63,18 @@ class CoremlPass:
             "8-bit weights)"]
         return TargetResult(attempt, checks, coreml=_coreml_info(build, route), notes=notes)
 
-    def build(self, ios: int) -> coreml_int8.CoremlBuild:
-        """Build once per minimum iOS version; a failure is remembered for the next profile."""
-        if ios not in self._builds:
-            self.work.progress(f"converting to Core ML (iOS {ios}+)")
+    def build(self, ios: int, compute: str = "fp16") -> coreml_int8.CoremlBuild:
+        """Build once per (minimum iOS version, compute precision); a failure is remembered for the next profile."""
+        key = (ios, compute)
+        if key not in self._builds:
+            self.work.progress(f"converting to Core ML (iOS {ios}+, {compute.upper()} compute)")
             try:
-                self._builds[ios] = coreml_int8.build(self.work.source, self.work.evaluation.samples,
-                                                      self.work.workdir, ios=ios, metadata=self._metadata())
+                self._builds[key] = coreml_int8.build(self.work.source, self.work.evaluation.samples,
+                                                      self.work.workdir, ios=ios, metadata=self._metadata(),
+                                                      compute=compute)
             except QuantizationError as e:
-                self._builds[ios] = e
-        found = self._builds[ios]
+                self._builds[key] = e
+        found = self._builds[key]
         if isinstance(found, QuantizationError):
             raise found
         return found
@@ -87,4 +110,4 @@ def _coreml_info(build: coreml_int8.CoremlBuild, route_cosine: float) -> CoremlI
         int8_weight_fraction=facts["int8_weight_elements"] / total if total else 0.0,
         float_weight_tensors=facts["float_weight_tensors"], ops=facts["ops"], pytorch_route_cosine=route_cosine,
         numeric_fidelity_measured=build.predicted, fidelity_measured_by=build.measured_by,
-        conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb)
+        conversion_seconds=build.seconds, conversion_peak_rss_mb=build.peak_rss_mb, compute_precision=build.compute)

@@ -72,7 +72,7 @@ class OnnxInt8Pass:
 
     def __init__(self, work: SharedWork):
         self.work = work
-        self._candidates: dict[tuple[str, str, frozenset[str]], Candidate] = {}
+        self._candidates: dict[tuple[str, str, frozenset[str], frozenset[str]], Candidate] = {}
         self._weights: dict[str, int] | None = None  # weight elements per node of the prepared graph
 
     # ------------------------------------------------------------------ the pass
@@ -114,7 +114,7 @@ class OnnxInt8Pass:
         if all(c.name.startswith("latency") for c in failed(base_checks)):
             found = self._latency_search(profile, scheme, base, tried)
         else:
-            found = self._fidelity_search(profile, scheme, base, tried, deadline)
+            found = self._fidelity_search(profile, target, base, tried, deadline)
         if found is None:
             checks = [*base_checks, Check(
                 name="mixed precision", value=None, bound=None, passed=False,
@@ -122,8 +122,7 @@ class OnnxInt8Pass:
                        f"{self.work.options.search_seconds:.0f}) found no mix of INT8 and float that holds the "
                        "floor within the budget")]
             return self._result(profile, scheme, base, checks, tried, started, None, "no candidate held the floor")
-        cand, why = found
-        checks = self._judge(profile, cand.attempt, with_latency=True)
+        cand, why, checks = found
         mixed = self._mixed(profile, base, cand, base_checks, why, len(tried))
         return self._result(profile, scheme, cand, checks, tried, started, mixed,
                             "passed" if not failed(checks) else "held on calibration data, not on evaluation")
@@ -131,8 +130,8 @@ class OnnxInt8Pass:
     # ------------------------------------------------------------------ candidates
 
     def candidate(self, scheme: QuantizationScheme, choice: onnx_int8.Choice, exclude: frozenset[str], *,
-                  evaluate: bool = True) -> Candidate:
-        key = (scheme_key(scheme), choice.key(), exclude)
+                  evaluate: bool = True, wide: frozenset[str] = frozenset()) -> Candidate:
+        key = (scheme_key(scheme), choice.key(), exclude, wide)
         cand = self._candidates.get(key)
         if cand is None:
             work = self.work
@@ -141,7 +140,7 @@ class OnnxInt8Pass:
             out.parent.mkdir(parents=True, exist_ok=True)
             quantized = onnx_int8.quantize(work.prepared, work.calibration.samples, scheme, out, choice=choice,
                                            exclude=exclude, external_data=work.source.external_data,
-                                           cache=onnx_int8.calibration_cache(folder, scheme, choice))
+                                           cache=onnx_int8.calibration_cache(folder, scheme, choice), wide=wide)
             session = runtime.session(out, threads=work.options.threads)
             search = fidelity(work.tasks, work.search_fp32, runtime.run_all(session, work.search_samples))
             size = sum(p.stat().st_size for p in model_files(out))
@@ -155,10 +154,11 @@ class OnnxInt8Pass:
         return cand
 
     def _try(self, scheme: QuantizationScheme, choice: onnx_int8.Choice, exclude: frozenset[str],
-             tried: list[Tried], label: str, *, evaluate: bool = False) -> Candidate | None:
+             tried: list[Tried], label: str, *, evaluate: bool = False,
+             wide: frozenset[str] = frozenset()) -> Candidate | None:
         """A search candidate, or None (recorded as tried) when ONNX Runtime cannot build or load it."""
         try:
-            return self.candidate(scheme, choice, exclude, evaluate=evaluate)
+            return self.candidate(scheme, choice, exclude, evaluate=evaluate, wide=wide)
         except QuantizationError as e:
             tried.append(Tried(what=f"{choice.label()}; {label}", float_nodes=len(exclude), split="calibration",
                                score=0.0, passed=False, failed=[str(e)[:300]]))
@@ -194,27 +194,63 @@ class OnnxInt8Pass:
 
     # ------------------------------------------------------------------ the searches
 
-    def _fidelity_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate, tried: list[Tried],
-                         deadline: SearchClock) -> tuple[Candidate, str] | None:
-        """Greedy block search on the whole-output task score over the calibration split, then give back."""
+    def _fidelity_search(self, profile: Profile, target: ArtifactTarget, base: Candidate, tried: list[Tried],
+                         deadline: SearchClock) -> tuple[Candidate, str, list[Check]] | None:
+        """Where the runtime runs 16-bit activations, first the block search that widens activations (no bytes
+        lost); when that finds nothing, or its result fails on the evaluation set (latency included), the block
+        search that keeps nodes in float."""
+        scheme = target.quantization
+        last = None
+        modes = [True, False] if onnx_int8.sixteen_bit_supported(target.runtime, target.runtime_versions,
+                                                                  target.execution_providers) else [False]
+        for wide in modes:
+            if deadline.over():
+                break
+            found = self._block_search(profile, scheme, base, tried, deadline, wide=wide)
+            if found is None:
+                continue
+            cand, why = found
+            checks = self._judge(profile, cand.attempt, with_latency=True)
+            label = "16-bit activations" if wide else "float nodes"
+            tried.append(_tried(f"{label}: the search's result", len(cand.attempt.quantized.excluded), "evaluation",
+                                task_score(cand.attempt.outputs), checks))
+            last = (cand, why, checks)
+            if not failed(checks):
+                return last
+        return last
+
+    def _block_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate, tried: list[Tried],
+                      deadline: SearchClock, *, wide: bool) -> tuple[Candidate, str] | None:
+        """Greedy block search on the whole-output task score over the calibration split, then give back.
+
+        ``wide``: a chosen block gets 16-bit activations (its weights stay INT8, so the float-weight budget does not
+        apply); otherwise it is kept in float."""
         choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
-        blocks = self._blocks(choice, base.attempt.quantized.excluded)
-        floated: frozenset[str] = frozenset()
+        excluded = frozenset(base.attempt.quantized.excluded)
+        blocks = self._blocks(choice, excluded)
+        chosen: frozenset[str] = frozenset()
         current = task_score(base.search)
         reached = None
+        verb = "with 16-bit activations" if wide else "in float"
+
+        def build(nodes: frozenset[str], label: str) -> Candidate | None:
+            if wide:
+                return self._try(scheme, choice, excluded, tried, label, wide=nodes)
+            return self._try(scheme, choice, excluded | nodes, tried, label)
+
         while blocks and not deadline.over():
-            self.work.progress(f"{profile.id}: mixed precision, round {len(tried)}")
+            self.work.progress(f"{profile.id}: mixed precision ({'16-bit' if wide else 'float'}), round {len(tried)}")
             scored = []
             for label, block in blocks:
                 if deadline.over():
                     break
-                if self._weight_share(floated | block) > profile.fidelity.max_float_weight_fraction:
+                if not wide and self._weight_share(chosen | block) > profile.fidelity.max_float_weight_fraction:
                     continue  # over the profile's float budget: not worth measuring
-                cand = self._try(scheme, choice, floated | block, tried, label)
+                cand = build(chosen | block, label)
                 if cand is None:
                     continue
                 score = task_score(cand.search)
-                tried.append(_tried(f"{choice.label()}; {label} in float", len(floated | block), "calibration",
+                tried.append(_tried(f"{choice.label()}; {label} {verb}", len(chosen | block), "calibration",
                                     score, None, holds=self._holds_on_search(profile, cand)))
                 scored.append((score, label, block, cand))
             if not scored:
@@ -222,40 +258,45 @@ class OnnxInt8Pass:
             score, label, block, cand = max(scored, key=lambda s: s[0])
             if score <= current and not self._holds_on_search(profile, cand):
                 break  # no block helps any more
-            floated, current = floated | block, score
+            chosen, current = chosen | block, score
             blocks = [(lab, b) for lab, b in blocks if b is not block]
             if self._holds_on_search(profile, cand):
                 reached = cand
                 break
         if reached is None:
             return None
-        floated = self._give_back(profile, scheme, choice, floated, tried, deadline)
-        final = self.candidate(scheme, choice, floated)
-        return final, (f"{len(floated)} weight-bearing node(s) kept in float: greedy block search on the whole-output "
-                       "task score over the calibration split, then nodes given back to INT8 while the floor held")
+        chosen = self._give_back(profile, choice, chosen, tried, deadline, build)
+        final = self._try(scheme, choice, excluded if wide else excluded | chosen, tried, "the search's result",
+                          evaluate=True, wide=chosen if wide else frozenset())
+        if final is None:
+            return None
+        what = "with 16-bit activations (weights INT8)" if wide else "kept in float"
+        return final, (f"{len(chosen)} weight-bearing node(s) {what}: greedy block search on the whole-output task "
+                       "score over the calibration split, then nodes given back to INT8 while the floor held")
 
-    def _give_back(self, profile: Profile, scheme: QuantizationScheme, choice: onnx_int8.Choice,
-                   floated: frozenset[str], tried: list[Tried], deadline: SearchClock) -> frozenset[str]:
-        """Put floated nodes back into INT8, halves first, while the floor holds on the calibration split."""
-        order = [n for n in self._weighted_nodes(choice, ()) if n in floated]
+    def _give_back(self, profile: Profile, choice: onnx_int8.Choice, chosen: frozenset[str], tried: list[Tried],
+                   deadline: SearchClock, build) -> frozenset[str]:
+        """Put chosen nodes back into plain INT8, halves first, while the floor holds on the calibration split."""
+        order = [n for n in self._weighted_nodes(choice, ()) if n in chosen]
         pending = [order]
         while pending and not deadline.over():
             group = pending.pop(0)
-            trial = floated - set(group)
-            cand = self._try(scheme, choice, trial, tried, f"{len(group)} node(s) given back to INT8")
+            trial = chosen - set(group)
+            label = f"{len(group)} node(s) given back to INT8"
+            cand = build(trial, label)
             holds = cand is not None and self._holds_on_search(profile, cand)
             if cand is not None:
-                tried.append(_tried(f"{choice.label()}; {len(group)} node(s) given back to INT8", len(trial),
-                                    "calibration", task_score(cand.search), None, holds=holds))
+                tried.append(_tried(f"{choice.label()}; {label}", len(trial), "calibration",
+                                    task_score(cand.search), None, holds=holds))
             if holds:
-                floated = trial
+                chosen = trial
             elif len(group) > 1:
                 half = len(group) // 2
                 pending += [group[:half], group[half:]]
-        return floated
+        return chosen
 
     def _latency_search(self, profile: Profile, scheme: QuantizationScheme, base: Candidate,
-                        tried: list[Tried]) -> tuple[Candidate, str] | None:
+                        tried: list[Tried]) -> tuple[Candidate, str, list[Check]] | None:
         self.work.progress("profiling INT8 kernels")
         times = runtime.integer_node_times(base.attempt.quantized.path, self.work.evaluation.samples[0],
                                            threads=self.work.options.threads)
@@ -272,7 +313,7 @@ class OnnxInt8Pass:
             tried.append(_tried(f"{choice.label()}; {why}", len(nodes), "evaluation", task_score(cand.attempt.outputs),
                                 checks))
             if not failed(checks):
-                return cand, why
+                return cand, why, checks
         return None
 
     # ------------------------------------------------------------------ graph structure
@@ -310,7 +351,8 @@ class OnnxInt8Pass:
         share = self._weight_share(floated)
         base_latency = self.measure_latency(base.attempt)
         return MixedPrecision(
-            float_nodes=floated, float_weight_fraction=share, rounds=rounds, why=why,
+            float_nodes=floated, sixteen_bit_nodes=sorted(cand.attempt.quantized.wide),
+            float_weight_fraction=share, rounds=rounds, why=why,
             full_int8_failed=[c.line() for c in failed(base_checks)],
             size_cost_bytes=cand.attempt.size_bytes - base.attempt.size_bytes,
             latency_cost_ms=self.measure_latency(cand.attempt).int8_ms - base_latency.int8_ms)

@@ -138,8 +138,10 @@ def test_recognizer_collapses_under_plain_int8_and_mixed_precision_rescues_it(re
     assert np.mean([a == b for a, b in zip(fp32_text, ev_truth, strict=True)]) >= 0.9
     plain_text = zoo.read_text(run(plain_defaults(recognizer, cal, tmp_path / "plain.onnx"), ev.samples)["logprobs"])
     assert np.mean([a == b for a, b in zip(plain_text, fp32_text, strict=True)]) < 0.2  # 95% → 0% class of failure
-    # A four-layer toy: its one outlier layer is half of its weights.
-    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.6)])
+    # A four-layer toy: its one outlier layer is half of its weights. An ONNX Runtime older than 1.18 (no 16-bit
+    # activations): the search keeps nodes in float.
+    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.6,
+                                                                     runtime_versions=OLD_ORT)])
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons
     assert r.mixed_precision and r.mixed_precision.full_int8_failed and r.mixed_precision.float_nodes
@@ -148,6 +150,67 @@ def test_recognizer_collapses_under_plain_int8_and_mixed_precision_rescues_it(re
     assert r.mixed_precision.size_cost_bytes is not None and r.mixed_precision.latency_cost_ms is not None
     ours = zoo.read_text(run(tmp_path / "out" / "strict" / "model.int8.onnx", ev.samples)["logprobs"])
     assert np.mean([a == b for a, b in zip(ours, fp32_text, strict=True)]) >= 0.95
+
+
+OLD_ORT = '">=1.16,<2"'  # a device runtime without 16-bit Q/DQ
+
+
+def massive_activation_mlp(path: Path, *, width: int = 32, outlier: float = 1000.0) -> Path:
+    """x → MatMul → + a constant 'massive activation' channel (1000× the others, ignored downstream: its row of the
+    second weight is zero) → MatMul → 16 values. One uint8 step of the middle tensor is 4, one uint16 step 0.015."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
+    w2 = rng.normal(0, 1 / np.sqrt(width), (width, 16)).astype(np.float32)
+    w2[0] = 0.0
+    shift = np.zeros(width, np.float32)
+    shift[0] = outlier
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+         onnx.helper.make_node("Add", ["h", "shift"], ["h2"], name="shift"),
+         onnx.helper.make_node("MatMul", ["h2", "w2"], ["y"], name="second")],
+        "massive", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2"),
+         onnx.numpy_helper.from_array(shift, "shift")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_sixteen_bit_activations_replace_float_nodes_where_onnx_runtime_runs_them(tmp_path):
+    """rpi5 runs ONNX Runtime ≥ 1.18: a model that plain INT8 breaks (a massive activation) ships with no weight in
+    float (the budget is zero), the node reading that tensor on 16-bit activations, at the size of plain INT8. A
+    runtime older than 1.18 refuses it under the same budget."""
+    model = massive_activation_mlp(tmp_path / "massive.onnx")
+    rng = np.random.default_rng(0)
+    data = DataSet([{"x": rng.normal(0, 1, (1, 32)).astype(np.float32)} for _ in range(120)], "normal")
+    reports, ev = convert(model, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.0)])
+    r = reports[0]
+    assert r.status is Status.SHIPPABLE, r.reasons
+    mp = r.mixed_precision
+    assert mp and mp.full_int8_failed and mp.sixteen_bit_nodes and not mp.float_nodes
+    assert mp.float_weight_fraction == 0.0 and mp.size_cost_bytes <= 0
+    assert any("16-bit" in t.what for t in r.search.tried)
+    artifact = tmp_path / "out" / "strict" / "model.int8.onnx"
+    graph = onnx.load(str(artifact))
+    assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
+    wide = {init.name for init in graph.graph.initializer if init.data_type == onnx.TensorProto.UINT16}
+    assert wide and any(n.op_type == "QuantizeLinear" and n.input[2] in wide for n in graph.graph.node)
+    fp32, ours = run(model, ev.samples)["y"], run(artifact, ev.samples)["y"]
+    assert cosine_per_sample(fp32, ours).mean() > 0.999 and cosine_per_sample(fp32, ours).min() > 0.99
+
+    old, _ = convert(model, data, tmp_path / "old", [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.0,
+                                                                    runtime_versions=OLD_ORT)])
+    assert old[0].status is Status.REFUSED and not any("16-bit" in t.what for t in old[0].search.tried)
+
+
+def test_sixteen_bit_activations_only_where_the_runtime_runs_them():
+    assert onnx_int8.sixteen_bit_supported("onnxruntime", ">=1.18,<2", ["CPUExecutionProvider"])
+    assert not onnx_int8.sixteen_bit_supported("onnxruntime", ">=1.16,<2", ["CPUExecutionProvider"])
+    assert not onnx_int8.sixteen_bit_supported("onnxruntime", ">=1.17,<2",
+                                               ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    assert not onnx_int8.sixteen_bit_supported("litert", ">=1.18", [])
+    assert onnx_int8.sixteen_bit_supported("onnxruntime", "~=1.20.0", [])
 
 
 def strict_profile(tmp_path: Path, base: str, **fidelity):
@@ -168,7 +231,8 @@ def test_gate_refuses_when_mixed_precision_budget_cannot_meet_the_floor(recogniz
     out = tmp_path / "out" / "strict" / "model.int8.onnx"
     out.parent.mkdir(parents=True)
     out.write_bytes(b"stale artifact from an earlier run")
-    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.0)])
+    reports, _ = convert(recognizer, data, tmp_path, [strict_profile(tmp_path, "rpi5", max_float_weight_fraction=0.0,
+                                                                     runtime_versions=OLD_ORT)])
     r = reports[0]
     assert r.status is Status.REFUSED and not r.shippable and r.artifact is None
     assert any("decoded-string agreement" in x for x in r.reasons) and any("mixed precision" in x for x in r.reasons)

@@ -6,6 +6,7 @@ its interface is the source's, its weights are INT8, and its figures are labelle
 import json
 
 import numpy as np
+import torch
 import pytest
 from coremltools.models.utils import load_spec
 from coremltools.proto import MIL_pb2
@@ -147,3 +148,60 @@ def test_onnx_lstm_translates_to_torch_exactly(tmp_path):
         got = to_torch(str(tmp_path / "lstm.onnx"), notes)(*(torch.from_numpy(v) for v in feeds.values()))
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g.numpy(), w, atol=1e-5)
+
+
+class BeyondFp16(torch.nn.Module):
+    """An intermediate of ~1e5 (FP16 tops out at 65,504) scaled back down: exact in FP32, inf in FP16."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 8)
+        with torch.no_grad():
+            self.up.weight.mul_(1e6)
+
+    def forward(self, x):
+        return self.down(self.up(x) * 1e-4)
+
+
+def test_a_model_beyond_fp16_ships_with_fp32_compute_and_says_so(tmp_path):
+    model = zoo.export(BeyondFp16(), (torch.zeros(1, 32),), tmp_path / "loud.onnx", input_names=["x"],
+                       output_names=["y"])
+    reports, ev = convert(model, samples_for(model, 24), tmp_path, ["ios-a15"])
+    r = coreml_report(reports)
+    assert r.status is Status.SHIPPABLE, r.reasons
+    assert r.coreml.compute_precision == "fp32" and "FP32 compute" in r.coreml.fidelity_measured_by
+    assert any("FP16 compute failed the floor" in n for n in r.notes), r.notes
+    assert min(o.cosine for o in r.fidelity) >= 0.99
+    spec, counts = weight_dtypes(tmp_path / "out" / "ios-a15" / "model.int8.mlpackage")
+    # the big weight is still 8-bit; what stays float (a weight under the threshold, biases) is FP32, not FP16
+    assert counts["INT8"] == 32 * 64 and "FLOAT16" not in counts and r.coreml.float_weight_tensors == [], counts
+
+
+def test_the_simulation_quantizes_matmul_weights_per_column_as_core_ml_stores_them(tmp_path):
+    """coremltools folds ``MatMul(x, W) + b`` into ``linear`` and quantizes per output channel — per column of W.
+    One loud column must not flatten the others (per tensor, the simulation refused MiniLM at cosine 0.973)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx import save as save_onnx
+
+    from converters.coreml_onnx2torch import to_torch
+    from converters.coreml_worker import _isolate_imports, _matmul_weight_axes, _quantize_like_coreml
+
+    _isolate_imports()
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (64, 16)).astype(np.float32)
+    w[:, 0] *= 1000.0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(16, np.float32), "b")])
+    save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mm.onnx"))
+    module = to_torch(str(tmp_path / "mm.onnx"), [])
+    axes = _matmul_weight_axes(module)
+    assert list(axes.values()) == [-1]
+    x = torch.from_numpy(rng.normal(0, 1, (32, 64)).astype(np.float32))
+    with torch.no_grad():
+        ref, sim = module(x)[:, 1:], _quantize_like_coreml(module)(x)[:, 1:]
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), sim.flatten(), dim=0) > 0.999

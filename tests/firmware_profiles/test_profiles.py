@@ -62,7 +62,7 @@ def _write(tmp_path: Path, text: str, name: str = "rpi5.toml") -> Path:
 @pytest.mark.parametrize(("old", "new", "message"), [
     ('calibration_method = "minmax"', 'calibration_method = "magic"', r"artifacts\.0\.quantization\.calibration_method"),
     ("ram_mb = 8192", 'ram_mb = "lots"', r"memory\.ram_mb"),
-    ('runtime_versions = ">=1.16,<2"', 'runtime_versions = "newest please"', r"runtime_versions.*not a version range"),
+    ('runtime_versions = ">=1.18,<2"', 'runtime_versions = "newest please"', r"runtime_versions.*not a version range"),
     ("min_top1_agreement = 0.99", "min_top1_agreement = 1.5", r"fidelity\.min_top1_agreement"),
     ('activation_type = "uint8"\nweight_type = "int8"\nactivation_symmetric = false',
      'activation_type = "uint8"\nweight_type = "int8"\nactivation_symmetric = true', "uint8 cannot be symmetric"),
