@@ -1,8 +1,8 @@
 """ONNX → Core ML ``.mlpackage`` with 8-bit weights, run as a child process: ``python -m converters.coreml_worker JOB``.
 
 The route is ONNX → PyTorch (``onnx2torch``) → TorchScript trace → ``coremltools.convert`` (ML program, FP16
-compute, or FP32 when the job asks) → ``linear_quantize_weights`` (INT8, per channel, symmetric). coremltools cannot run a model on Linux, so
-the worker also measures what the host can measure:
+compute, or FP32 when the job asks) → ``linear_quantize_weights`` (INT8, per channel, symmetric). coremltools
+cannot run a model on Linux, so the worker also measures what the host can measure:
 
 * the PyTorch model against itself with every weight quantized the way Core ML stores it and FP16 compute (Core ML's
   default precision on the GPU and Neural Engine) — a host-side simulation, labelled as such in the report;

@@ -6,8 +6,8 @@ its interface is the source's, its weights are INT8, and its figures are labelle
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from coremltools.models.utils import load_spec
 from coremltools.proto import MIL_pb2
 
