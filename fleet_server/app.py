@@ -23,7 +23,7 @@ from sqlmodel import Session
 from starlette.exceptions import HTTPException
 
 from fleet_server import logs
-from fleet_server.artifacts import LocalArtifactStore
+from fleet_server.artifacts import StoreConfig, open_store
 from fleet_server.auth import AuditLimiter, TokenCache
 from fleet_server.broker import BrokerConfigError, BrokerSync, server_account, share_group
 from fleet_server.console import api as console_api
@@ -90,7 +90,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     if settings.broker_files_dir is not None:  # the broker can start from these before any enrollment
         with Session(app.state.engine) as session:
             app.state.broker_sync.sync(session)
-    app.state.artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    store_config = StoreConfig.from_settings(settings)
+    app.state.artifacts = open_store(store_config)
+    if store_config.kind == "s3":
+        try:
+            app.state.artifacts.ensure_bucket()
+        except Exception as e:  # no right to create buckets: the operator made it; reads will say if not
+            log.warning("could not check or create the artifact bucket %r: %s", store_config.bucket, e)
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
     app.state.ingest = Ingest(app.state.engine, flush_acks=lambda: app.state.link.flush_acks())
     app.state.downloads = Downloads(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
@@ -102,7 +108,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                        tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
                                        drift_window_s=settings.drift_window_s)
     app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers,
-                               sandbox=SandboxConfig.from_settings(settings, timeout_s=settings.sandbox_job_timeout_s))
+                               sandbox=SandboxConfig.from_settings(settings, timeout_s=settings.sandbox_job_timeout_s),
+                               store=store_config)
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)

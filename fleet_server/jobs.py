@@ -24,6 +24,7 @@ from typing import IO, Annotated, Literal
 from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
+from fleet_server.artifacts import StoreConfig, open_store
 from fleet_server.db import make_engine
 from fleet_server.models import ConversionJob, ConvertedArtifact, JobStatus, ModelVersion, utcnow
 from fleet_server.sandbox import Sandbox, SandboxConfig, SandboxError, out_of_memory
@@ -40,16 +41,18 @@ class ConversionFailedError(Exception):
 class JobRunner:
     """A lazily started process pool (spawned, never forked from a threaded server)."""
 
-    def __init__(self, database_url: str, data_dir: Path, workers: int = 1, sandbox: SandboxConfig | None = None):
+    def __init__(self, database_url: str, data_dir: Path, workers: int = 1, sandbox: SandboxConfig | None = None,
+                 store: StoreConfig | None = None):
         self.database_url, self.data_dir, self.workers = database_url, data_dir, workers
         self.sandbox = sandbox or SandboxConfig.for_server(Path(data_dir), database_url, timeout_s=JOB_TIMEOUT_S)
+        self.store = store or StoreConfig(local_root=str(Path(data_dir) / "artifacts"))
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, job_id: int) -> None:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         # The outcome lands in the job row.
-        self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir), self.sandbox)
+        self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir), self.sandbox, self.store)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -65,12 +68,11 @@ def _zip_dir(folder: Path, out: Path) -> None:
             z.writestr(info, p.read_bytes())
 
 
-def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfig | None = None) -> str:
+def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfig | None = None,
+            store_config: StoreConfig | None = None) -> str:
     """Runs in the worker process. Never raises: the outcome is written to the job row."""
-    from fleet_server.artifacts import LocalArtifactStore
-
     engine = make_engine(database_url)
-    store = LocalArtifactStore(Path(data_dir) / "artifacts")
+    store = open_store(store_config or StoreConfig(local_root=str(Path(data_dir) / "artifacts")))
     sandbox = sandbox or SandboxConfig.for_server(Path(data_dir), database_url, timeout_s=JOB_TIMEOUT_S)
     lines: list[str] = []
     last = [0.0]
@@ -120,9 +122,9 @@ def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfi
 def _convert_sandboxed(mv: ModelVersion, profiles: list[str], store, sandbox: SandboxConfig, progress) -> list[dict]:
     """The worker's side: the uploads into a sandbox, the conversion in its child, the outputs into the store."""
     with Sandbox(sandbox, "conversion") as box:
-        args = {"source": box.add_input(store.path(mv.source_sha256), f"source.{mv.source_format}"),
-                "calibration": box.add_input(store.path(mv.calibration_sha256), "calibration.npz"),
-                "evaluation": (box.add_input(store.path(mv.evaluation_sha256), "evaluation.npz")
+        args = {"source": box.add_stream(store.open(mv.source_sha256), f"source.{mv.source_format}"),
+                "calibration": box.add_stream(store.open(mv.calibration_sha256), "calibration.npz"),
+                "evaluation": (box.add_stream(store.open(mv.evaluation_sha256), "evaluation.npz")
                                if mv.evaluation_sha256 else None),
                 "profiles": profiles, "name": mv.name, "version": mv.version}
         answer = box.run("fleet_server.jobs:convert_in_sandbox", args, on_progress=progress)

@@ -144,6 +144,14 @@ class Sandbox:
         shutil.copyfile(source, target)
         return f"in/{name}"
 
+    def add_stream(self, source: IO[bytes], name: str) -> str:
+        """Like ``add_input``, from a readable stream (an artifact in object storage); closes it."""
+        target = self.work / "in" / name
+        target.parent.mkdir(exist_ok=True)
+        with source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        return f"in/{name}"
+
     def run(self, target: str, args: dict, *, on_progress: Callable[[str], None] | None = None) -> Any:
         """Run ``target`` in a fresh child; its return value. Raises SandboxLimitError, SandboxCrashError."""
         account = self._account()

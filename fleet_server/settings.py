@@ -4,6 +4,7 @@ down (no module-level singletons)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,16 @@ class ServerSettings(BaseSettings):
     drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
+    # Artifacts: "local" (files under data_dir/artifacts) or "s3" (any S3-compatible object storage, boto3).
+    artifact_store: Literal["local", "s3"] = "local"
+    s3_bucket: str = ""
+    s3_endpoint_url: str | None = None  # e.g. http://minio:9000; None: AWS S3
+    s3_public_endpoint_url: str | None = None  # the host presigned URLs name (what devices reach); default: the above
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "artifacts/"
+    s3_access_key: str | None = None  # None: boto3's own chain (environment, instance role...)
+    s3_secret_key: str | None = None
+    s3_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Validation and conversion of uploaded models run in a sandboxed child (fleet_server/sandbox.py).
     # the child's private address space (RLIMIT_DATA: reserved, not only resident; TensorFlow and ONNX Runtime reserve
     # far more than they touch: make demo's 64×64 model hit 4 GiB of it converting for a Jetson)

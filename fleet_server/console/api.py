@@ -21,6 +21,7 @@ from sqlalchemy.types import NullType
 from sqlmodel import select
 
 from fleet_server import drift
+from fleet_server.artifacts import ArtifactError
 from fleet_server.auth import SessionDep, Viewer
 from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
@@ -274,10 +275,9 @@ def model_detail(name: str, version: str, request: Request, session: SessionDep,
 
 def _report(store, sha: str) -> dict | None:
     try:
-        path = store.path(sha)
-        if not path.is_file() or path.stat().st_size > REPORT_BYTES_MAX:
+        if not store.exists(sha) or store.size(sha) > REPORT_BYTES_MAX:
             return None
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError):  # a report that is gone or not JSON: shown as absent
+        report = json.loads(store.read_bytes(sha))
+    except (OSError, ValueError, ArtifactError):  # a report that is gone or not JSON: shown as absent
         return None
     return report if isinstance(report, dict) else None

@@ -54,7 +54,7 @@ class Delivery:
     def _manifest(self, sha: str, payload: bytes | None = None) -> ChunkManifest:
         m = self._manifests.get(sha)
         if m is None:
-            m = manifest_for(payload if payload is not None else self.store.path(sha).read_bytes(), self.chunk_size)
+            m = manifest_for(payload if payload is not None else self.store.read_bytes(sha), self.chunk_size)
             if len(self._manifests) >= MANIFEST_CACHE:  # per-device ciphertexts would otherwise grow it forever
                 self._manifests.clear()
             self._manifests[sha] = m
@@ -67,7 +67,7 @@ class Delivery:
         if row is None:
             if not self.store.exists(base_sha):
                 return None
-            patch = delta.encode(self.store.path(base_sha).read_bytes(), self.store.path(target_sha).read_bytes())
+            patch = delta.encode(self.store.read_bytes(base_sha), self.store.read_bytes(target_sha))
             sha = None
             if patch.algorithm in DELTA_ALGORITHMS:
                 sha = hashlib.sha256(patch.data).hexdigest()
@@ -85,11 +85,11 @@ class Delivery:
         if art.artifact_sha256 is None:
             raise DeliveryError("no artifact")
         target = art.artifact_sha256
-        probe_bytes = self.store.path(art.probe_sha256).read_bytes() if art.probe_sha256 else None
+        probe_bytes = self.store.read_bytes(art.probe_sha256) if art.probe_sha256 else None
         if probe_bytes is None:
             raise DeliveryError("the artifact has no probe data (convert it again)")
         files = {}
-        body_sha, length = target, art.size or self.store.path(target).stat().st_size
+        body_sha, length = target, art.size or self.store.size(target)
         encrypted_for = None
         if encrypt:
             if not device.x25519_public_key:
@@ -97,7 +97,7 @@ class Delivery:
             from fleet_protocol.crypto import encrypt_for, key_id
 
             recipient = bytes.fromhex(device.x25519_public_key)
-            body = encrypt_for(recipient, self.store.path(target).read_bytes(), aad=device.id.encode())
+            body = encrypt_for(recipient, self.store.read_bytes(target), aad=device.id.encode())
             body_sha, length = self.store.put_bytes(body), len(body)  # stored: served after a restart too
             manifest = self._manifest(body_sha, body)
             encrypted_for = key_id(recipient)
@@ -155,9 +155,7 @@ class Delivery:
             if hit is not None:
                 self._chunk_cache.move_to_end(key)
                 return hit
-        with open(self.store.path(sha), "rb") as f:
-            f.seek(index * chunk_size)
-            data = f.read(chunk_size)
+        data = self.store.read_range(sha, index * chunk_size, chunk_size)
         value = data if raw else base64.b64encode(data).decode("ascii")
         with self._lock:
             self._chunk_cache[key] = value

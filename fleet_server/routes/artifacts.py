@@ -1,11 +1,12 @@
-"""Artifacts: streamed uploads (operators), streamed downloads with HTTP Range (what agents resume with)."""
+"""Artifacts: streamed uploads (operators), streamed downloads with HTTP Range (what agents resume with): served
+here from the local store, redirected to a presigned URL from object storage."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
-from fleet_server.artifacts import ArtifactError
+from fleet_server.artifacts import ArtifactError, checked
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -29,13 +30,18 @@ async def upload(request: Request, session: SessionDep, op: Operator) -> dict:
     return {"sha256": sha, "size": size}
 
 
-@router.get("/{sha256}")
-def download(sha256: str, request: Request, _: Viewer) -> FileResponse:
+@router.get("/{sha256}", response_model=None)
+def download(sha256: str, request: Request, _: Viewer) -> FileResponse | RedirectResponse:
+    """A local artifact is served here (HTTP Range included); one in object storage is a redirect to a presigned
+    URL, which the storage serves with Range itself (the bytes never pass through the API)."""
     store = request.app.state.artifacts
     try:
-        path = store.path(sha256)
+        checked(sha256)
+        if not store.exists(sha256):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {sha256}")
     except ArtifactError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-    if not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {sha256}")
-    return FileResponse(path, media_type="application/octet-stream", filename=sha256)
+    path = store.local_path(sha256)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream", filename=sha256)
+    return RedirectResponse(store.download_url(sha256), status_code=status.HTTP_307_TEMPORARY_REDIRECT)

@@ -67,8 +67,8 @@ def _validate_source(store, body: ModelVersionCreate, sandbox: SandboxConfig) ->
                                 "(POST /v1/artifacts first)")
     try:
         with Sandbox(sandbox, "validation") as box:
-            args = {"source": box.add_input(store.path(body.source_sha256), f"source.{body.source_format}"),
-                    "calibration": box.add_input(store.path(body.calibration_sha256), "calibration.npz"),
+            args = {"source": box.add_stream(store.open(body.source_sha256), f"source.{body.source_format}"),
+                    "calibration": box.add_stream(store.open(body.calibration_sha256), "calibration.npz"),
                     "reference_samples": REFERENCE_SAMPLES}
             answer = box.run("fleet_server.routes.models:validate_upload", args)
     except (SandboxLimitError, SandboxCrashError) as e:  # the upload took the child down: the upload's fault
