@@ -32,8 +32,10 @@ from fleet_server.db import make_engine
 from fleet_server.guard import RequestGuard, http_error, route_policies, validation_error
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
+from fleet_server.models import ServerReplica
 from fleet_server.mqtt import FleetLink, FleetRouter
 from fleet_server.pki import FleetCA
+from fleet_server.replicas import Replicas, drain
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.downloads import Downloads
 from fleet_server.rollouts.engine import RolloutEngine
@@ -61,6 +63,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             _app.state.ingest.start()
             _app.state.downloads.start()
             _app.state.rollouts.start()
+            _app.state.replicas.start()
         _app.state.broker_sync.start_refresh(_app.state.engine)  # the CRL's next-update never lapses
         # The startup heap (modules, ORM mappers, compiled statements: ~1M objects) lives as long as the process:
         # moved out of the cyclic collector's reach, so the collections that ingest's allocations trigger stop
@@ -70,6 +73,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield
         _app.state.broker_sync.stop_refresh()
         if settings.rollout_engine:
+            _app.state.replicas.stop()
             _app.state.rollouts.stop()
             _app.state.link.stop()
             _app.state.downloads.stop()
@@ -100,13 +104,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
     app.state.ingest = Ingest(app.state.engine, flush_acks=lambda: app.state.link.flush_acks())
     app.state.downloads = Downloads(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
-    app.state.link = FleetLink(settings.broker_url, *_link_identity(settings),
-                               FleetRouter(app.state.ingest, app.state.downloads),
+    client_id, username = _link_identity(settings)
+    fleet_router = FleetRouter(app.state.ingest, app.state.downloads)
+    app.state.link = FleetLink(settings.broker_url, client_id, username, fleet_router,
                                password=settings.mqtt_password, tls=_link_tls(settings),
                                share_group=share_group(settings.mqtt_password))
+
+    def adopt(row: ServerReplica) -> int:  # a dead replica's session: drained through our router, then ended
+        return drain(lambda handler: FleetLink(settings.broker_url, row.client_id, row.username, handler,
+                                               password=settings.mqtt_password, tls=_link_tls(settings),
+                                               share_group=share_group(settings.mqtt_password), adopt=True),
+                     fleet_router)
+
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
                                        tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
                                        drift_window_s=settings.drift_window_s)
+    app.state.replicas = Replicas(app.state.engine, client_id, username, adopt=adopt,
+                                  leading=lambda: app.state.rollouts.leading)
     app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers,
                                sandbox=SandboxConfig.from_settings(settings, timeout_s=settings.sandbox_job_timeout_s),
                                store=store_config)

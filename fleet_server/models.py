@@ -356,6 +356,18 @@ class EngineLease(SQLModel, table=True):
     expires_at: float
 
 
+class ServerReplica(SQLModel, table=True):
+    """A server process's broker session, with its heartbeat: when a process dies without a clean stop, the broker
+    keeps its persistent session, and the shared subscription keeps handing that session its share of the devices'
+    messages. The engine's holder drains such an orphan and retires it (fleet_server/replicas.py)."""
+
+    __tablename__ = "server_replica"
+    client_id: str = Field(primary_key=True, max_length=100)
+    username: str | None = Field(default=None, max_length=100)
+    holder: str = Field(max_length=100)  # host:pid of the process
+    heartbeat_at: float
+
+
 class DriftAlert(SQLModel, table=True):
     """An input of a model version whose recent fleet statistics drifted from its calibration data (PSI ≥ 0.25).
     One open alert per (model, input), updated while the drift lasts, closed when it subsides."""

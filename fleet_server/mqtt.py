@@ -198,10 +198,14 @@ class FleetLink:
 
     def __init__(self, broker_url: str, client_id: str, username: str | None, on_message, *,
                  password: str | None = None, tls: dict[str, str | None] | None = None,
-                 share_group: str = topics.SHARE_GROUP):
+                 share_group: str = topics.SHARE_GROUP, adopt: bool = False):
         """``on_message(topic, payload, ack, user_properties)``: ``ack()`` acknowledges the message to the broker,
         to be called once it is committed (or deliberately dropped); until then the broker keeps it for redelivery.
-        ``user_properties`` are the MQTT 5 user properties, as (name, value) pairs."""
+        ``user_properties`` are the MQTT 5 user properties, as (name, value) pairs.
+
+        ``adopt``: take over another (dead) process's persistent session to drain it: on connect the link leaves
+        the shared subscriptions instead of joining them, so the broker stops handing the session new messages
+        while it delivers what it queued; ``retire`` then ends the session."""
         u = urlparse(broker_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)
         self.client_id, self.share_group = client_id, share_group
@@ -224,6 +228,7 @@ class FleetLink:
         self.client.on_publish_raw = self._deliver
         self._on_message = on_message
         self._started = False
+        self.adopt = adopt
 
     def _deliver(self, topic: str, payload: bytes, qos: int, mid: int, properties: bytes) -> None:
         self._on_message(topic, payload, self._acker(qos, mid), _user_properties(properties))
@@ -277,8 +282,11 @@ class FleetLink:
             log.warning("broker refused the server: %s", reason_code)
             return
         self._generation += 1
-        for t in topics.server_subscriptions(self.share_group):
-            client.subscribe(t, qos=1)
+        if self.adopt:
+            client.unsubscribe(list(topics.server_subscriptions(self.share_group)))
+        else:
+            for t in topics.server_subscriptions(self.share_group):
+                client.subscribe(t, qos=1)
         self.connected.set()
 
     def start(self) -> FleetLink:
@@ -298,6 +306,17 @@ class FleetLink:
             self._started = False
             with contextlib.suppress(Exception):
                 self.client.disconnect()
+
+    def retire(self) -> None:
+        """Disconnect and end the session (MQTT 5: a session expiry of 0 on DISCONNECT): the broker drops it and
+        its subscriptions. For an adopted session, once drained."""
+        if self._started:
+            self._started = False
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            with contextlib.suppress(Exception):
+                self.client.disconnect(properties=props)
+                self.client.loop_stop()
             self.client.loop_stop()
 
 

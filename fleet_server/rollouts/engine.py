@@ -87,6 +87,7 @@ class RolloutEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-engine", daemon=True)
         self._wake = threading.Event()
+        self.leading = False  # held the lease at the last tick (fleet_server/replicas.py acts only then)
 
     def start(self) -> RolloutEngine:
         self._thread.start()
@@ -98,6 +99,7 @@ class RolloutEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+        self.leading = False
         try:
             with Session(self.db) as s:
                 s.execute(update(EngineLease).where(EngineLease.name == "rollouts",  # type: ignore[arg-type]
@@ -113,7 +115,8 @@ class RolloutEngine:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                if self._lease():
+                self.leading = self._lease()
+                if self.leading:
                     self.tick()
             except Exception:  # a database outage or a bug in one tick: log, and try again next tick
                 log.exception("rollout engine tick failed")

@@ -29,9 +29,9 @@ AGENT_ENV = {"EF_AGENT_TELEMETRY_INTERVAL_S": "0.5", "EF_AGENT_CHUNK_TIMEOUT_S":
 
 
 class LiveFleet:
-    def __init__(self, workdir: Path, broker_url: str, env: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, broker_url: str, env: dict[str, str] | None = None, db_url: str | None = None):
         self.dir, self.broker_url, self.extra_env = workdir, broker_url, env or {}
-        self.db_url = f"sqlite:///{workdir / 'fleet.db'}"
+        self.db_url = db_url or f"sqlite:///{workdir / 'fleet.db'}"
         self.data = workdir / "data"
         upgrade(self.db_url)
         init_keys(self.data, workdir / "root.pem")
@@ -47,13 +47,19 @@ class LiveFleet:
         self.start_server()
 
     def start_server(self) -> None:
+        self.server = self.spawn_server(self.port, self.dir / "server.log")
+
+    def spawn_server(self, port: int, log_path: Path) -> subprocess.Popen:
+        """One `fleet-server serve` process on this fleet's database, data folder and broker (a replica, when the
+        database is PostgreSQL)."""
         env = {**os.environ, "EF_SERVER_DATABASE_URL": self.db_url, "EF_SERVER_DATA_DIR": str(self.data),
                "EF_SERVER_BROKER_URL": self.broker_url, "EF_SERVER_ENGINE_TICK_S": "0.2",
                "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3", **self.extra_env}
-        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.server = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(self.port)],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_port(self.port, 60)
+        log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_port(port, 60)
+        return proc
 
     def stop_server(self) -> None:
         if self.server and self.server.poll() is None:
