@@ -6,6 +6,7 @@ Create Date: 2026-12-01 19:30:00
 """
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 revision = '0009'
@@ -17,9 +18,9 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         'server_replica',
-        sa.Column('client_id', sa.String(length=100), nullable=False),
-        sa.Column('username', sa.String(length=100), nullable=True),
-        sa.Column('holder', sa.String(length=100), nullable=False),
+        sa.Column('client_id', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column('username', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
+        sa.Column('holder', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
         sa.Column('heartbeat_at', sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint('client_id'),
     )
