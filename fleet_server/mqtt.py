@@ -316,6 +316,7 @@ class FleetLink:
             props.SessionExpiryInterval = 0
             with contextlib.suppress(Exception):
                 self.client.disconnect(properties=props)
+            with contextlib.suppress(Exception):
                 self.client.loop_stop()
             self.client.loop_stop()
 
