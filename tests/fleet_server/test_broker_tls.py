@@ -66,7 +66,7 @@ class Attempt:
             self.error = e
             return
         self.c.loop_start()
-        done.wait(3)
+        done.wait(10)  # a refusal answers at once; a loaded machine can take seconds for a handshake
 
     @property
     def ok(self) -> bool:
@@ -75,6 +75,18 @@ class Attempt:
     def close(self) -> None:
         self.c.loop_stop()
         self.c.disconnect()
+
+
+def eventually(want: bool, port: int, deadline_s: float = 15.0, **kw) -> Attempt:
+    """Attempts until one's outcome is ``want`` or the deadline passes (the last one is returned): the broker rereads
+    its files on SIGHUP in its own time, which on a loaded machine can be later than any fixed sleep."""
+    until = time.monotonic() + deadline_s
+    while True:
+        attempt = Attempt(port, **kw)
+        if attempt.ok == want or time.monotonic() > until:
+            return attempt
+        attempt.close()
+        time.sleep(0.3)
 
 
 @pytest.fixture
@@ -136,14 +148,13 @@ def test_mutual_tls_confines_devices_and_the_crl_locks_out_decommissioned_ones(s
     cert = x509.load_pem_x509_certificate(a["client_cert"].encode())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == a["device_id"]
     assert a["broker_ca"] == ca.cert_pem.decode() and c["client_cert"] is None and c["broker_ca"]
-    time.sleep(0.5)  # the reload after the last enrollment
     fleet_ca = files / "ca.crt"
 
-    srv = Attempt(tls_port, user="fleet-server", password=SERVER_PW, ca=fleet_ca)
+    srv = eventually(True, tls_port, user="fleet-server", password=SERVER_PW, ca=fleet_ca)
     assert srv.ok, srv.rc or srv.error
     srv.c.subscribe("ef/v1/d/+/evt", qos=1)
-    dev_a = Attempt(mtls_port, ca=fleet_ca, cert=a["cert"], key=a["key"])  # no username: the certificate is it
-    dev_b = Attempt(mtls_port, ca=fleet_ca, cert=b["cert"], key=b["key"])
+    dev_a = eventually(True, mtls_port, ca=fleet_ca, cert=a["cert"], key=a["key"])  # no username: the certificate
+    dev_b = eventually(True, mtls_port, ca=fleet_ca, cert=b["cert"], key=b["key"])
     assert dev_a.ok and dev_b.ok
     dev_a.c.subscribe(f"ef/v1/d/{b['device_id']}/cmd", qos=1)  # b's commands: the ACL refuses a
     dev_b.c.subscribe(f"ef/v1/d/{b['device_id']}/cmd", qos=1)
@@ -155,7 +166,7 @@ def test_mutual_tls_confines_devices_and_the_crl_locks_out_decommissioned_ones(s
     assert srv.got == [(f"ef/v1/d/{a['device_id']}/evt", b"mine")]  # the forged publish never arrived
     assert dev_b.got == [(f"ef/v1/d/{b['device_id']}/cmd", b"for-b")] and dev_a.got == []
 
-    dev_c = Attempt(tls_port, user=c["mqtt_username"], password=c["mqtt_password"], ca=fleet_ca)
+    dev_c = eventually(True, tls_port, user=c["mqtt_username"], password=c["mqtt_password"], ca=fleet_ca)
     assert dev_c.ok  # passwords still work, but only over TLS
     refused = {
         "wrong password": Attempt(tls_port, user=c["mqtt_username"], password="wrong", ca=fleet_ca),
@@ -179,8 +190,7 @@ def test_mutual_tls_confines_devices_and_the_crl_locks_out_decommissioned_ones(s
     crl = x509.load_pem_x509_crl((files / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
     assert crl.is_signature_valid(ca.cert.public_key())
-    time.sleep(0.5)  # SIGHUP reloads the CRL
-    again = Attempt(mtls_port, ca=fleet_ca, cert=a["cert"], key=a["key"])
+    again = eventually(False, mtls_port, ca=fleet_ca, cert=a["cert"], key=a["key"])  # once SIGHUP reloaded the CRL
     still = Attempt(mtls_port, ca=fleet_ca, cert=b["cert"], key=b["key"])
     assert not again.ok and still.ok
     for t in (srv, dev_a, dev_b, dev_c, still, *refused.values(), again):
