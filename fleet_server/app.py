@@ -35,6 +35,7 @@ from fleet_server.jobs import JobRunner
 from fleet_server.models import ServerReplica
 from fleet_server.mqtt import FleetLink, FleetRouter
 from fleet_server.pki import FleetCA
+from fleet_server.queue import QueueRunner
 from fleet_server.replicas import Replicas, drain
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.downloads import Downloads
@@ -121,9 +122,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                        drift_window_s=settings.drift_window_s)
     app.state.replicas = Replicas(app.state.engine, client_id, username, adopt=adopt,
                                   leading=lambda: app.state.rollouts.leading)
-    app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers,
-                               sandbox=SandboxConfig.from_settings(settings, timeout_s=settings.sandbox_job_timeout_s),
-                               store=store_config)
+    if settings.job_queue == "procrastinate":  # parts of jobs on the queue in PostgreSQL, for `fleet-server worker`
+        app.state.jobs = QueueRunner(settings, app.state.engine)
+    else:
+        app.state.jobs = JobRunner(settings.database_url, settings.data_dir, workers=settings.conversion_workers,
+                                   sandbox=SandboxConfig.from_settings(settings,
+                                                                       timeout_s=settings.sandbox_job_timeout_s),
+                                   store=store_config)
     registry = CollectorRegistry()
     requests = Counter("edgefleet_api_requests", "API requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("edgefleet_api_request_seconds", "API latency", ["route"], registry=registry)

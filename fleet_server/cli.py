@@ -78,6 +78,34 @@ def serve(host: Annotated[str, typer.Option()] = "127.0.0.1", port: Annotated[in
                     log_config=None, access_log=False)
 
 
+@app.command()
+def worker(name: Annotated[str | None, typer.Option(help="This worker's name (default: host:pid).")] = None,
+           profiles: Annotated[str | None, typer.Option(help="Comma-separated profile ids to take (default: every "
+                                                        "profile this machine can build).")] = None,
+           concurrency: Annotated[int, typer.Option(min=1, max=16, help="Parts converted at once (each is CPU- "
+                                                    "and RAM-heavy).")] = 1) -> None:
+    """Take conversion job parts from the queue (EF_SERVER_JOB_QUEUE=procrastinate, PostgreSQL), convert them in
+    the sandbox, store the artifacts and report progress to the job. Needs the convert extra."""
+    from fleet_server.logs import configure
+    from fleet_server.migrate import upgrade
+    from fleet_server.queue import Worker
+
+    configure()
+    s = _settings()
+    if s.job_queue != "procrastinate":
+        raise typer.BadParameter("set EF_SERVER_JOB_QUEUE=procrastinate (and a PostgreSQL database_url): with the "
+                                 "local queue the server converts in its own process pool")
+    upgrade(s.database_url)
+    try:
+        w = Worker(s, name=name, profiles=[p.strip() for p in profiles.split(",") if p.strip()] if profiles else None,
+                   concurrency=concurrency)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"worker {w.name}: builds {', '.join(w.formats)}; takes {', '.join(w.profiles)}")
+    w.run()
+
+
 @keys_app.command("init")
 def keys_init(root_key_out: Annotated[Path, typer.Option(help="Where to write the ROOT private key (move it "
                                                                   "offline afterwards).")]) -> None:

@@ -27,7 +27,7 @@ from sqlmodel import Session
 from fleet_server.artifacts import StoreConfig, open_store
 from fleet_server.db import make_engine
 from fleet_server.models import ConversionJob, ConvertedArtifact, JobStatus, ModelVersion, utcnow
-from fleet_server.sandbox import Sandbox, SandboxConfig, SandboxError, out_of_memory
+from fleet_server.sandbox import Sandbox, SandboxCancelledError, SandboxConfig, SandboxError, out_of_memory
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
@@ -53,6 +53,13 @@ class JobRunner:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         # The outcome lands in the job row.
         self._pool.submit(run_job, job_id, self.database_url, str(self.data_dir), self.sandbox, self.store)
+
+    def cancel(self, job_id: int) -> None:
+        """Nothing to do beyond the job's row (marked cancelled by the caller): a waiting job sees it when it
+        starts, a running one within a second, and its sandboxed child is killed."""
+
+    def check(self) -> None:
+        """Nothing waits for a worker that may never come: the pool builds every profile."""
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -92,13 +99,20 @@ def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfi
             last[0] = time.monotonic()
             update(progress=message[:500])
 
+    def cancelled() -> bool:
+        with Session(engine) as s:
+            return s.get(ConversionJob, job_id).status == JobStatus.CANCELLED
+
     with Session(engine) as s:
         job = s.get(ConversionJob, job_id)
         mv = s.get(ModelVersion, job.model_version_id)
-        profiles, version = list(job.profiles), mv.model_copy()
+        profiles, version, status = list(job.profiles), mv.model_copy(), job.status
+    if status == JobStatus.CANCELLED:  # cancelled while it waited for a pool process
+        engine.dispose()
+        return "cancelled"
     update(status=JobStatus.RUNNING, started_at=utcnow(), progress="starting")
     try:
-        results = _convert_sandboxed(version, profiles, store, sandbox, progress)
+        results = _convert_sandboxed(version, profiles, store, sandbox, progress, cancelled)
         with Session(engine) as s:
             for r in results:
                 s.add(ConvertedArtifact(job_id=job_id, model_version_id=version.id, **r))
@@ -107,6 +121,10 @@ def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfi
         lines.append(f"done: {done} of {len(results)} artifact(s) shippable")
         update(status=JobStatus.SUCCEEDED, finished_at=utcnow(), progress=lines[-1])
         return "succeeded"
+    except SandboxCancelledError:
+        lines.append("cancelled: the conversion was stopped")
+        update(finished_at=utcnow(), progress="cancelled")
+        return "cancelled"
     except Exception as e:  # bad input, a converter failure or a sandbox limit: the job says why
         known = isinstance(e, (ConversionFailedError, SandboxError))
         message = str(e) if known else f"{type(e).__name__}: {e}"
@@ -119,7 +137,8 @@ def run_job(job_id: int, database_url: str, data_dir: str, sandbox: SandboxConfi
         engine.dispose()
 
 
-def _convert_sandboxed(mv: ModelVersion, profiles: list[str], store, sandbox: SandboxConfig, progress) -> list[dict]:
+def _convert_sandboxed(mv: ModelVersion, profiles: list[str], store, sandbox: SandboxConfig, progress,
+                       cancelled=None) -> list[dict]:
     """The worker's side: the uploads into a sandbox, the conversion in its child, the outputs into the store."""
     with Sandbox(sandbox, "conversion") as box:
         args = {"source": box.add_stream(store.open(mv.source_sha256), f"source.{mv.source_format}"),
@@ -127,7 +146,7 @@ def _convert_sandboxed(mv: ModelVersion, profiles: list[str], store, sandbox: Sa
                 "evaluation": (box.add_stream(store.open(mv.evaluation_sha256), "evaluation.npz")
                                if mv.evaluation_sha256 else None),
                 "profiles": profiles, "name": mv.name, "version": mv.version}
-        answer = box.run("fleet_server.jobs:convert_in_sandbox", args, on_progress=progress)
+        answer = box.run("fleet_server.jobs:convert_in_sandbox", args, on_progress=progress, cancelled=cancelled)
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
             raise ConversionFailedError(answer["error"])
         try:

@@ -196,6 +196,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"  # every requested profile was converted and judged (some may be refused)
     FAILED = "failed"  # the job could not run (bad source, bad data, a crash)
+    CANCELLED = "cancelled"  # an operator stopped it (a running conversion's child is killed)
 
 
 class ModelVersion(SQLModel, table=True):
@@ -242,6 +243,40 @@ class ConversionJob(SQLModel, table=True):
     created_by: str = Field(default="", max_length=100)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class ConversionPart(SQLModel, table=True):
+    """One profile of a conversion job on the job queue (settings.job_queue = "procrastinate"): the unit a worker
+    takes. Its artifacts are registered with the part's move to succeeded in one transaction, so a part retried after
+    its worker died registers exactly one set."""
+
+    __tablename__ = "conversion_part"
+    __table_args__ = (UniqueConstraint("job_id", "profile"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="conversion_job.id", index=True)
+    profile: str = Field(max_length=64)
+    status: JobStatus = Field(default=JobStatus.QUEUED)
+    queue_job_id: int | None = None  # procrastinate's job id
+    worker: str = Field(default="", max_length=200)  # the worker that took it last
+    attempts: int = 0
+    error: str = Field(default="", max_length=2000)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ConversionWorker(SQLModel, table=True):
+    """A `fleet-server worker` process and what it can build, with its heartbeat: a part that no live worker can
+    build fails with that reason instead of waiting."""
+
+    __tablename__ = "conversion_worker"
+    name: str = Field(primary_key=True, max_length=200)
+    host: str = Field(max_length=200)
+    formats: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    flags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # coreml-predict, ...
+    profiles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: float  # time.time()
+    current: str = Field(default="", max_length=200)  # "job 12 rpi4" while converting
 
 
 class ConversionRequest(BaseModel):

@@ -81,6 +81,10 @@ class SandboxCrashError(SandboxError):
     """The child died, or its target raised something unexpected."""
 
 
+class SandboxCancelledError(SandboxError):
+    """The work was cancelled; the child and everything it started were killed."""
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     memory_mb: int = 8192
@@ -152,8 +156,10 @@ class Sandbox:
             shutil.copyfileobj(source, out, 1 << 20)
         return f"in/{name}"
 
-    def run(self, target: str, args: dict, *, on_progress: Callable[[str], None] | None = None) -> Any:
-        """Run ``target`` in a fresh child; its return value. Raises SandboxLimitError, SandboxCrashError."""
+    def run(self, target: str, args: dict, *, on_progress: Callable[[str], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> Any:
+        """Run ``target`` in a fresh child; its return value. Raises SandboxLimitError, SandboxCrashError, and
+        SandboxCancelledError once ``cancelled()`` (asked about once a second) says so."""
         account = self._account()
         read_end, write_end = os.pipe()
         request = {"target": target, "args": args, "pipe_fd": write_end, "memory_mb": self.config.memory_mb,
@@ -170,7 +176,8 @@ class Sandbox:
                 if cgroup is not None:
                     cgroup.add(proc.pid)
                 try:
-                    status, peak_kb, outcome = self._supervise(proc, account, request, read_end, on_progress)
+                    status, peak_kb, outcome = self._supervise(proc, account, request, read_end, on_progress,
+                                                               cancelled)
                 finally:
                     _kill_group(proc.pid)  # whatever the child left behind, or all of it on a limit
                     if cgroup is not None:
@@ -181,14 +188,15 @@ class Sandbox:
             os.close(read_end)
 
     def _supervise(self, proc: subprocess.Popen, account: tuple[int, int] | None, request: dict, read_end: int,
-                   on_progress: Callable[[str], None] | None) -> tuple[int, int, _Outcome]:
+                   on_progress: Callable[[str], None] | None,
+                   cancelled: Callable[[], bool] | None = None) -> tuple[int, int, _Outcome]:
         started = time.monotonic()
         if account is not None:  # the inputs become readable to the child only, never to anyone else
             _chown_tree(self.work, *account)
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError), proc.stdin:  # a child dead at start says so below
             proc.stdin.write(json.dumps(request).encode())
-        outcome = self._collect(read_end, started, on_progress)
+        outcome = self._collect(read_end, started, on_progress, cancelled)
         status, peak_kb = _reap(proc, started + self.config.timeout_s)
         return status, peak_kb, outcome
 
@@ -248,10 +256,15 @@ class Sandbox:
         # unshare(1) execs the child in place: same pid, same descriptors, its own network namespace
         return subprocess.Popen(network_wrapper(None) + command, **options), None
 
-    def _collect(self, read_end: int, started: float, on_progress: Callable[[str], None] | None) -> _Outcome:
+    def _collect(self, read_end: int, started: float, on_progress: Callable[[str], None] | None,
+                 cancelled: Callable[[], bool] | None = None) -> _Outcome:
         outcome, pending, total = _Outcome(), b"", 0
-        deadline = started + self.config.timeout_s
+        deadline, asked = started + self.config.timeout_s, time.monotonic()
         while (remaining := deadline - time.monotonic()) > 0:
+            if cancelled is not None and time.monotonic() - asked >= 1.0:
+                asked = time.monotonic()
+                if cancelled():  # the caller's finally kills the child's group and cgroup
+                    raise SandboxCancelledError(f"{self.what} was cancelled")
             ready, _, _ = select.select([read_end], [], [], min(remaining, 1.0))
             if not ready:
                 continue

@@ -37,6 +37,14 @@ class ServerSettings(BaseSettings):
     drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
+    # Where conversion jobs run: "local" (a process pool inside this server; SQLite is fine) or "procrastinate" (the
+    # procrastinate job queue in the server's PostgreSQL; `fleet-server worker` processes on any machine take them).
+    job_queue: Literal["local", "procrastinate"] = "local"
+    worker_heartbeat_s: float = Field(default=10.0, gt=0, le=600)  # a worker's heartbeat (its registry row and queue)
+    # The visibility timeout: a part whose worker has not beaten for this long is retried on another worker.
+    worker_stall_s: float = Field(default=60.0, gt=0)
+    job_attempts: int = Field(default=3, ge=1, le=20)  # tries of a part that fails for a transient reason
+    job_retry_wait_s: float = Field(default=5.0, ge=0)  # the first retry's wait; doubled each time after
     # Artifacts: "local" (files under data_dir/artifacts) or "s3" (any S3-compatible object storage, boto3).
     artifact_store: Literal["local", "s3"] = "local"
     s3_bucket: str = ""

@@ -20,12 +20,14 @@ from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID
 from fleet_server.models import (
     ConversionJob,
+    ConversionPart,
     ConversionRequest,
     ConvertedArtifact,
     JobStatus,
     ModelVersion,
     ModelVersionCreate,
     Rollout,
+    utcnow,
 )
 from fleet_server.sandbox import (
     Sandbox,
@@ -162,6 +164,8 @@ def delete_model_version(name: str, version: str, session: SessionDep, op: Opera
     for row in session.exec(select(ConvertedArtifact).where(ConvertedArtifact.model_version_id == mv.id)).all():
         session.delete(row)
     for row in session.exec(select(ConversionJob).where(ConversionJob.model_version_id == mv.id)).all():
+        for part in session.exec(select(ConversionPart).where(ConversionPart.job_id == row.id)).all():
+            session.delete(part)
         session.delete(row)
     session.delete(mv)
     session.commit()
@@ -188,10 +192,35 @@ def request_conversion(name: str, version: str, body: ConversionRequest, request
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _: Viewer) -> dict:
+def get_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], request: Request, session: SessionDep,
+            _: Viewer) -> dict:
     job = session.get(ConversionJob, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    if job.status == JobStatus.QUEUED:  # waiting for a worker that may not exist: it says so
+        request.app.state.jobs.check()
+        session.refresh(job)
     artifacts = session.exec(select(ConvertedArtifact).where(ConvertedArtifact.job_id == job_id)
                              .order_by(ConvertedArtifact.id)).all()
-    return {**job.model_dump(mode="json"), "artifacts": [a.model_dump(mode="json") for a in artifacts]}
+    parts = session.exec(select(ConversionPart).where(ConversionPart.job_id == job_id)
+                         .order_by(ConversionPart.id)).all()
+    return {**job.model_dump(mode="json"), "artifacts": [a.model_dump(mode="json") for a in artifacts],
+            "parts": [p.model_dump(mode="json") for p in parts]}
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: Annotated[int, Path(ge=1, le=MAX_ID)], request: Request, session: SessionDep,
+               op: Operator) -> dict:
+    """Stop a conversion job: waiting parts leave the queue, a running conversion's child is killed."""
+    job = session.get(ConversionJob, job_id, with_for_update=True)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {job.status.value}: nothing to cancel")
+    job.status, job.finished_at, job.progress = JobStatus.CANCELLED, utcnow(), "cancelled"
+    session.add(job)
+    session.commit()
+    request.app.state.jobs.cancel(job_id)
+    audit(session, actor=op.name, action="conversion.cancel", target=f"job:{job_id}")
+    session.refresh(job)
+    return job.model_dump(mode="json")
