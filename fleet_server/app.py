@@ -102,7 +102,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             app.state.artifacts.ensure_bucket()
         except Exception as e:  # no right to create buckets: the operator made it; reads will say if not
             log.warning("could not check or create the artifact bucket %r: %s", store_config.bucket, e)
-    app.state.delivery = Delivery(settings.data_dir, app.state.artifacts)
+    app.state.delivery = Delivery(settings.data_dir, app.state.artifacts,
+                                  http_base=(f"{settings.public_url.rstrip('/')}/v1/deliveries"
+                                             if settings.http_downloads else None))
     app.state.ingest = Ingest(app.state.engine, flush_acks=lambda: app.state.link.flush_acks())
     app.state.downloads = Downloads(app.state.engine, app.state.delivery, lambda t, p: app.state.link.publish(t, p))
     client_id, username = _link_identity(settings)
@@ -153,8 +155,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    routers = (tokens.router, devices.router, artifacts.router, trust.router, models.router, rollouts.router,
-               telemetry.router, insights.router, console_api.router)
+    routers = (tokens.router, devices.router, artifacts.router, artifacts.deliveries, trust.router, models.router,
+               rollouts.router, telemetry.router, insights.router, console_api.router)
     for router in routers:
         app.include_router(router)
     mount_console(app)  # the operator console under /ui

@@ -55,6 +55,9 @@ class ServerSettings(BaseSettings):
     s3_access_key: str | None = None  # None: boto3's own chain (environment, instance role...)
     s3_secret_key: str | None = None
     s3_presign_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Devices download update files over HTTP(S) with Range from <public_url>/v1/deliveries/<job>/ (redirected to
+    # presigned object-storage URLs) instead of in chunks over MQTT. None: on when artifacts are in object storage.
+    device_http_downloads: bool | None = None
     # Validation and conversion of uploaded models run in a sandboxed child (fleet_server/sandbox.py).
     # the child's private address space (RLIMIT_DATA: reserved, not only resident; TensorFlow and ONNX Runtime reserve
     # far more than they touch: make demo's 64×64 model hit 4 GiB of it converting for a Jetson)
@@ -62,6 +65,10 @@ class ServerSettings(BaseSettings):
     sandbox_timeout_s: float = Field(default=300.0, gt=0)  # validating one upload at POST /v1/models
     sandbox_job_timeout_s: float = Field(default=3600.0, gt=0)  # one conversion job, all its profiles
     sandbox_user: str | None = "nobody"  # the child's user when the server is root ("": uid 0, no capabilities)
+
+    @property
+    def http_downloads(self) -> bool:
+        return self.artifact_store == "s3" if self.device_http_downloads is None else self.device_http_downloads
 
     @property
     def pki_folder(self) -> Path:

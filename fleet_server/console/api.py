@@ -26,6 +26,7 @@ from fleet_server.auth import SessionDep, Viewer
 from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
     ConversionJob,
+    ConversionPart,
     ConvertedArtifact,
     Device,
     DriftAlert,
@@ -267,9 +268,14 @@ def model_detail(name: str, version: str, request: Request, session: SessionDep,
                         .order_by(ConversionJob.id.desc())).all()  # type: ignore[union-attr]
     arts = session.exec(select(ConvertedArtifact).where(ConvertedArtifact.model_version_id == mv.id)
                         .order_by(ConvertedArtifact.id)).all()  # type: ignore[arg-type]
+    parts: dict[int, list[dict]] = {}
+    if jobs:
+        for p in session.exec(select(ConversionPart).where(ConversionPart.job_id.in_([j.id for j in jobs]))  # type: ignore[attr-defined]
+                              .order_by(ConversionPart.id)).all():  # type: ignore[arg-type]
+            parts.setdefault(p.job_id, []).append(p.model_dump(mode="json"))
     store = request.app.state.artifacts
     return {"model": mv.model_dump(mode="json", exclude={"reference_stats"}),
-            "jobs": [j.model_dump(mode="json", exclude={"log"}) for j in jobs],
+            "jobs": [{**j.model_dump(mode="json", exclude={"log"}), "parts": parts.get(j.id, [])} for j in jobs],
             "artifacts": [{**a.model_dump(mode="json"), "report": _report(store, a.report_sha256)} for a in arts]}
 
 

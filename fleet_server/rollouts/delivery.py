@@ -37,8 +37,10 @@ class DeliveryError(Exception):
 
 
 class Delivery:
-    def __init__(self, data_dir: Path, store, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, data_dir: Path, store, chunk_size: int = CHUNK_SIZE, http_base: str | None = None):
+        """``http_base``: the API's /v1/deliveries URL when devices download over HTTP (else chunks over MQTT)."""
         self.data_dir, self.store, self.chunk_size = Path(data_dir), store, chunk_size
+        self.http_base = http_base.rstrip("/") if http_base else None
         self._manifests: dict[str, ChunkManifest] = {}
         # (sha, index, raw) → the chunk's bytes (binary frames) or base64 text (JSON), LRU
         self._chunk_cache: OrderedDict[tuple[str, int, bool], bytes | str] = OrderedDict()
@@ -132,7 +134,8 @@ class Delivery:
         roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned
         member.files, member.delivery, member.bytes_offered = files, delivery, offered_bytes
         member.base_sha256, member.artifact_sha256 = device.active_sha256, target
-        return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes,
+        url = f"{self.http_base}/{member.job}" if self.http_base else None  # files at <url>/blobs/<sha256>
+        return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes, url=url,
                                     base_sha256=device.active_sha256 if deltas else None)
 
     def chunks(self, job: str, files: dict, request: messages.ChunkRequest, *, binary: bool = False) -> list[bytes]:

@@ -16,12 +16,13 @@ from sqlmodel import Session
 
 from converters.probe import golden_probe
 from fleet_server import drift
-from fleet_server.artifacts import LocalArtifactStore
+from fleet_server.artifacts import LocalArtifactStore, StoreConfig, open_store
 from fleet_server.auth import issue_token
 from fleet_server.db import make_engine
 from fleet_server.keys import init_keys
 from fleet_server.migrate import upgrade
 from fleet_server.models import ConversionJob, ConvertedArtifact, JobStatus, ModelVersion, Role
+from fleet_server.settings import ServerSettings
 from tests.fleet_driver import AgentProcess, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,13 @@ class LiveFleet:
         self.db = make_engine(self.db_url)
         with Session(self.db) as s:
             _, token = issue_token(s, name="test-admin", role=Role.ADMIN, created_by="test")
-        self.store = LocalArtifactStore(self.data / "artifacts")
+        settings = ServerSettings(**{k.removeprefix("EF_SERVER_").lower(): v for k, v in self.extra_env.items()
+                                     if k.startswith("EF_SERVER_")})
+        if settings.artifact_store == "s3":  # where the server reads them: register() writes there
+            self.store = open_store(StoreConfig.from_settings(settings))
+            self.store.ensure_bucket()
+        else:
+            self.store = LocalArtifactStore(self.data / "artifacts")
         self.port = free_port()
         self.server: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}",
@@ -54,7 +61,8 @@ class LiveFleet:
         database is PostgreSQL)."""
         env = {**os.environ, "EF_SERVER_DATABASE_URL": self.db_url, "EF_SERVER_DATA_DIR": str(self.data),
                "EF_SERVER_BROKER_URL": self.broker_url, "EF_SERVER_ENGINE_TICK_S": "0.2",
-               "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3", **self.extra_env}
+               "EF_SERVER_DRIFT_INTERVAL_S": "1", "EF_SERVER_DRIFT_WINDOW_S": "3",
+               "EF_SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}", **self.extra_env}
         log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -11,7 +11,7 @@ import tracemalloc
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from agent.download import http_download
 from fleet_protocol import messages
@@ -20,9 +20,12 @@ from fleet_server.artifacts import ArtifactError, S3ArtifactStore, StoreConfig, 
 from fleet_server.auth import issue_token
 from fleet_server.keys import init_keys
 from fleet_server.migrate import upgrade
-from fleet_server.models import Role
+from fleet_server.models import Role, RolloutDevice
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.settings import ServerSettings
+from tests import zoo
+from tests.fleet_driver import Broker
+from tests.fleet_server.live_fleet import LiveFleet
 from tests.fleet_server.test_models_and_jobs import registered  # noqa: F401 - the fixture, on this server
 from tests.s3server import S3Server
 
@@ -176,3 +179,39 @@ def test_scaleout_s3_a_conversion_job_reads_its_inputs_from_the_bucket_and_store
     assert any(a["status"] == "shippable" for a in state["artifacts"])
     assert not (tmp_path / "data" / "artifacts").exists() or not any(
         p.is_file() for p in (tmp_path / "data" / "artifacts").rglob("*") if p.parent.name != "tmp")
+
+
+@pytest.mark.slow
+def test_scaleout_s3_devices_download_their_update_over_http_through_presigned_urls(s3, tmp_path):
+    """A real agent and server: with artifacts in object storage the offer names the API's delivery folder, the API
+    redirects to a presigned URL, and the agent's resumable HTTP download fetches the bytes from the storage."""
+    bucket = f"edgefleet-{next(_buckets)}"
+    env = {f"EF_SERVER_{k.upper()}": str(v) for k, v in s3.store_settings(bucket).items()}
+    broker = Broker(tmp_path / "broker").start()
+    fleet = LiveFleet(tmp_path, broker.url, env=env)
+    try:
+        model = zoo.mlp_opset(tmp_path / "m.onnx", opset=13, seed=0)
+        fleet.register("classifier", "1.0.0", model)
+        sha = hashlib.sha256(model.read_bytes()).hexdigest()
+        [agent] = fleet.enroll(1)
+        agent.start()
+        fleet.wait_online([agent])
+        rollout = fleet.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 100,
+                                                                               "waves_percent": []})
+        done = fleet.wait_state(rollout["id"], {"completed", "paused", "aborted"})
+        assert done["state"] == "completed", done
+        assert agent.model()["version"] == "1.0.0"
+        fetched = [line for line in s3.log.read_text(errors="replace").splitlines()
+                   if f"GET /{bucket}/" in line and sha in line and "X-Amz-Signature" in line]
+        assert fetched and all('" 200 ' in line or '" 206 ' in line for line in fetched)  # presigned, from moto
+        with Session(fleet.db) as s:
+            job = s.exec(select(RolloutDevice.job).where(RolloutDevice.rollout_id == rollout["id"])).one()
+        # the delivery folder serves only the job's own files, and only while its rollout runs
+        plain = httpx.Client(base_url=f"http://127.0.0.1:{fleet.port}", timeout=10)
+        assert plain.get(f"/v1/deliveries/{job}/blobs/{'0' * 64}").status_code == 404
+        assert plain.get(f"/v1/deliveries/r1-{'0' * 20}/blobs/{sha}").status_code == 404
+        assert plain.get(f"/v1/deliveries/{job}/blobs/{sha}").status_code == 404  # completed: no longer served
+        plain.close()
+    finally:
+        fleet.close()
+        broker.stop()

@@ -36,7 +36,9 @@ export async function render(main, _params, ctx) {
         get("Download the evaluation data", mv.evaluation_sha256, `${base}.evaluation.npz`),
         can("operator") ? convertForm(chosen, () => showDetail()) : null),
       h("h3", {}, "Artifacts per profile"), artifactTable(d.artifacts, chosen),
-      h("h3", {}, "Conversion jobs"), jobTable(d.jobs, (id) => { jobLog.id = id; followLog(); }), jobLog.title, jobLog.view);
+      h("h3", {}, "Conversion jobs"), jobTable(d.jobs, (id) => { jobLog.id = id; followLog(); }, async (id) => {
+        try { await api(`/v1/jobs/${id}/cancel`, { method: "POST" }); toast(`Job #${id} cancelled`); showDetail(); } catch (e) { toast(e.message); }
+      }), jobLog.title, jobLog.view);
     if (jobLog.id !== null && jobLog.live) await followLog();  // until it has shown the job's end
   }
 
@@ -81,15 +83,20 @@ function floatNodes(report) {
   return "0";
 }
 
-function jobTable(jobs, showLog) {
+function jobTable(jobs, showLog, cancel) {
+  const live = (j) => j.status === "queued" || j.status === "running";
   return table([
     { label: "Job", value: (j) => `#${j.id}` },
     { label: "Profiles", value: (j) => j.profiles.join(", ") },
     { label: "Status", value: (j) => badge(j.status) },
+    // on the job queue: one part per profile, each on a worker (attempts > 1: retried, or taken over from a dead one)
+    { label: "Parts", value: (j) => (j.parts || []).map((p) => `${p.profile}: ${p.status}${p.worker ? ` on ${p.worker}` : ""}${p.attempts > 1 ? ` (attempt ${p.attempts})` : ""}`).join("; ") || "—" },
     { label: "Progress", value: (j) => j.progress || "—" },
     { label: "Error", value: (j) => j.error || "" },
     { label: "Started", value: (j) => fmtTime(j.started_at) },
-    { label: "Log", value: (j) => h("button", { type: "button", class: "secondary", onclick: () => showLog(j.id) }, `Show log #${j.id}`) },
+    { label: "Actions", value: (j) => h("div", { class: "row" },
+      h("button", { type: "button", class: "secondary", onclick: () => showLog(j.id) }, `Show log #${j.id}`),
+      live(j) && can("operator") ? h("button", { type: "button", class: "secondary", "aria-label": `Cancel job #${j.id}`, onclick: () => cancel(j.id) }, "Cancel") : null) },
   ], jobs, { emptyText: "No conversion job for this version." });
 }
 
