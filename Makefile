@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 # The agent's tflite-runtime fallback needs numpy < 2: it gets its own small environment, used by one test.
 TFLITE_VENV := .venv-tflite
 
-.PHONY: test demo demo-convert bench bench-delta bench-agent bench-api bench-rollout bench-ingest lint clean system-deps
+.PHONY: test demo demo-convert bench bench-delta bench-agent bench-api bench-rollout bench-ingest bench-scaleout lint clean \
+	system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,9 @@ bench-rollout: $(STAMP) system-deps
 
 bench-ingest: $(STAMP) system-deps
 	$(BIN)/python bench/ingest_bench.py
+
+bench-scaleout: $(STAMP) system-deps
+	$(BIN)/python bench/scaleout_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -92,3 +92,33 @@ def test_a_conversion_job_runs_in_the_pool_and_its_artifacts_download(server, re
         assert server.delete("/v1/models/classifier/1.0.0", headers=op).status_code == 204
         assert server.get("/v1/models/classifier/1.0.0", headers=server.as_("viewer")).status_code == 404
     server.app.state.jobs.shutdown()
+
+
+@pytest.mark.slow
+def test_cancelling_a_running_job_kills_its_conversion_child(server, registered):
+    import psutil
+
+    def children() -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if "fleet_server.sandbox" in (p.info["cmdline"] or [])]
+
+    op = server.as_("operator")
+    job_id = server.post("/v1/models/classifier/1.0.0/conversions", json={"profiles": ["jetson-orin-nano"]},
+                         headers=op).json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (children() and "loading model" in server.get(
+            f"/v1/jobs/{job_id}", headers=op).json()["log"]):
+        time.sleep(0.3)
+    running = children()
+    assert running, server.get(f"/v1/jobs/{job_id}", headers=op).json()
+    r = server.post(f"/v1/jobs/{job_id}/cancel", headers=op)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    _, alive = psutil.wait_procs(running, timeout=15)
+    assert alive == []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "cancelled: the conversion was stopped" not in (
+            state := server.get(f"/v1/jobs/{job_id}", headers=op).json())["log"]:
+        time.sleep(0.3)
+    assert state["status"] == "cancelled" and state["artifacts"] == [], state
+    assert server.post(f"/v1/jobs/{job_id}/cancel", headers=op).status_code == 409
+    assert server.post(f"/v1/jobs/{job_id}/cancel", headers=server.as_("viewer")).status_code == 403
+    server.app.state.jobs.shutdown()
