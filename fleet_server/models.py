@@ -312,6 +312,8 @@ class Rollout(SQLModel, table=True):
     state: str = Field(default="draft", max_length=16, index=True)  # planner.RolloutState
     stage: int = 0
     stage_finished_at: float | None = None  # epoch seconds (the planner's clock)
+    approved_stage: int = 0  # strategy.require_approval: the highest stage an operator approved (audited)
+    retry_of: int | None = Field(default=None, foreign_key="rollout.id")  # a retry of that rollout's failed devices
     selector: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     strategy: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     gates: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -141,14 +141,14 @@ class OnnxInt8Pass:
             quantized = onnx_int8.quantize(work.prepared, work.calibration.samples, scheme, out, choice=choice,
                                            exclude=exclude, external_data=work.source.external_data,
                                            cache=onnx_int8.calibration_cache(folder, scheme, choice), wide=wide)
-            session = runtime.session(out, threads=work.options.threads)
+            session = runtime.session(out, threads=work.options.threads, exact=True)
             search = fidelity(work.tasks, work.search_fp32, runtime.run_all(session, work.search_samples))
             size = sum(p.stat().st_size for p in model_files(out))
             cand = Candidate(Attempt(quantized, onnx_int8.weight_stats(out), size, []), search)
             self._candidates[key] = cand
         if evaluate and not cand.attempt.outputs:
             work = self.work
-            session = runtime.session(cand.attempt.quantized.path, threads=work.options.threads)
+            session = runtime.session(cand.attempt.quantized.path, threads=work.options.threads, exact=True)
             got = runtime.run_all(session, work.evaluation.samples)
             cand.attempt.outputs = fidelity(work.tasks, work.fp32_outputs, got, truth=work.truth)
         return cand

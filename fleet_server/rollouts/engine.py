@@ -174,8 +174,9 @@ class RolloutEngine:
                        .execute(MEMBERS, {"rollout_id": rollout_id})]
             evaluation = self._evaluate(s, r, mv, members, artifacts)
             verdict = Verdict(evaluation["verdict"])
-            p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at),
-                     Strategy(**r.strategy))
+            p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at,
+                          approved_stage=r.approved_stage), strategy_of(r.strategy))
+            evaluation = {**evaluation, "rate_per_minute": p.rate, "awaiting_approval": p.awaiting_approval}
             r.evaluation, r.stage, r.stage_finished_at = evaluation, p.stage, p.stage_finished_at
             if p.notes:
                 r.notes = [*r.notes, *(f"{time.strftime('%H:%M:%S', time.gmtime(now))} {n}" for n in p.notes
@@ -314,6 +315,11 @@ def new_job_id(rollout_id: int) -> str:
     """A member's job id: unguessable (80 random bits), because a device's events and chunk requests name it. With
     ``r{rollout}-{device}`` a device never offered a job could guess it and report it installed or failed."""
     return f"r{rollout_id}-{secrets.token_hex(10)}"
+
+
+def strategy_of(stored: dict) -> Strategy:
+    """A stored strategy (JSON) as the planner's; rollouts stored before a field existed get its default."""
+    return Strategy(**{**stored, "waves_percent": tuple(stored.get("waves_percent", ()))})
 
 
 def strategy_dict(strategy: Strategy) -> dict:

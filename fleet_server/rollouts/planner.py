@@ -10,6 +10,11 @@ soak time has passed since it finished and the gates pass on what finished. A fa
 Within a stage, online devices are offered first.
 Members that join later (enrolled or matched afterwards) are offered in the current stage's turn: while the rollout
 is in its last stage at once (rate permitting), before that as part of the growing target.
+
+Operators' controls: with ``require_approval`` each wave after the canary waits, once the rollout has moved to it,
+until an operator approves that stage (``View.approved_stage``); nothing of it is offered before. With a ramp
+(``ramp_factor`` > 1, ``ramp_every`` successes) the rate grows by the factor for every ``ramp_every`` devices
+installed since the last failure, up to ``max_rate_per_minute``, and falls back to ``rate_per_minute`` on a failure.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class Strategy:
     rate_per_minute: int = 1000
     soak_s: float = 0.0
     stage_timeout_s: float = 3600.0
+    require_approval: bool = False  # each wave after the canary waits for an operator's approval
+    ramp_factor: float = 1.0  # the rate's growth per ``ramp_every`` successes since the last failure
+    ramp_every: int = 0  # 0: no ramp
+    max_rate_per_minute: int | None = None  # the ramp's ceiling (None: no ceiling)
 
     def __post_init__(self) -> None:
         if not 0 < self.canary_percent <= 100:
@@ -57,6 +66,21 @@ class Strategy:
             raise ValueError("waves_percent must be increasing shares in (0, 100]")
         if self.rate_per_minute < 1 or self.soak_s < 0 or self.stage_timeout_s <= 0:
             raise ValueError("rate_per_minute ≥ 1, soak_s ≥ 0, stage_timeout_s > 0")
+        if self.ramp_factor < 1 or self.ramp_every < 0:
+            raise ValueError("ramp_factor ≥ 1 and ramp_every ≥ 0")
+        if self.max_rate_per_minute is not None and self.max_rate_per_minute < self.rate_per_minute:
+            raise ValueError("max_rate_per_minute must be at least rate_per_minute")
+
+    def rate(self, members: Sequence[Member]) -> int:
+        """Offers per minute now: the base rate, grown by the ramp for the successes since the last failure."""
+        if self.ramp_every <= 0 or self.ramp_factor <= 1:
+            return self.rate_per_minute
+        failures = [m.finished_at or 0.0 for m in members if m.status is MemberStatus.FAILED]
+        since = max(failures, default=float("-inf"))
+        successes = sum(1 for m in members if m.status is MemberStatus.INSTALLED and (m.finished_at or 0.0) > since)
+        steps = min(successes // self.ramp_every, 64)  # beyond this any ceiling is reached
+        ceiling = self.max_rate_per_minute or 1_000_000
+        return int(min(ceiling, self.rate_per_minute * self.ramp_factor ** steps))
 
     def shares(self) -> tuple[float, ...]:
         """Cumulative share per stage, canary first, ending at 100."""
@@ -97,6 +121,7 @@ class View:
     now: float
     verdict: Verdict = Verdict.PASS  # the gates on what has finished so far
     stage_finished_at: float | None = None  # when the current stage was first seen finished (soak runs from it)
+    approved_stage: int = 0  # with require_approval: the highest stage an operator approved (the canary needs none)
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,8 @@ class Plan:
     halt: bool = False  # a gate failed: the engine pauses or aborts as the rollout says
     complete: bool = False
     notes: tuple[str, ...] = field(default=())
+    awaiting_approval: int | None = None  # the stage that waits for an operator
+    rate: int | None = None  # offers per minute allowed now (the ramp's current rate)
 
 
 def rate_budget(members: Sequence[Member], now: float, rate_per_minute: int) -> int:
@@ -145,15 +172,21 @@ def plan(view: View, strategy: Strategy) -> Plan:
         else:
             notes.append(f"stage {stage} soaking ({strategy.soak_s - (view.now - finished_at):.0f} s left)")
 
+    rate = strategy.rate(members)
+    awaiting = stage if strategy.require_approval and stage > view.approved_stage else None
     want = max(0, targets[stage] - len(offered))
-    n = min(want, len(pending), rate_budget(members, view.now, strategy.rate_per_minute))
+    if awaiting is not None:
+        if want:
+            notes.append(f"stage {stage} waits for an operator's approval")
+        want = 0
+    n = min(want, len(pending), rate_budget(members, view.now, rate))
     chosen = tuple(m.device_id for m in pending[:n])
     if want > n and n < len(pending):
         notes.append(f"rate limit: {want - n} offer(s) deferred")
     complete = (stage == last and not pending and not chosen
                 and all(m.status in FINISHED for m in offered))
     return Plan(offer=chosen, stage=stage, stage_finished_at=finished_at if not chosen else None, complete=complete,
-                notes=tuple(notes))
+                notes=tuple(notes), awaiting_approval=awaiting if not complete else None, rate=rate)
 
 
 def _settled(offered: Sequence[Member], now: float, timeout_s: float) -> bool:

@@ -67,17 +67,18 @@ def check_release(session: Session, *, model: str, version: str, strategy: dict,
 
 def create_rollout(session: Session, *, model: str, version: str, selector: dict, strategy: dict, gates: dict,
                    actor: str, name: str = "", on_gate_failure: str = "pause", encrypt: bool = False,
-                   start: bool = False) -> Rollout:
+                   start: bool = False, retry_of: int | None = None) -> Rollout:
     """Check, then store a rollout (a draft, or running when ``start``) and audit it; the caller wakes the engine."""
     release = check_release(session, model=model, version=version, strategy=strategy, gates=gates)
     rollout = Rollout(name=name, model_version_id=release.model_version_id, selector=selector,
                       strategy=release.strategy, gates=release.gates, on_gate_failure=on_gate_failure,
-                      encrypt=encrypt, created_by=actor)
+                      encrypt=encrypt, created_by=actor, retry_of=retry_of)
     if start:
         rollout.state, rollout.started_at = RolloutState.RUNNING.value, utcnow()
     session.add(rollout)
     session.commit()
     session.refresh(rollout)
     audit(session, actor=actor, action="rollout.create", target=f"rollout:{rollout.id}",
-          detail=f"{model} {version}{' started' if start else ''}")
+          detail=f"{model} {version}{' started' if start else ''}"
+                 f"{f' retrying rollout {retry_of}' if retry_of else ''}")
     return rollout

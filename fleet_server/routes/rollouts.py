@@ -14,7 +14,7 @@ from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID, MAX_OFFSET
 from fleet_server.models import ModelVersion, Rollout, RolloutDevice, utcnow
 from fleet_server.rollouts import service
-from fleet_server.rollouts.planner import RolloutState
+from fleet_server.rollouts.planner import MemberStatus, RolloutState
 
 router = APIRouter(prefix="/v1", tags=["rollouts"])
 RolloutId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -34,6 +34,12 @@ class StrategyIn(BaseModel):
     rate_per_minute: int = PField(default=1000, ge=1, le=1_000_000)
     soak_s: float = PField(default=0.0, ge=0, le=7 * 86400)
     stage_timeout_s: float = PField(default=3600.0, gt=0, le=30 * 86400)
+    require_approval: bool = PField(default=False, description="each wave after the canary waits for "
+                                    "POST /v1/rollouts/{id}/approve")
+    ramp_factor: float = PField(default=1.0, ge=1, le=100, description="the rate grows by this factor for every "
+                                "ramp_every devices installed since the last failure; a failure resets it")
+    ramp_every: int = PField(default=0, ge=0, le=1_000_000)
+    max_rate_per_minute: int | None = PField(default=None, ge=1, le=1_000_000)
 
 
 class GatesIn(BaseModel):
@@ -79,6 +85,9 @@ class RolloutPublic(BaseModel):
     counts: dict[str, int]
     evaluation: dict
     notes: list[str]
+    approved_stage: int = 0
+    waiting_for_approval: int | None = None  # the stage that waits for an operator (require_approval)
+    retry_of: int | None = None
 
 
 class MemberPublic(BaseModel):
@@ -100,7 +109,9 @@ def _public(session, r: Rollout) -> RolloutPublic:
     return RolloutPublic(id=r.id, name=r.name, model=mv.name if mv else "", version=mv.version if mv else "",
                          state=r.state, stage=r.stage, selector=r.selector, strategy=r.strategy, gates=r.gates,
                          on_gate_failure=r.on_gate_failure, encrypt=r.encrypt, counts=counts,
-                         evaluation=r.evaluation, notes=r.notes)
+                         evaluation=r.evaluation, notes=r.notes, approved_stage=r.approved_stage,
+                         waiting_for_approval=(r.evaluation or {}).get("awaiting_approval")
+                         if r.state == RolloutState.RUNNING.value else None, retry_of=r.retry_of)
 
 
 def _rollout(session, rollout_id: int) -> Rollout:
@@ -157,6 +168,78 @@ TRANSITIONS = {  # operation → (states it applies to, the state after)
     "rollback": ({RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTED, RolloutState.COMPLETED},
                  RolloutState.ABORTED),
 }
+
+
+@router.post("/rollouts/{rollout_id}/approve", response_model=RolloutPublic)
+def approve(rollout_id: RolloutId, request: Request, session: SessionDep, op: Operator):
+    """Let the wave a rollout with ``require_approval`` waits at go ahead (audited)."""
+    r = _rollout(session, rollout_id)
+    waiting = (r.evaluation or {}).get("awaiting_approval")
+    if r.state not in (RolloutState.RUNNING.value, RolloutState.PAUSED.value) or waiting is None \
+            or waiting <= r.approved_stage:
+        audit(session, actor=op.name, action="rollout.approve", target=f"rollout:{r.id}", outcome="denied",
+              status_code=409, detail=f"{r.state}, nothing waits for approval")
+        raise HTTPException(status.HTTP_409_CONFLICT, "this rollout is not waiting for an approval")
+    r.approved_stage = waiting
+    r.evaluation = {**r.evaluation, "awaiting_approval": None}
+    r.notes = [*r.notes, f"stage {waiting} approved by {op.name}"][-50:]
+    session.add(r)
+    session.commit()
+    session.refresh(r)
+    audit(session, actor=op.name, action="rollout.approve", target=f"rollout:{r.id}", detail=f"stage {waiting}")
+    wake_engine(request)
+    return _public(session, r)
+
+
+@router.post("/rollouts/{rollout_id}/retry", status_code=status.HTTP_201_CREATED, response_model=RolloutPublic)
+def retry(rollout_id: RolloutId, request: Request, session: SessionDep, op: Operator):
+    """A new rollout, started, of the same version and plan to the devices that failed in a paused or finished one
+    (not those an operator's rollback took back): a new attempt with its own counts (``retry_of`` names the
+    original)."""
+    r = _rollout(session, rollout_id)
+    if r.state not in (RolloutState.PAUSED.value, RolloutState.COMPLETED.value, RolloutState.ABORTED.value):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"cannot retry a rollout that is {r.state}: pause it first")
+    failed = session.exec(select(RolloutDevice.device_id).where(
+        RolloutDevice.rollout_id == r.id,
+        RolloutDevice.status == MemberStatus.FAILED.value).order_by(RolloutDevice.device_id)).all()
+    if not failed:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"rollout {r.id} has no failed device to retry")
+    again = session.exec(select(Rollout.id).where(Rollout.retry_of == r.id)).first()
+    if again is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"rollout {r.id} was retried already as rollout {again}")
+    mv = session.get(ModelVersion, r.model_version_id)
+    attempt = 1 + _attempts(session, r)
+    if r.state == RolloutState.PAUSED.value:  # the retry takes its devices over: the original stops offering
+        r.state, r.finished_at = RolloutState.ABORTED.value, utcnow()
+        r.notes = [*r.notes, f"stopped by {op.name}: its failed devices are retried"][-50:]
+        session.add(r)
+        session.commit()
+    try:
+        new = service.create_rollout(session, model=mv.name, version=mv.version,
+                                     selector={"profiles": [], "tags": [], "devices": list(failed)},
+                                     strategy=r.strategy, gates=r.gates, actor=op.name,
+                                     name=f"{_base_name(session, r)} (attempt {attempt})",
+                                     on_gate_failure=r.on_gate_failure, encrypt=r.encrypt, start=True,
+                                     retry_of=r.id)
+    except service.RolloutRefusedError as e:
+        raise refused(e) from e
+    wake_engine(request)
+    return _public(session, new)
+
+
+def _base_name(session, r: Rollout) -> str:
+    root = r
+    while root.retry_of is not None:
+        root = session.get(Rollout, root.retry_of)
+    return root.name or f"rollout {root.id}"
+
+
+def _attempts(session, r: Rollout) -> int:
+    """How many retries already repeat this rollout's line (the original counts as the first attempt)."""
+    root, n = r, 1
+    while root.retry_of is not None:
+        root, n = session.get(Rollout, root.retry_of), n + 1
+    return n
 
 
 @router.post("/rollouts/{rollout_id}/{operation}", response_model=RolloutPublic)

@@ -61,9 +61,13 @@ def test_console_rollout_created_through_the_form_completes_without_reload(conso
     assert "Releasable for: rpi5" in page.locator("#preview").inner_text()
     page.get_by_label("Canary %").fill("25")
     page.get_by_label("Waves % (comma separated)").fill("100")
+    page.get_by_label("An operator approves each wave after the canary").check()
     page.evaluate(NO_RELOAD)
     page.get_by_role("button", name="Create rollout").click()
     page.wait_for_url(re.compile(r"#/rollouts/\d+$"))
+    page.wait_for_selector("#awaiting-approval:text('stage 1')", timeout=90_000)  # the canary done, the wave waits
+    page.locator("button[data-action=approve]").click()
+    page.locator("#confirm-ok").click()
     page.wait_for_selector("h1 .badge:text('completed')", timeout=90_000)
     assert page.evaluate("window.__noReload") is True  # updated in place, never reloaded
     rollout_id = int(page.url.rsplit("/", 1)[1])
@@ -110,6 +114,12 @@ def test_console_gate_trips_then_abort_and_rollback_from_the_page(console_fleet,
     actions = [e["action"] for e in live.http.get("/v1/audit", params={"actor": "operator-person"}).json()]
     assert {"rollout.create", "rollout.abort", "rollout.rollback"} <= set(actions)  # the same audited routes
     page.screenshot(path=shots / "rollout-rolled-back.png", full_page=True)
+    page.locator("button[data-action=retry]").click()  # the failed devices, as a new attempt
+    page.locator("#confirm-ok").click()
+    page.wait_for_url(re.compile(rf"#/rollouts/(?!{rollout_id}$)\d+$"))
+    page.wait_for_selector(f"a:text('rollout #{rollout_id}')")
+    retry = live.get(int(page.url.rsplit("/", 1)[1]))
+    assert retry["retry_of"] == rollout_id and len(retry["selector"]["devices"]) == FIELD
     page.context.close()
 
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import quantize_static
 
-from converters import onnx_int8
+from converters import onnx_int8, runtime
 from converters.calibration import DataSet, split, synthetic_dataset
 from converters.fidelity import OutputKind, cosine_per_sample
 from converters.onnx_int8 import SampleReader
@@ -26,7 +26,9 @@ ONNX_PROFILES = ["jetson-orin-nano", "jetson-nano", "rpi5"]
 
 
 def run(path: Path, samples) -> dict[str, np.ndarray]:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """What the model computes: a quantized one in its own QDQ arithmetic, as its targets do (not through the
+    host's fused x86 kernels, which saturate on CPUs without VNNI: converters/runtime.py ``session``)."""
+    sess = runtime.session(path, exact=True)
     names = [o.name for o in sess.get_outputs()]
     outs = [sess.run(names, s) for s in samples]
     return {n: np.concatenate([o[i] for o in outs]) for i, n in enumerate(names)}

@@ -49,6 +49,7 @@ export async function renderCreate(main) {
     canary: num("canary_percent", st.canary_percent, { min: 0.1, max: 100 }), waves: h("input", { name: "waves", value: st.waves_percent.join(", ") }),
     rate: num("rate_per_minute", st.rate_per_minute, { min: 1 }), soak: num("soak_s", st.soak_s, { min: 0 }),
     timeout: num("stage_timeout_s", st.stage_timeout_s, { min: 1 }),
+    approval: h("input", { type: "checkbox", name: "require_approval", checked: Boolean(st.require_approval) }),
     maxFail: num("max_failure_share", g.max_failure_share, { min: 0, max: 1 }), minFinished: num("min_finished", g.min_finished, { min: 1 }),
     maxErr: num("max_error_rate", orOff(g.max_error_rate), { min: 0, max: 1, placeholder: "off" }),
     maxP99: num("max_p99_ratio", orOff(g.max_p99_ratio), { min: 0, placeholder: "off" }), minReq: num("min_requests", g.min_requests, { min: 1 }),
@@ -86,7 +87,8 @@ export async function renderCreate(main) {
     const opt = (input) => input.value === "" ? null : Number(input.value);
     const body = { name: c.name.value, model: m, version: v, selector: selector(),
       strategy: { canary_percent: Number(c.canary.value), waves_percent: c.waves.value.split(/[\s,]+/).filter(Boolean).map(Number),
-        rate_per_minute: Number(c.rate.value), soak_s: Number(c.soak.value), stage_timeout_s: Number(c.timeout.value) },
+        rate_per_minute: Number(c.rate.value), soak_s: Number(c.soak.value), stage_timeout_s: Number(c.timeout.value),
+        require_approval: c.approval.checked },
       gates: { max_failure_share: Number(c.maxFail.value), min_finished: Number(c.minFinished.value), max_error_rate: opt(c.maxErr),
         max_p99_ratio: opt(c.maxP99), min_requests: Number(c.minReq.value), min_fidelity: opt(c.minFid) },
       on_gate_failure: c.onFail.value, encrypt: c.encrypt.checked, start: c.start.checked };
@@ -102,7 +104,8 @@ export async function renderCreate(main) {
       h("div", { class: "row", role: "group", "aria-labelledby": "profiles-label" }, profileBoxes.map((b) => h("label", { class: "inline" }, b, b.value)))),
     h("div", { class: "row" }, field("Tags (all must match)", c.tags), field("Devices", c.devices)), tagList, preview),
   h("fieldset", {}, h("legend", {}, "Strategy"), h("div", { class: "row" }, field("Canary %", c.canary), field("Waves % (comma separated)", c.waves),
-    field("Offers per minute", c.rate), field("Soak after each stage (s)", c.soak, `${suggested.soak_s} lets telemetry gather`), field("Stage timeout (s)", c.timeout))),
+    field("Offers per minute", c.rate), field("Soak after each stage (s)", c.soak, `${suggested.soak_s} lets telemetry gather`), field("Stage timeout (s)", c.timeout),
+    h("label", { class: "inline" }, c.approval, "An operator approves each wave after the canary"))),
   h("fieldset", {}, h("legend", {}, "Health gates"), h("div", { class: "row" }, field("Max failure share (0–1)", c.maxFail),
     field("Min finished devices to judge", c.minFinished), field("Max error rate (0–1)", c.maxErr, `empty: not judged; ${suggested.max_error_rate} is usual`),
     field("Max p99 latency ratio", c.maxP99, `after ÷ before; empty: not judged; ${suggested.max_p99_ratio} is usual`), field("Min requests to judge", c.minReq),
@@ -125,6 +128,8 @@ const ACTIONS = [
   ["abort", ["draft", "running", "paused"], "Abort", "Abort this rollout? No new offers; devices keep what they run."],
   ["rollback", ["running", "paused", "aborted", "completed"], "Roll back", "Roll back: abort, and order every device this rollout updated back to its previous model?"],
   ["start", ["draft"], "Start", "Start this rollout?"],
+  ["approve", ["running", "paused"], "Approve the next wave", "Approve the wave this rollout waits at? Its devices get their offers."],
+  ["retry", ["paused", "completed", "aborted"], "Retry failed devices", "Retry this rollout's failed devices as a new rollout (a paused one stops)?"],
 ];
 
 export async function renderDetail(main, [id], ctx) {
@@ -140,7 +145,9 @@ export async function renderDetail(main, [id], ctx) {
   const act = async (op, text) => {
     if (!(await confirmAction(text, ACTIONS.find((a) => a[0] === op)[2]))) return;
     try {
-      last = await api(`/v1/rollouts/${id}/${op}`, { method: "POST" });
+      const r = await api(`/v1/rollouts/${id}/${op}`, { method: "POST" });
+      if (op === "retry") { toast(`Rollout #${r.id} retries #${id}'s failed devices.`); location.hash = `#/rollouts/${r.id}`; return; }
+      last = r;
       toast(`Rollout #${id}: ${op} done, now ${last.state}.`);
       draw(last);
     } catch (e) { toast(e.message); actions.append(h("p", { class: "error", role: "alert" }, e.message)); }
@@ -149,13 +156,18 @@ export async function renderDetail(main, [id], ctx) {
     head.replaceChildren(h("h1", {}, `Rollout #${r.id} ${r.name || ""} `, badge(r.state)),
       h("p", { class: "muted" }, `${r.model} ${r.version} · on gate failure: ${r.on_gate_failure}${r.encrypt ? " · encrypted" : ""} · ${describeSelector(r.selector)}`));
     const operator = can("operator");
-    actions.replaceChildren(...ACTIONS.filter(([op]) => op !== "start" || r.state === "draft").map(([op, states, label, text]) =>
+    const failed = r.counts.failed || 0;
+    const shown = ([op]) => (op !== "start" || r.state === "draft") && (op !== "approve" || r.waiting_for_approval !== null)
+      && (op !== "retry" || failed > 0);
+    actions.replaceChildren(...ACTIONS.filter(shown).map(([op, states, label, text]) =>
       h("button", { type: "button", class: op === "abort" || op === "rollback" ? "danger" : "", disabled: !operator || !states.includes(r.state),
         "data-action": op, title: operator ? "" : "needs the operator role", onclick: () => act(op, text) }, label)),
     ...(operator ? [] : [h("span", { class: "small muted", id: "role-note" }, "Pausing, aborting and rolling back need the operator role; you are signed in as a viewer.")]));
     const all = stages(r);
     progress.replaceChildren(h("h2", {}, "Progress"),
       h("ol", { class: "row", "aria-label": "Stages" }, all.map((name, i) => h("li", {}, i < r.stage || r.state === "completed" ? badge("completed") : i === r.stage ? badge(r.state) : badge("pending"), " ", name))),
+      ...[r.waiting_for_approval !== null ? h("p", { class: "warn", role: "status", id: "awaiting-approval" }, `Waiting for an operator's approval of stage ${r.waiting_for_approval}.`) : null,
+        r.retry_of ? h("p", { class: "muted" }, "Retries the failed devices of ", h("a", { href: `#/rollouts/${r.retry_of}` }, `rollout #${r.retry_of}`), ".") : null].filter(Boolean),
       statusBar(r.counts));
     drawGate(gate, r);
     notes.replaceChildren(r.notes.length ? h("ul", {}, r.notes.map((n) => h("li", {}, n))) : empty("No notes yet."));
