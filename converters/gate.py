@@ -123,7 +123,9 @@ def _decoded(o: OutputFidelity) -> bool:
 
 
 def judge(m: Measured, floor: FidelityFloor, *, max_artifact_bytes: int,
-          latency_policy: LatencyPolicy | None = None) -> list[Check]:
+          latency_policy: LatencyPolicy | None = None, latency_caveat: str | None = None) -> list[Check]:
+    """The profile's floor over measured figures. ``latency_caveat``: why the host's latency does not stand for the
+    target's; a regression is then reported as a warning, never a refusal."""
     checks: list[Check] = []
     if m.source_has_weights and m.quantized_tensors == 0:
         checks.append(Check(name="weights quantized", value=None, bound=None, passed=False,
@@ -138,12 +140,15 @@ def judge(m: Measured, floor: FidelityFloor, *, max_artifact_bytes: int,
     if m.latency_ratio is not None:
         policy = latency_policy or floor.latency_regression
         slow = m.latency_ratio > floor.max_latency_ratio
+        excused = slow and policy is LatencyPolicy.REFUSE and latency_caveat is not None
         checks.append(Check(
             name="latency ratio INT8/FP32", value=m.latency_ratio, bound=floor.max_latency_ratio, upper=True,
-            passed=not slow or policy is LatencyPolicy.WARN, warning=slow and policy is LatencyPolicy.WARN,
+            passed=not slow or policy is LatencyPolicy.WARN or excused,
+            warning=slow and (policy is LatencyPolicy.WARN or excused),
             fixable=True,  # by keeping the slowest INT8 kernels in float
             detail=("INT8 is slower than allowed on this CPU (no fast INT8 kernels?)" if slow else "")
-            + (f"; the profile's policy is '{policy.value}'" if slow else "")))
+            + (f"; the profile's policy is '{policy.value}'" if slow else "")
+            + (f", not enforced: {latency_caveat}; measure on the device" if excused else "")))
     return checks
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import platform
 import re
 import tempfile
 import time
@@ -34,6 +36,28 @@ def session(path: Path, *, threads: int = 2, exact: bool = False) -> ort.Inferen
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise QuantizationError(f"{path.name}: ONNX Runtime refuses to load it: {str(e).splitlines()[0]}") from e
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def int8_latency_caveat() -> str | None:
+    """Why this host's ONNX Runtime INT8 timings do not stand for the targets', or None when they do.
+
+    On an x86 CPU without VNNI (nor AMX) ONNX Runtime's integer kernels multiply through 16-bit pair sums and run
+    slower than float ones (seen here: MTCNN's O-Net 1.36× FP32, QLinearConv 3.75 ms vs Conv 1.3 ms on PP-OCR's
+    classifier), which is not what an ARM device or a VNNI host does with the same artifact."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if not flags or any(f in flags for f in VNNI_FLAGS):
+        return None
+    return "this x86 CPU has no VNNI: ONNX Runtime's INT8 kernels here are slower than on the targets"
 
 
 def run_all(sess: ort.InferenceSession, samples: list[Sample]) -> dict[str, np.ndarray]:

@@ -107,11 +107,14 @@ def fidelity(tasks: dict[str, OutputTask], reference: dict[str, np.ndarray], got
     return out
 
 
-def judge_attempt(profile: Profile, attempt: Attempt, source_bytes: int, latency_ratio: float | None) -> list[Check]:
-    """The profile's gate over an attempt's figures (``latency_ratio`` None: latency not judged)."""
+def judge_attempt(profile: Profile, attempt: Attempt, source_bytes: int, latency_ratio: float | None, *,
+                  latency_caveat: str | None = None) -> list[Check]:
+    """The profile's gate over an attempt's figures (``latency_ratio`` None: latency not judged; ``latency_caveat``:
+    why the host's timing does not stand for the target's, see gate.judge)."""
     s = attempt.stats
     measured = Measured(outputs=attempt.outputs, artifact_bytes=attempt.size_bytes, source_bytes=source_bytes,
                         quantized_tensors=s.quantized_tensors,
                         source_has_weights=s.quantized_elements + s.float_elements + s.subgraph_float_elements > 0,
                         latency_ratio=latency_ratio)
-    return judge(measured, profile.fidelity, max_artifact_bytes=int(profile.memory.max_artifact_mb * 1e6))
+    return judge(measured, profile.fidelity, max_artifact_bytes=int(profile.memory.max_artifact_mb * 1e6),
+                 latency_caveat=latency_caveat)

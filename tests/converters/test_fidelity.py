@@ -294,3 +294,13 @@ def test_the_truths_equivalences_hold_against_fp32_too():
     truth = Truth("text", OutputKind.SEQUENCE, [[1, 2]] * 8, token_map={3: None})
     judged = output_fidelity(task, ref, test, calls=8, truth=truth)
     assert judged.exact.rate == 1.0 and judged.cer == 0.0 and judged.truth.candidate == 1.0
+
+
+def test_latency_regression_measured_on_an_unrepresentative_host_is_reported_not_enforced():
+    floor = FidelityFloor(max_latency_ratio=1.0, latency_regression=LatencyPolicy.REFUSE)
+    caveat = "this x86 CPU has no VNNI"
+    checks = judge(_measured(latency=1.7), floor, max_artifact_bytes=10**9, latency_caveat=caveat)
+    latency = next(c for c in checks if c.name.startswith("latency"))
+    assert latency.passed and latency.warning and caveat in latency.line() and "not enforced" in latency.line()
+    quick = judge(_measured(latency=0.8), floor, max_artifact_bytes=10**9, latency_caveat=caveat)
+    assert not next(c for c in quick if c.name.startswith("latency")).warning  # nothing to excuse

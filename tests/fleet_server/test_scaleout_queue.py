@@ -227,7 +227,7 @@ def test_scaleout_queue_workers_advertise_what_they_can_build():
     assert "onnx-int8" in formats  # this machine has the convert extra: ONNX Runtime, TensorFlow, coremltools
     assert set(buildable(["onnx-int8"])) == {"jetson-nano", "jetson-orin-nano"}  # ONNX-only profiles
     assert "ios-a15" not in buildable(["onnx-int8", "tflite-int8"])
-    assert buildable(formats, ["rpi4"]) == ["rpi4"]
+    assert buildable(["onnx-int8", "tflite-int8", "coreml-int8"], ["rpi4"]) == ["rpi4"]
     w = ConversionWorker(name="w1", host="h", formats=["onnx-int8"], profiles=["jetson-orin-nano"], heartbeat_at=0)
     assert unbuildable_reason("jetson-orin-nano", [w]) is None
     reason = unbuildable_reason("ios-a15", [w])
