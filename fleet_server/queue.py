@@ -347,7 +347,7 @@ class Worker:
     def beat(self) -> None:
         now = time.time()
         with Session(self.engine) as s:
-            current = ", ".join(self.current.values())[:200]
+            current = ", ".join(list(self.current.values()))[:200]  # written by the converting thread
             row = s.get(ConversionWorker, self.name)
             if row is None:
                 row = ConversionWorker(name=self.name, host=socket.gethostname(), formats=self.formats,
