@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, update
 from sqlalchemy.engine import make_url
@@ -98,7 +99,9 @@ def ensure_schema(database_url: str) -> bool:
 
 def capabilities() -> tuple[list[str], list[str]]:
     """(artifact formats this machine can build, flags): by the toolchains importable here."""
-    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    def have(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
     formats = []
     if have("onnxruntime") and have("onnx") and have("converters"):
         formats.append("onnx-int8")
@@ -204,8 +207,7 @@ def fail_unbuildable(session: Session, stall_s: float, *, grace_s: float | None 
     return failed
 
 
-def _aware(moment):
-    from datetime import UTC
+def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

@@ -48,6 +48,10 @@ def download(sha256: str, request: Request, _: Viewer) -> FileResponse | Redirec
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {sha256}")
     except ArtifactError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    return _serve(store, sha256)
+
+
+def _serve(store, sha256: str) -> FileResponse | RedirectResponse:
     path = store.local_path(sha256)
     if path is not None:
         return FileResponse(path, media_type="application/octet-stream", filename=sha256)
@@ -71,8 +75,4 @@ def delivery_file(job: Annotated[str, Path(max_length=64)], sha256: Annotated[st
     if rollout is None or rollout.state not in ("running", "paused") or \
             time.time() - offered > OFFER_TTL.total_seconds():
         raise nothing
-    store = request.app.state.artifacts
-    path = store.local_path(sha256)
-    if path is not None:
-        return FileResponse(path, media_type="application/octet-stream", filename=sha256)
-    return RedirectResponse(store.download_url(sha256), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    return _serve(request.app.state.artifacts, sha256)

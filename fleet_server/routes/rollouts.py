@@ -208,7 +208,7 @@ def retry(rollout_id: RolloutId, request: Request, session: SessionDep, op: Oper
     if again is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"rollout {r.id} was retried already as rollout {again}")
     mv = session.get(ModelVersion, r.model_version_id)
-    attempt = 1 + _attempts(session, r)
+    first, attempts = _first_attempt(session, r)
     if r.state == RolloutState.PAUSED.value:  # the retry takes its devices over: the original stops offering
         r.state, r.finished_at = RolloutState.ABORTED.value, utcnow()
         r.notes = [*r.notes, f"stopped by {op.name}: its failed devices are retried"][-50:]
@@ -218,7 +218,7 @@ def retry(rollout_id: RolloutId, request: Request, session: SessionDep, op: Oper
         new = service.create_rollout(session, model=mv.name, version=mv.version,
                                      selector={"profiles": [], "tags": [], "devices": list(failed)},
                                      strategy=r.strategy, gates=r.gates, actor=op.name,
-                                     name=f"{_base_name(session, r)} (attempt {attempt})",
+                                     name=f"{first.name or f'rollout {first.id}'} (attempt {attempts + 1})",
                                      on_gate_failure=r.on_gate_failure, encrypt=r.encrypt, start=True,
                                      retry_of=r.id)
     except service.RolloutRefusedError as e:
@@ -227,19 +227,12 @@ def retry(rollout_id: RolloutId, request: Request, session: SessionDep, op: Oper
     return _public(session, new)
 
 
-def _base_name(session, r: Rollout) -> str:
-    root = r
-    while root.retry_of is not None:
-        root = session.get(Rollout, root.retry_of)
-    return root.name or f"rollout {root.id}"
-
-
-def _attempts(session, r: Rollout) -> int:
-    """How many retries already repeat this rollout's line (the original counts as the first attempt)."""
-    root, n = r, 1
-    while root.retry_of is not None:
-        root, n = session.get(Rollout, root.retry_of), n + 1
-    return n
+def _first_attempt(session, r: Rollout) -> tuple[Rollout, int]:
+    """The rollout this line of retries started from, and how many attempts the line has made up to ``r``."""
+    first, n = r, 1
+    while first.retry_of is not None:
+        first, n = session.get(Rollout, first.retry_of), n + 1
+    return first, n
 
 
 @router.post("/rollouts/{rollout_id}/{operation}", response_model=RolloutPublic)

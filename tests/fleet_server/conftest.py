@@ -48,3 +48,16 @@ def server(database_url, tmp_path):
     yield client
     client.close()
     app.state.engine.dispose()
+
+
+@pytest.fixture
+def live(tmp_path):
+    """A `fleet-server serve` process on SQLite with a real Mosquitto; agents are enrolled by the test."""
+    from tests.fleet_driver import Broker
+    from tests.fleet_server.live_fleet import LiveFleet
+
+    broker = Broker(tmp_path / "broker").start()
+    fleet = LiveFleet(tmp_path, broker.url)
+    yield fleet
+    fleet.close()
+    broker.stop()

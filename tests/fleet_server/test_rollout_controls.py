@@ -8,8 +8,6 @@ import pytest
 
 from fleet_server.rollouts.planner import Member, MemberStatus, RolloutState, Strategy, View, plan
 from tests import zoo
-from tests.fleet_driver import Broker
-from tests.fleet_server.live_fleet import LiveFleet
 
 P, OFF, INS, F = MemberStatus.PENDING, MemberStatus.OFFERED, MemberStatus.INSTALLED, MemberStatus.FAILED
 
@@ -81,15 +79,6 @@ def test_ramp_strategies_are_checked():
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture
-def live(tmp_path):
-    broker = Broker(tmp_path / "broker").start()
-    fleet = LiveFleet(tmp_path, broker.url)
-    yield fleet
-    fleet.close()
-    broker.stop()
 
 
 @pytest.mark.slow

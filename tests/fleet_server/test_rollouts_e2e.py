@@ -12,8 +12,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_protocol import messages, topics
 from tests import zoo
-from tests.fleet_driver import Broker
-from tests.fleet_server.live_fleet import LiveFleet
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +21,6 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("models")
     return {v: zoo.mlp_opset(d / f"{v}.onnx", opset=13, seed=seed) for v, seed in (("1.0.0", 0), ("1.1.0", 1),
                                                                                      ("1.2.0", 2))}
-
-
-@pytest.fixture
-def live(tmp_path):
-    broker = Broker(tmp_path / "broker").start()
-    fleet = LiveFleet(tmp_path, broker.url)
-    yield fleet
-    fleet.close()
-    broker.stop()
 
 
 def test_canary_then_waves_completes_then_a_delta_update(live, models):

@@ -117,9 +117,7 @@ def _shell_commands(script: str) -> list[list[str]]:
                 current = []
             elif tok in {">", ">>", "<", "<<", ">&", "<&"} or re.fullmatch(r"\d*[<>]+&?", tok):
                 i += 1  # the redirection's target
-            elif not current and tok in _SHELL_KEYWORDS:
-                pass
-            else:
+            elif current or tok not in _SHELL_KEYWORDS:  # a keyword leading a command is not its name
                 current.append(tok)
             i += 1
         if current:

@@ -29,6 +29,7 @@ from fleet_server.models import ConversionPart, ConversionWorker, ConvertedArtif
 from fleet_server.queue import buildable, capabilities, conninfo, unbuildable_reason
 from fleet_server.settings import ServerSettings
 from tests.fleet_driver import free_port
+from tests.fleet_server.live_fleet import LiveFleet
 from tests.fleet_server.test_models_and_jobs import registered  # noqa: F401 - the fixture, on this server
 from tests.s3server import S3Server
 
@@ -75,15 +76,12 @@ class Relay:
 
     @staticmethod
     def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while data := a.recv(1 << 16):
                 b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         self.up.clear()
@@ -143,7 +141,7 @@ class QueueFleet:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - the worker's whole life
         proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.workers[name] = proc
-        wait_until(lambda: self.registered(name), 60, f"worker {name} registers ({self.worker_log(name)})")
+        LiveFleet.wait(lambda: self.registered(name), 60, f"worker {name} registers ({self.worker_log(name)})")
         return proc
 
     def worker_log(self, name: str) -> str:
@@ -171,7 +169,7 @@ class QueueFleet:
             state.update(self.job(job_id))
             return state["status"] in statuses
 
-        wait_until(done, timeout, f"job {job_id} ends", lambda: (state, {n: self.worker_log(n)[-1500:]
+        LiveFleet.wait(done, timeout, f"job {job_id} ends", lambda: (state, {n: self.worker_log(n)[-1500:]
                                                                          for n in self.workers}))
         return state
 
@@ -189,15 +187,6 @@ class QueueFleet:
         self.app.state.jobs.shutdown()
         self.app.state.engine.dispose()
         self.relay.close()
-
-
-def wait_until(condition, timeout: float, what: str, detail=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out: {what}: {detail()}")
 
 
 def sandbox_children() -> list[psutil.Process]:
@@ -264,14 +253,14 @@ def test_scaleout_queue_parts_go_to_a_capable_worker_and_a_part_none_can_build_s
 def test_scaleout_queue_a_worker_killed_mid_part_is_retried_elsewhere_with_one_set_of_artifacts(fleet):
     first = fleet.start_worker("w1", profiles="jetson-orin-nano")
     job_id = fleet.convert(["jetson-orin-nano"])
-    wait_until(lambda: "loading model" in fleet.job(job_id)["log"], 120, "w1 converts",
+    LiveFleet.wait(lambda: "loading model" in fleet.job(job_id)["log"], 120, "w1 converts",
                lambda: fleet.worker_log("w1"))
     assert parts(fleet, job_id)[0].worker == "w1"
     fleet.start_worker("w2", profiles="jetson-orin-nano")
     killed = time.monotonic()
     first.send_signal(signal.SIGKILL)
     first.wait(10)
-    wait_until(lambda: parts(fleet, job_id)[0].worker == "w2", 60, "w2 takes the part over",
+    LiveFleet.wait(lambda: parts(fleet, job_id)[0].worker == "w2", 60, "w2 takes the part over",
                lambda: fleet.worker_log("w2"))
     takeover = time.monotonic() - killed
     state = fleet.wait_job(job_id)
@@ -292,19 +281,19 @@ def test_scaleout_queue_an_outage_is_retried_with_backoff_and_cancel_kills_the_c
     fleet.start_worker("w1", profiles="jetson-orin-nano")
     fleet.relay.cut()  # object storage unreachable from the worker: it cannot fetch the source
     job_id = fleet.convert(["jetson-orin-nano"])
-    wait_until(lambda: "retrying" in fleet.job(job_id)["log"], 90, "a failed attempt", lambda: fleet.job(job_id))
+    LiveFleet.wait(lambda: "retrying" in fleet.job(job_id)["log"], 90, "a failed attempt", lambda: fleet.job(job_id))
     fleet.relay.restore()
-    wait_until(lambda: "loading model" in fleet.job(job_id)["log"], 90, "the retry converts",
+    LiveFleet.wait(lambda: "loading model" in fleet.job(job_id)["log"], 90, "the retry converts",
                lambda: (fleet.job(job_id), fleet.worker_log("w1")))
     [part] = parts(fleet, job_id)
     assert part.attempts >= 2 and part.status == "running"
-    wait_until(sandbox_children, 30, "the sandboxed child runs")
+    LiveFleet.wait(sandbox_children, 30, "the sandboxed child runs")
     children = sandbox_children()
     r = fleet.client.post(f"/v1/jobs/{job_id}/cancel", headers=fleet.client.as_("operator"))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     _, alive = psutil.wait_procs(children, timeout=15)
     assert alive == []  # the conversion child was killed
-    wait_until(lambda: parts(fleet, job_id)[0].status == "cancelled", 15, "the part is cancelled")
+    LiveFleet.wait(lambda: parts(fleet, job_id)[0].status == "cancelled", 15, "the part is cancelled")
     state = fleet.job(job_id)
     assert state["status"] == "cancelled" and state["artifacts"] == []
     assert "cancelled: the conversion was stopped" in state["log"]
