@@ -44,6 +44,9 @@ class ConvertOptions:
     search_samples: int = 32  # calibration samples the search scores candidates on
     output_kinds: dict[str, OutputKind] = field(default_factory=dict)  # declared by the user
     inference_calls: int = 8  # calibration samples whose outputs decide each output's task
+    # Judge INT8 latency on this host even where its INT8 kernels do not stand for the targets' (x86 without VNNI,
+    # see ``runtime.int8_latency_caveat``): for a build host the operator knows to be representative.
+    enforce_host_latency: bool = False
     # What the artifact says about itself (Core ML metadata, bundle manifests).
     model_name: str = "model"
     model_version: str = "0.0.0"

@@ -182,8 +182,8 @@ class OnnxInt8Pass:
 
     def _judge(self, profile: Profile, attempt: Attempt, *, with_latency: bool) -> list[Check]:
         latency = self.measure_latency(attempt).ratio if with_latency else None
-        return judge_attempt(profile, attempt, self.work.source.size_bytes, latency,
-                             latency_caveat=runtime.int8_latency_caveat())
+        caveat = None if self.work.options.enforce_host_latency else runtime.int8_latency_caveat()
+        return judge_attempt(profile, attempt, self.work.source.size_bytes, latency, latency_caveat=caveat)
 
     def _holds_on_search(self, profile: Profile, cand: Candidate) -> bool:
         """The profile's fidelity floor over the calibration split (sizes and latency are judged at the end)."""

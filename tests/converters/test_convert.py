@@ -297,8 +297,10 @@ def test_int8_slower_than_fp32_is_flagged_and_the_profile_decides(tmp_path):
     assert any("latency regression" in n for n in rpi5.notes)
 
     # A profile that refuses slow INT8 but allows no float nodes: refused, nothing written.
+    # Enforced on this host whatever its CPU: grouped convolutions are slow in INT8 with or without VNNI.
     no_budget = strict_profile(tmp_path, "rpi4", max_latency_ratio=1.0, max_float_weight_fraction=0.0)
-    reports, _ = convert(model, data, tmp_path / "a", [no_budget], output_kinds=NOT_A_CLASSIFIER)
+    reports, _ = convert(model, data, tmp_path / "a", [no_budget], output_kinds=NOT_A_CLASSIFIER,
+                         enforce_host_latency=True)
     refused = reports[0]
     assert refused.status is Status.REFUSED and any("latency ratio" in x and "'refuse'" in x for x in refused.reasons)
     assert not (tmp_path / "a" / "out" / "strict" / "model.int8.onnx").exists()
@@ -311,7 +313,8 @@ def test_slowest_int8_kernels_measured_and_kept_in_float_until_int8_is_faster(tm
     model = zoo.grouped_conv_net(tmp_path / "grouped.onnx", size=32)
     # The widest grouped conv holds most of the weights: the budget must allow floating it.
     profile = strict_profile(tmp_path, "rpi4", max_float_weight_fraction=0.9, max_latency_ratio=3.0)
-    reports, ev = convert(model, samples_for(model, 16), tmp_path, [profile], output_kinds=NOT_A_CLASSIFIER)
+    reports, ev = convert(model, samples_for(model, 16), tmp_path, [profile], output_kinds=NOT_A_CLASSIFIER,
+                          enforce_host_latency=True)
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons
     mp = r.mixed_precision

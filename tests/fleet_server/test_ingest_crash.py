@@ -98,11 +98,11 @@ def acknowledged(devices: list[Device]) -> set[tuple[str, int]]:
     return {(d.id, seq) for d in devices for seq in d.acked}
 
 
-def stream(devices: list[Device], *, seconds: float, rate: float, during=None) -> None:
-    """Publish ``rate`` windows a second across the devices for ``seconds``; ``during(elapsed)`` runs between
-    rounds (to kill or restart the server at a given time)."""
+def stream(devices: list[Device], *, seconds: float, rate: float, during=None, count: int | None = None) -> None:
+    """Publish ``rate`` windows a second across the devices for ``seconds`` (or until ``count`` are sent, within
+    ``seconds``); ``during(elapsed)`` runs between rounds (to kill or restart the server at a given time)."""
     t0, sent = time.monotonic(), 0
-    while (elapsed := time.monotonic() - t0) < seconds:
+    while (elapsed := time.monotonic() - t0) < seconds and (count is None or sent < count):
         for d in devices:
             d.send()
             sent += 1
@@ -134,21 +134,29 @@ def test_ingest_crash_kill9_mid_stream_loses_no_acknowledged_window(fleet):
     live, devices = fleet
     warm_up(live, devices)
     events: list[str] = []
+    marks: dict[str, dict[str, int]] = {}  # each device's next seq when the server was killed and restarted
 
     def chaos(elapsed: float) -> None:
         if elapsed > 2 and not events:
             live.server.kill()  # SIGKILL: whatever it held in memory, unacknowledged, stays with the broker
             live.server.wait()
             events.append("killed")
+            marks["killed"] = {d.id: d.seq for d in devices}
         elif elapsed > 3.5 and events == ["killed"]:
             live.start_server()
             events.append("restarted")
+            marks["restarted"] = {d.id: d.seq for d in devices}
 
     stream(devices, seconds=8, rate=400, during=chaos)
     acked, have = settle(live, devices)
     missing = acked - have
     print(f"kill -9 mid-stream: {len(acked)} windows acknowledged to devices, {len(missing)} missing")
-    assert events == ["killed", "restarted"] and len(acked) > 2000
+    assert events == ["killed", "restarted"]
+    # The stream covered every phase (how many windows a loaded host gets through in 8 s varies: the phases do not).
+    before = {w for w in acked if w[1] < marks["killed"][w[0]]}
+    down = {w for w in acked if marks["killed"][w[0]] <= w[1] < marks["restarted"][w[0]]}
+    after = acked - before - down
+    assert len(before) > 100 and len(down) > 50 and len(after) > 100, (len(before), len(down), len(after))
     assert not missing, sorted(missing)[:10]
 
 
@@ -157,10 +165,10 @@ def test_ingest_crash_outage_longer_than_the_old_queue_cap_loses_nothing(fleet):
     live, devices = fleet
     warm_up(live, devices)
     live.stop_server()  # SIGTERM: a graceful outage; the broker queues for the server's persistent session
-    stream(devices, seconds=14, rate=800)
+    stream(devices, seconds=40, rate=800, count=10_400)  # ~13 s at full rate; a loaded host gets the time it needs
     live.start_server()
     acked, have = settle(live, devices, timeout=120)
     missing = acked - have
-    print(f"14 s outage: {len(acked)} windows acknowledged to devices, {len(missing)} missing")
+    print(f"outage: {len(acked)} windows acknowledged to devices, {len(missing)} missing")
     assert len(acked) > 10_000  # more than the 10,000 messages the old configuration queued per client
     assert not missing, sorted(missing)[:10]
