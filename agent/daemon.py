@@ -56,7 +56,8 @@ class Agent:
         self.updater = Updater(
             UpdaterConfig(device_id=settings.device_id, profile=settings.profile, cohort=settings.cohort,
                           work_dir=state / "work", device_key=settings.device_key(),
-                          window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s)),
+                          window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s),
+                          link=settings.link_policy()),
             store=self.store, slots=self.slots, serving=self.serving, telemetry=self.telemetry, outbox=self.outbox,
             send=self._send, pinned_root=Path(settings.trust_root).read_bytes(), on_step=on_step,
             loader=lambda p: runtimes.load(p, threads=settings.threads, providers=settings.execution_providers,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.job import StepFailed
+from agent.metering import Hold, Metering
 from agent.slots import sha256_file
 from fleet_protocol.chunks import ChunkAssembler, ChunkManifest
 from fleet_protocol.errors import ChunkError
@@ -38,29 +39,58 @@ def check_payload(path: Path, *, sha256: str, length: int) -> None:
 
 
 def http_download(url: str, target: Path, length: int, *, attempts: int = HTTP_ATTEMPTS,
-                  sleep: Callable[[float], None] = time.sleep) -> None:
+                  sleep: Callable[[float], None] = time.sleep, meter: Metering | None = None) -> Hold | None:
     """Resumable HTTP(S) download: each attempt asks only for the bytes not yet on disk (Range); the hash is checked
-    afterwards (``check_payload``)."""
+    afterwards (``check_payload``). Under a link policy the read is paced to its cap and stops (what arrived stays)
+    when the link becomes metered or the day's budget is spent: the hold is returned, and a later call resumes."""
     for attempt in range(attempts):
         have = target.stat().st_size if target.exists() else 0
         if have > length:
             target.unlink()
             have = 0
         if have == length:
-            return
+            return None
+        if meter is not None and (held := meter.hold()) is not None:
+            return held
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp, open(target, "ab") as f:
                 if have and resp.status != 206:  # the server ignored Range: start over
                     f.truncate(0)
-                shutil.copyfileobj(resp, f, 1 << 20)
+                held = _copy(resp, f, meter, sleep)
                 f.flush()
                 os.fsync(f.fileno())
+            if held is not None:
+                return held
         except (OSError, http.client.HTTPException) as e:
             log.warning("HTTP download attempt %d failed: %s", attempt + 1, e)
             sleep(min(5.0, 0.2 * 2 ** attempt))
+        finally:
+            if meter is not None:
+                meter.save()
     if not target.exists() or target.stat().st_size != length:
         raise StepFailed(Reason.DOWNLOAD_FAILED, f"HTTP download of {url} incomplete after {attempts} attempts")
+    return None
+
+
+HTTP_BLOCK = 64 * 1024
+
+
+def _copy(src, dst, meter: Metering | None, sleep: Callable[[float], None]) -> Hold | None:
+    if meter is None or meter.policy.unlimited:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        return None
+    while True:
+        if (held := meter.hold()) is not None:
+            return held
+        left = meter.budget_left()
+        block = HTTP_BLOCK if left is None else min(HTTP_BLOCK, left)
+        meter.pace(block, sleep)
+        data = src.read(block)
+        if not data:
+            return None
+        dst.write(data)
+        meter.spend(len(data))
 
 
 @dataclass(frozen=True)
@@ -72,21 +102,29 @@ class WindowConfig:
 
 class ChunkWindow:
     """One payload over MQTT: asks for a window of missing chunks, the next window once it is delivered, and again
-    for what is missing after a reconnect or a stall. Called on the updater's thread only."""
+    for what is missing after a reconnect or a stall. Under a link policy (``meter``) a request holds while the link
+    is metered or the budget is spent, and is sized to the bandwidth cap; ``held`` says why it waits. Called on the
+    updater's thread only."""
 
     def __init__(self, config: WindowConfig, *, request: Callable[[ChunkRequest], None],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, meter: Metering | None = None):
         self.config = config
-        self._request, self._clock = request, clock
+        self._request, self._clock, self._meter = request, clock, meter
         self._assembler: ChunkAssembler | None = None
         self._job, self._path = "", ""
+        self._outstanding: set[int] = set()  # asked for and not yet here
         self._last_progress = 0.0
         self._stalls = 0
         self.connected = False
+        self.held: Hold | None = None
 
     @property
     def active(self) -> bool:
         return self._assembler is not None
+
+    def outstanding_bytes(self) -> int:
+        a = self._assembler
+        return 0 if a is None else sum(a.manifest.span(i)[1] - a.manifest.span(i)[0] for i in a.missing())
 
     def begin(self, job: str, path: str, manifest: ChunkManifest, target: Path) -> bool:
         """Start (or resume, from what ``target`` already holds) the download; True when nothing is missing."""
@@ -100,11 +138,22 @@ class ChunkWindow:
 
     def cancel(self) -> None:
         self._assembler = None
+        self._outstanding = set()
+        self.held = None
 
     def request_missing(self) -> None:
-        if self._assembler is None or not self.connected:
+        assembler = self._assembler
+        if assembler is None or not self.connected:
             return
-        missing = self._assembler.missing()[: self.config.window]
+        missing = assembler.missing()[: self.config.window]
+        if self._meter is not None:
+            self.held = self._meter.hold()
+            if self.held is not None:
+                self._outstanding = set()
+                return
+            spans = [assembler.manifest.span(i) for i in missing]
+            missing = missing[: self._meter.grant([end - start for start, end in spans])]
+        self._outstanding = set(missing)
         if missing:
             self._request(ChunkRequest(job=self._job, path=self._path, indices=tuple(missing)))
 
@@ -120,16 +169,26 @@ class ChunkWindow:
             return None
         if fresh:
             self._last_progress, self._stalls = self._clock(), 0
+            if self._meter is not None:
+                self._meter.spend(len(chunk.data))
         if assembler.complete:
-            self._assembler = None
+            self._assembler, self._outstanding = None, set()
+            if self._meter is not None:
+                self._meter.save()
             return assembler.path
-        if fresh and len(assembler.missing()) % self.config.window == 0:
-            self.request_missing()  # the window was delivered: ask for the next one
+        self._outstanding.discard(chunk.index)
+        if not self._outstanding:
+            self.request_missing()  # what was asked for is here: ask for the next
         return None
 
     def tick(self) -> None:
-        """Ask again when nothing arrived for ``timeout_s`` while connected; fail after ``max_stalls`` such asks."""
+        """Ask when nothing is outstanding (a hold may have lifted, the bucket refilled); ask again when nothing
+        arrived for ``timeout_s`` while connected; fail after ``max_stalls`` such asks."""
         if not self.connected or self._assembler is None:
+            return
+        if not self._outstanding:
+            self._last_progress = self._clock()
+            self.request_missing()
             return
         if self._clock() - self._last_progress < self.config.timeout_s:
             return

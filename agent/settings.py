@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from agent.metering import LinkPolicy
 from fleet_protocol.topics import DEVICE_ID
 
 ENV_PREFIX = "EF_AGENT_"
@@ -58,6 +59,12 @@ class AgentSettings(BaseModel):
     # downloads
     chunk_window: int = Field(default=64, ge=1, le=4096)
     chunk_timeout_s: float = Field(default=5.0, gt=0)
+    # metered links (agent.metering): a cap, a daily budget, and the integrator's "metered now" condition
+    max_download_bps: int | None = Field(default=None, gt=0)
+    daily_download_bytes: int | None = Field(default=None, gt=0)
+    metered_file: Path | None = None  # downloads hold while this file exists
+    metered_command: str | None = None  # … or while this command exits 0
+    metered_check_s: float = Field(default=10.0, gt=0)  # how often the command runs at most
 
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:
@@ -71,6 +78,11 @@ class AgentSettings(BaseModel):
         if self.password_file is not None:
             return self.password_file.read_text().strip()
         return self.password.get_secret_value() if self.password else None
+
+    def link_policy(self) -> LinkPolicy:
+        return LinkPolicy(max_download_bps=self.max_download_bps, daily_download_bytes=self.daily_download_bytes,
+                          metered_file=self.metered_file, metered_command=self.metered_command,
+                          check_every_s=self.metered_check_s)
 
     def device_key(self) -> bytes | None:
         return self.device_key_file.read_bytes() if self.device_key_file else None

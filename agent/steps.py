@@ -22,6 +22,7 @@ from agent.api import Loaded, Serving
 from agent.download import ChunkWindow, check_payload, http_download
 from agent.job import Job, Payload, StepFailed
 from agent.machine import Action, Event, Snapshot
+from agent.metering import Hold, Metering
 from agent.offers import Offers, reason_for
 from agent.report import Reporter
 from agent.slots import SlotError, SlotInfo, SlotStore
@@ -63,7 +64,9 @@ class StepContext:
     offers: Offers
     reporter: Reporter
     window: ChunkWindow
+    meter: Metering | None = None  # the link policy, for the HTTP path (the chunk window holds its own)
     staged: Loaded | None = None
+    held: Hold | None = None  # why the HTTP download waits (None: it does not)
 
     def job_dir(self, job: Job) -> Path:
         folder = self.work_dir / str(job.id)
@@ -114,7 +117,9 @@ def fetch(ctx: StepContext, snap: Snapshot, job: Job) -> Outcome | None:
         job.download_started = time.time()
     target = ctx.job_dir(job) / "payload"
     if job.url:  # the offer's base URL serves every signed file at URL/<path>
-        http_download(f"{job.url.rstrip('/')}/{payload.path}", target, payload.length)
+        ctx.held = http_download(f"{job.url.rstrip('/')}/{payload.path}", target, payload.length, meter=ctx.meter)
+        if ctx.held is not None:
+            return None  # the driver calls fetch again once the hold lifts
         return downloaded(job, target)
     if manifest is None:
         raise StepFailed(Reason.MALFORMED, "no URL and no chunk list for the payload")

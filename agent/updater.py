@@ -22,6 +22,7 @@ from agent.api import Serving
 from agent.download import ChunkWindow, WindowConfig
 from agent.job import Job, StepFailed
 from agent.machine import Action, Event, Snapshot, State, step
+from agent.metering import Hold, LinkPolicy, Metering
 from agent.offers import REFUSALS, Admission, Offers, Scope, reason_for
 from agent.outbox import Outbox
 from agent.report import Reporter
@@ -69,6 +70,7 @@ class UpdaterConfig:
     work_dir: Path
     window: WindowConfig = field(default_factory=WindowConfig)
     device_key: bytes | None = None  # X25519 private key for encrypted delivery
+    link: LinkPolicy = field(default_factory=LinkPolicy)  # bandwidth cap, daily budget, metered condition
 
 
 class Updater:
@@ -83,15 +85,17 @@ class Updater:
                              root=store.get("root") or pinned_root,
                              update_version=int(store.get("update_version") or b"0"))
         self.reporter = Reporter(config.device_id, outbox=outbox, send=send, slots=slots, offers=self.offers)
-        self.window = ChunkWindow(config.window, request=self._request_chunks)
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        self.meter = None if config.link.unlimited else Metering(config.link, config.work_dir / "link-ledger.json")
+        self.window = ChunkWindow(config.window, request=self._request_chunks, meter=self.meter)
         self.steps = StepContext(device_id=config.device_id, work_dir=config.work_dir, device_key=config.device_key,
                                  slots=slots, serving=serving, telemetry=telemetry, loader=loader,
-                                 offers=self.offers, reporter=self.reporter, window=self.window)
+                                 offers=self.offers, reporter=self.reporter, window=self.window, meter=self.meter)
+        self._reported_hold: tuple[str, str] | None = None
         self.snap, record = store.load_journal()
         self.job = Job.from_record(record)
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._thread: threading.Thread | None = None
-        config.work_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ inputs (any thread)
 
@@ -149,7 +153,47 @@ class Updater:
         elif kind == "disconnected":
             self.window.connected = False
         elif kind == "tick" and self.snap.state is State.DOWNLOADING:
-            self._guarded(self.window.tick)
+            self._guarded(self._download_tick)
+        self._report_hold()
+
+    def _download_tick(self) -> None:
+        if self.window.active:
+            self.window.tick()
+        elif self.job.url and self.steps.held is not None:  # an HTTP download on hold: try again
+            nxt = perform(self.steps, Action.FETCH, self.snap, self.job)
+            if nxt is not None:
+                self.submit("outcome", nxt)
+
+    def _hold(self) -> tuple[Hold, int] | None:
+        """Why the download waits, with the bytes it still needs."""
+        if self.snap.state is not State.DOWNLOADING:
+            return None
+        if self.window.active:
+            return (self.window.held, self.window.outstanding_bytes()) if self.window.held else None
+        held, payload = self.steps.held, self.job.payload
+        if held is None or payload is None:
+            return None
+        part = self.steps.work_dir / str(self.job.id) / "payload"
+        return held, payload.length - (part.stat().st_size if part.exists() else 0)
+
+    def _report_hold(self) -> None:
+        """Tell the server when a download starts or stops waiting on the link policy (``waiting: metered``)."""
+        if self.snap.state is not State.DOWNLOADING:
+            self._reported_hold, self.steps.held = None, None
+            return
+        found = self._hold()
+        key = (found[0].reason.value, found[0].why) if found else None
+        if key == self._reported_hold:
+            return
+        if found is not None:
+            held, outstanding = found
+            log.info("download %s %s", self.snap.job, held.describe(outstanding))
+            self.reporter.event(self.snap.job, UpdateState.DOWNLOADING, UpdateResult.PENDING, held.reason,
+                                held.describe(outstanding))
+        elif self._reported_hold is not None:
+            self.reporter.event(self.snap.job, UpdateState.DOWNLOADING, UpdateResult.PENDING, Reason.OK,
+                                "download resumed")
+        self._reported_hold = key
 
     def _transition(self, outcome: Outcome, *, job_id: str | None = None,
                     admission: Admission | None = None) -> None:

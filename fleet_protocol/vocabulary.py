@@ -30,7 +30,8 @@ class UpdateResult(StrEnum):
 
 
 class Reason(StrEnum):
-    """Why an update step failed; the server's health gates and dashboards key on these."""
+    """Why an update step failed (or, on a progress event, why it waits); the server's health gates and dashboards
+    key on these."""
 
     OK = "ok"
     BAD_SIGNATURE = "bad_signature"
@@ -47,3 +48,9 @@ class Reason(StrEnum):
     DISK_FULL = "disk_full"
     ROLLED_BACK = "rolled_back"
     INTERNAL = "internal"
+    # progress, not failure: the download holds (issue 17, metered links)
+    METERED = "metered"  # the integrator's condition says the link is metered
+    DATA_BUDGET = "data_budget"  # today's download budget is spent
+
+
+WAITING_REASONS = frozenset({Reason.METERED, Reason.DATA_BUDGET})

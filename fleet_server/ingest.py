@@ -32,12 +32,13 @@ from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
 from fleet_protocol.errors import ProtocolError
+from fleet_protocol.vocabulary import WAITING_REASONS, UpdateResult
 from fleet_server import fastdecode
 from fleet_server.db import json_dumps
 from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
 from fleet_server.pacing import TokenBuckets
 from fleet_server.rollouts.members import may_report, next_status
-from fleet_server.rollouts.planner import MemberStatus
+from fleet_server.rollouts.planner import IN_FLIGHT, MemberStatus
 
 log = logging.getLogger(__name__)
 BATCH_S = 0.1
@@ -288,11 +289,25 @@ class Ingest:
             if new is not None:
                 row.status = new.value
                 s.add(row)
+            if m.result is UpdateResult.PENDING and MemberStatus(row.status) in IN_FLIGHT:
+                self._waiting(s, row, m)
             return
         row.status = new.value
         row.finished_at = m.ts if new is not MemberStatus.ROLLED_BACK else row.finished_at
         row.reason, row.detail = m.reason.value, m.detail[:1000]
         row.timings = {**row.timings, **m.timings_ms}
+        s.add(row)
+
+    @staticmethod
+    def _waiting(s: Session, row: RolloutDevice, m: messages.UpdateEvent) -> None:
+        """A download that holds on the device's link policy shows as ``waiting: metered`` (or ``data budget``) with
+        the bytes outstanding, until a progress event says it resumed."""
+        if m.reason in WAITING_REASONS:
+            row.reason, row.detail = m.reason.value, m.detail[:1000]
+        elif row.reason in WAITING_REASONS:
+            row.reason, row.detail = "", m.detail[:1000]
+        else:
+            return
         s.add(row)
 
     def _reconcile(self, s: Session, states: dict[str, messages.DeviceState]) -> None:
