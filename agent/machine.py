@@ -6,6 +6,9 @@ the new snapshot to disk *before* it performs the step's actions, so a restart r
 state and either resumes or rolls back:
 
     idle ──offer──▶ downloading ──downloaded──▶ staging ──staged──▶ probing ──probe_passed──▶ activating
+                                                                      │ window_closed              ▲
+                                                                      ▼                            │ window_open
+                                                                  scheduled ───────────────────────┘
                         │                          │                   │                          │
                         └────────── failed ────────┴───────────────────┘                     switched / failed
                                       ▼                                                       ▼          ▼
@@ -15,6 +18,8 @@ state and either resumes or rolls back:
                                      idle                                                idle
 
 The previous model is served until the switch, so a failed download, stage or probe needs no rollback at all.
+An update with maintenance windows (fleet_protocol.windows) that passes its probe outside them waits in
+``scheduled`` (nothing runs there: restarts in it are not counted as crashes) until the driver sees a window open.
 Guards: a job that keeps crashing the agent (more than ``MAX_RESTARTS`` restarts in one state) is failed or rolled
 back instead of retried forever, and a job that takes more than ``MAX_TRANSITIONS`` steps is stopped as a loop.
 """
@@ -38,6 +43,8 @@ class Event(StrEnum):
     DOWNLOADED = "downloaded"
     STAGED = "staged"
     PROBE_PASSED = "probe_passed"
+    WINDOW_CLOSED = "window_closed"  # the probe passed outside the update's maintenance windows
+    WINDOW_OPEN = "window_open"  # a window opened: switch now
     SWITCHED = "switched"
     ROLLED_BACK = "rolled_back"
     REPORTED = "reported"
@@ -59,8 +66,8 @@ class Action(StrEnum):
     REJECT_BUSY = "reject_busy"  # an offer for another job arrived mid-update
 
 
-BUSY = frozenset({State.DOWNLOADING, State.STAGING, State.PROBING, State.ACTIVATING, State.COMMITTED,
-                  State.ROLLING_BACK, State.FAILED})
+BUSY = frozenset({State.DOWNLOADING, State.STAGING, State.PROBING, State.SCHEDULED, State.ACTIVATING,
+                  State.COMMITTED, State.ROLLING_BACK, State.FAILED})
 MAX_RESTARTS = 3
 MAX_TRANSITIONS = 64
 
@@ -71,12 +78,15 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.DOWNLOADING, E.DOWNLOADED): (S.STAGING, (A.REPORT_PROGRESS, A.STAGE)),
     (S.STAGING, E.STAGED): (S.PROBING, (A.REPORT_PROGRESS, A.PROBE)),
     (S.PROBING, E.PROBE_PASSED): (S.ACTIVATING, (A.SWITCH,)),
+    (S.PROBING, E.WINDOW_CLOSED): (S.SCHEDULED, (A.REPORT_PROGRESS,)),
+    (S.SCHEDULED, E.WINDOW_OPEN): (S.ACTIVATING, (A.SWITCH,)),
     (S.ACTIVATING, E.SWITCHED): (S.COMMITTED, (A.REPORT_OK, A.CLEANUP)),
     (S.COMMITTED, E.REPORTED): (S.IDLE, ()),
     # failures: before the switch nothing to undo; during it, restore
     (S.DOWNLOADING, E.FAILED): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.STAGING, E.FAILED): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.PROBING, E.FAILED): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
+    (S.SCHEDULED, E.FAILED): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.ACTIVATING, E.FAILED): (S.ROLLING_BACK, (A.RESTORE_PREVIOUS,)),
     (S.ROLLING_BACK, E.ROLLED_BACK): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.ROLLING_BACK, E.FAILED): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),  # nothing left to restore
@@ -86,12 +96,14 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.DOWNLOADING, E.ROLLBACK_ORDER): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.STAGING, E.ROLLBACK_ORDER): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.PROBING, E.ROLLBACK_ORDER): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
+    (S.SCHEDULED, E.ROLLBACK_ORDER): (S.FAILED, (A.CLEANUP, A.REPORT_FAILED)),
     (S.ACTIVATING, E.ROLLBACK_ORDER): (S.ROLLING_BACK, (A.RESTORE_PREVIOUS,)),
     # a restart resumes the journaled state; every step is idempotent
     (S.IDLE, E.RESTART): (S.IDLE, ()),
     (S.DOWNLOADING, E.RESTART): (S.DOWNLOADING, (A.FETCH,)),
     (S.STAGING, E.RESTART): (S.STAGING, (A.STAGE,)),
     (S.PROBING, E.RESTART): (S.PROBING, (A.PROBE,)),
+    (S.SCHEDULED, E.RESTART): (S.SCHEDULED, (A.REPORT_PROGRESS,)),
     (S.ACTIVATING, E.RESTART): (S.ACTIVATING, (A.SWITCH,)),
     (S.COMMITTED, E.RESTART): (S.COMMITTED, (A.REPORT_OK, A.CLEANUP)),
     (S.ROLLING_BACK, E.RESTART): (S.ROLLING_BACK, (A.RESTORE_PREVIOUS,)),
@@ -144,7 +156,7 @@ def step(snap: Snapshot, event: Event, *, job: str | None = None, reason: str = 
                       ordered_rollback=True)
     elif event is Event.RESTART:
         new = replace(new, restarts=snap.restarts + 1)
-        if snap.state is not State.IDLE and new.restarts > MAX_RESTARTS:
+        if snap.state not in (State.IDLE, State.SCHEDULED) and new.restarts > MAX_RESTARTS:
             return _guard(new, f"the agent restarted {new.restarts} times during this job in state "
                                f"{snap.state.value}")
     if nxt is State.IDLE:

@@ -15,18 +15,20 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import probe as probing
 from agent.api import Loaded, Serving
 from agent.download import ChunkWindow, check_payload, http_download
 from agent.job import Job, Payload, StepFailed
-from agent.machine import Action, Event, Snapshot
+from agent.machine import Action, Event, Snapshot, State
 from agent.metering import Hold, Metering
 from agent.offers import Offers, reason_for
 from agent.report import Reporter
 from agent.slots import SlotError, SlotInfo, SlotStore
 from agent.telemetry import Telemetry
+from fleet_protocol import windows
 from fleet_protocol.chunks import ChunkManifest
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.metadata import VerifiedUpdate
@@ -205,8 +207,19 @@ def probe(ctx: StepContext, snap: Snapshot, job: Job) -> Outcome:
     job.probe_result = verdict.detail
     if not verdict.passed:
         raise StepFailed(Reason.PROBE_FAILED, verdict.detail)
+    sets = ctx.offers.verified(job).spec.window_sets
+    if not windows.all_open(sets, time.time()):
+        return Outcome(Event.WINDOW_CLOSED)  # the staged model is loaded again at the switch, in the window
     ctx.staged = Loaded(model, info)
     return Outcome(Event.PROBE_PASSED)
+
+
+def scheduled_detail(ctx: StepContext, job: Job) -> str:
+    """``waiting: maintenance window`` with when the next one opens (by this device's clock)."""
+    nxt = windows.next_all_open(ctx.offers.verified(job).spec.window_sets, time.time())
+    when = "no window opens within a year" if nxt is None else \
+        f"next opens {datetime.fromtimestamp(nxt, UTC).isoformat(timespec='minutes')}"
+    return f"waiting: maintenance window ({when})"
 
 
 def switch(ctx: StepContext, snap: Snapshot, job: Job) -> Outcome:
@@ -251,6 +264,10 @@ def serve_active(slots: SlotStore, serving: Serving, loader: Callable[[Path], Mo
 
 
 def report_progress(ctx: StepContext, snap: Snapshot, job: Job) -> None:
+    if snap.state is State.SCHEDULED:
+        ctx.reporter.event(snap.job, snap.state, UpdateResult.PENDING, Reason.WINDOW, scheduled_detail(ctx, job),
+                           timings=job.reported_timings())
+        return
     ctx.reporter.event(snap.job, snap.state, UpdateResult.PENDING, timings=job.reported_timings())
 
 

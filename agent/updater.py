@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from agent.slots import SlotStore
 from agent.steps import Outcome, StepContext, downloaded, perform, serve_active
 from agent.store import Store
 from agent.telemetry import Telemetry
-from fleet_protocol import topics
+from fleet_protocol import topics, windows
+from fleet_protocol.errors import ProtocolError
 from fleet_protocol.messages import (
     BINARY_CHUNKS,
     CHUNK_ENCODINGS_PROPERTY,
@@ -154,7 +156,19 @@ class Updater:
             self.window.connected = False
         elif kind == "tick" and self.snap.state is State.DOWNLOADING:
             self._guarded(self._download_tick)
+        elif kind == "tick" and self.snap.state is State.SCHEDULED:
+            self._window_tick()
         self._report_hold()
+
+    def _window_tick(self) -> None:
+        """A staged update switches as soon as its maintenance windows are open (by this device's clock)."""
+        try:
+            sets = self.offers.verified(self.job).spec.window_sets
+        except (StepFailed, ProtocolError) as e:  # e.g. the journaled metadata expired while it waited
+            self.submit("outcome", Outcome.failed(e))
+            return
+        if windows.all_open(sets, time.time()):
+            self.submit("outcome", Outcome(Event.WINDOW_OPEN))
 
     def _download_tick(self) -> None:
         if self.window.active:

@@ -35,6 +35,7 @@ from fleet_protocol.errors import (
     UntrustedKeyError,
     VerificationError,
 )
+from fleet_protocol.windows import Window
 
 FIELD = "x-edgefleet"
 # Canonical JSON (what TUF signs) has no floats: real numbers travel as decimal strings and parse back on validation.
@@ -97,6 +98,15 @@ class UpdateSpec(_Model):
     probe: Probe
     provenance: Provenance
     encrypted_for: str | None = None  # the device key id the artifact is encrypted to, if it is
+    # Maintenance windows (fleet_protocol.windows): the switch waits until one of the rollout's windows and one of
+    # the device's site windows (its tags') are open; empty: no constraint. Signed: a broker or a forged offer cannot
+    # move an install into business hours.
+    windows: tuple[Window, ...] = Field(default=(), max_length=16)
+    site_windows: tuple[Window, ...] = Field(default=(), max_length=16)
+
+    @property
+    def window_sets(self) -> tuple[tuple[Window, ...], ...]:
+        return tuple(ws for ws in (self.windows, self.site_windows) if ws)
 
 
 @dataclass(frozen=True)
@@ -159,8 +169,10 @@ def build_update(spec: UpdateSpec, signers: list[Signer], *, version: int, expir
                                             spec.artifact.path)}
     for d in spec.deltas:
         files[d.path] = TargetFile(d.length, {"sha256": d.sha256}, d.path)
-    targets = Targets(version=version, expires=expires, targets=files,
-                      unrecognized_fields={FIELD: spec.model_dump(mode="json")})
+    # Fields an older agent does not know travel only when used (it refuses unknown fields: better than ignoring a
+    # window it cannot read).
+    ours = spec.model_dump(mode="json", exclude={k for k in ("windows", "site_windows") if not getattr(spec, k)})
+    targets = Targets(version=version, expires=expires, targets=files, unrecognized_fields={FIELD: ours})
     return _sign(Metadata(targets), signers)
 
 

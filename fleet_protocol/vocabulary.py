@@ -15,6 +15,7 @@ class UpdateState(StrEnum):
     DOWNLOADING = "downloading"  # offer verified and journaled; fetching the delta or full artifact
     STAGING = "staging"  # verify, patch, decrypt, verify target, write the inactive slot (fsync)
     PROBING = "probing"  # load the staged model beside the serving one and run the golden inputs
+    SCHEDULED = "scheduled"  # staged and probed; the switch waits for a maintenance window
     ACTIVATING = "activating"  # switch the active-slot pointer (atomic rename)
     COMMITTED = "committed"  # switched; report success
     ROLLING_BACK = "rolling_back"  # point back at the previous slot
@@ -48,9 +49,10 @@ class Reason(StrEnum):
     DISK_FULL = "disk_full"
     ROLLED_BACK = "rolled_back"
     INTERNAL = "internal"
-    # progress, not failure: the download holds (issue 17, metered links)
+    # progress, not failure: the job waits (issue 17: metered links, maintenance windows)
     METERED = "metered"  # the integrator's condition says the link is metered
     DATA_BUDGET = "data_budget"  # today's download budget is spent
+    WINDOW = "maintenance_window"  # staged; the switch waits for a maintenance window
 
 
-WAITING_REASONS = frozenset({Reason.METERED, Reason.DATA_BUDGET})
+WAITING_REASONS = frozenset({Reason.METERED, Reason.DATA_BUDGET, Reason.WINDOW})

@@ -405,6 +405,17 @@ class ServerReplica(SQLModel, table=True):
     heartbeat_at: float
 
 
+class TagWindows(SQLModel, table=True):
+    """A device tag's maintenance windows (fleet_protocol.windows): a device with the tag switches to a new model
+    only inside one of them (and inside the rollout's own, when it has some)."""
+
+    __tablename__ = "tag_windows"
+    tag: str = Field(primary_key=True, max_length=64)
+    windows: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    updated_by: str = Field(default="", max_length=100)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
 class DriftAlert(SQLModel, table=True):
     """An input of a model version whose recent fleet statistics drifted from its calibration data (PSI ≥ 0.25).
     One open alert per (model, input), updated while the drift lasts, closed when it subsides."""

@@ -21,15 +21,30 @@ from sqlmodel import Session, select
 from fleet_protocol import delta, messages
 from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, manifest_for
 from fleet_protocol.metadata import ArtifactInfo, DeltaInfo, Probe, Provenance, Scope, UpdateSpec, build_update
+from fleet_protocol.windows import Window
 from fleet_server import keys
-from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice
+from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice, TagWindows
 
 log = logging.getLogger(__name__)
 CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 256 KiB: a few MB move in a dozen messages per device
 OFFER_TTL = timedelta(days=7)
+MAX_SITE_WINDOWS = 16
 MANIFEST_CACHE = 10_000
 CHUNK_CACHE = 128  # encoded chunks kept (~45 MB at 256 KiB): a wave asks for the same few files
 DELTA_ALGORITHMS = {"bsdiff4", "zstd-patch", "onnx-tensors"}
+
+
+def site_windows(session: Session, tags: list[str]) -> tuple[Window, ...]:
+    """The maintenance windows of a device's tags (any of them open allows the switch); more than an offer carries
+    is refused rather than cut (the member shows why)."""
+    if not tags:
+        return ()
+    rows = session.exec(select(TagWindows).where(TagWindows.tag.in_(tags))).all()  # type: ignore[attr-defined]
+    found = {Window.model_validate(w) for row in rows for w in row.windows}
+    if len(found) > MAX_SITE_WINDOWS:
+        raise DeliveryError(f"the device's tags carry {len(found)} maintenance windows; an offer carries at most "
+                            f"{MAX_SITE_WINDOWS}")
+    return tuple(sorted(found, key=lambda w: (w.cron, w.duration_s, w.tz)))
 
 
 class DeliveryError(Exception):
@@ -82,8 +97,9 @@ class Delivery:
         return row if row.delta_sha256 else None
 
     def offer(self, session: Session, *, member: RolloutDevice, device: Device, mv: ModelVersion,
-              art: ConvertedArtifact, encrypt: bool) -> messages.UpdateOffer:
-        """Sign the offer for one device and fill in the member's files and delivery (the caller commits)."""
+              art: ConvertedArtifact, encrypt: bool, windows: tuple[Window, ...] = ()) -> messages.UpdateOffer:
+        """Sign the offer for one device and fill in the member's files and delivery (the caller commits). The
+        rollout's maintenance ``windows`` and the device's site windows (its tags') travel signed."""
         if art.artifact_sha256 is None:
             raise DeliveryError("no artifact")
         target = art.artifact_sha256
@@ -128,7 +144,8 @@ class Delivery:
                           provenance=Provenance(source_sha256=mv.source_sha256,
                                                 calibration_sha256=mv.calibration_sha256,
                                                 converter_version="edgefleet", fidelity=fidelity),
-                          encrypted_for=encrypted_for)
+                          encrypted_for=encrypted_for, windows=windows,
+                          site_windows=site_windows(session, device.tags))
         metadata = build_update(spec, [keys.online_signer(self.data_dir)], version=self._version(),
                                 expires=datetime.now(UTC) + OFFER_TTL)
         roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
+from fleet_protocol.windows import Window
 from fleet_server.insights import latency_histogram, version_label, watch_drift
 from fleet_server.models import (
     ConvertedArtifact,
@@ -175,7 +176,7 @@ class RolloutEngine:
             evaluation = self._evaluate(s, r, mv, members, artifacts)
             verdict = Verdict(evaluation["verdict"])
             p = plan(View(RolloutState.RUNNING, r.stage, members, now, verdict, r.stage_finished_at,
-                          approved_stage=r.approved_stage), strategy_of(r.strategy))
+                          approved_stage=r.approved_stage), strategy := strategy_of(r.strategy))
             evaluation = {**evaluation, "rate_per_minute": p.rate, "awaiting_approval": p.awaiting_approval}
             r.evaluation, r.stage, r.stage_finished_at = evaluation, p.stage, p.stage_finished_at
             if p.notes:
@@ -199,7 +200,7 @@ class RolloutEngine:
             outgoing: list[tuple[str, bytes]] = []
             for device_id in p.offer:  # first offers; then the unanswered ones again, as the same job
                 member = rows[device_id]
-                payload = self._offer(s, member, mv, artifacts, r.encrypt)
+                payload = self._offer(s, member, mv, artifacts, r.encrypt, strategy.windows)
                 if payload is None:
                     member.status = MemberStatus.SKIPPED.value
                 else:
@@ -208,7 +209,7 @@ class RolloutEngine:
                 s.add(member)
             for device_id in resend - set(p.offer):
                 member = rows[device_id]
-                payload = self._offer(s, member, mv, artifacts, r.encrypt)
+                payload = self._offer(s, member, mv, artifacts, r.encrypt, strategy.windows)
                 if payload is not None:
                     member.offered_at = now
                     s.add(member)
@@ -218,7 +219,8 @@ class RolloutEngine:
         for topic, payload in outgoing:
             self.publish(topic, payload)
 
-    def _offer(self, s: Session, member: RolloutDevice, mv, artifacts: dict, encrypt: bool) -> bytes | None:
+    def _offer(self, s: Session, member: RolloutDevice, mv, artifacts: dict, encrypt: bool,
+               windows: tuple[Window, ...] = ()) -> bytes | None:
         """The signed offer for one member, or None with the reason on the member (no artifact, undeliverable)."""
         device = s.get(Device, member.device_id)
         art = artifacts.get(device.profile) if device else None
@@ -226,7 +228,8 @@ class RolloutEngine:
             member.reason, member.detail = "no_artifact", "no releasable artifact for this device's profile"
             return None
         try:
-            return self.delivery.offer(s, member=member, device=device, mv=mv, art=art, encrypt=encrypt).to_bytes()
+            return self.delivery.offer(s, member=member, device=device, mv=mv, art=art, encrypt=encrypt,
+                                       windows=windows).to_bytes()
         except DeliveryError as e:
             member.reason, member.detail = "undeliverable", str(e)[:1000]
             return None
@@ -319,10 +322,12 @@ def new_job_id(rollout_id: int) -> str:
 
 def strategy_of(stored: dict) -> Strategy:
     """A stored strategy (JSON) as the planner's; rollouts stored before a field existed get its default."""
-    return Strategy(**{**stored, "waves_percent": tuple(stored.get("waves_percent", ()))})
+    return Strategy(**{**stored, "waves_percent": tuple(stored.get("waves_percent", ())),
+                       "windows": tuple(Window.model_validate(w) for w in stored.get("windows", ()))})
 
 
 def strategy_dict(strategy: Strategy) -> dict:
     d = asdict(strategy)
     d["waves_percent"] = list(d["waves_percent"])
+    d["windows"] = [w.model_dump() for w in strategy.windows]
     return d

@@ -15,6 +15,10 @@ Operators' controls: with ``require_approval`` each wave after the canary waits,
 until an operator approves that stage (``View.approved_stage``); nothing of it is offered before. With a ramp
 (``ramp_factor`` > 1, ``ramp_every`` successes) the rate grows by the factor for every ``ramp_every`` devices
 installed since the last failure, up to ``max_rate_per_minute``, and falls back to ``rate_per_minute`` on a failure.
+
+Maintenance windows (``windows``, fleet_protocol.windows) constrain when devices *switch*, not when they are offered:
+offers go out at once (devices download and stage), and a stage's timeout starts counting when the first window
+opens at or after its newest offer: waiting for a window is not a stall.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
+
+from fleet_protocol import windows as maintenance
+from fleet_protocol.windows import Window
 
 
 class MemberStatus(StrEnum):
@@ -58,6 +66,7 @@ class Strategy:
     ramp_factor: float = 1.0  # the rate's growth per ``ramp_every`` successes since the last failure
     ramp_every: int = 0  # 0: no ramp
     max_rate_per_minute: int | None = None  # the ramp's ceiling (None: no ceiling)
+    windows: tuple[Window, ...] = ()  # maintenance windows: devices switch only inside one
 
     def __post_init__(self) -> None:
         if not 0 < self.canary_percent <= 100:
@@ -159,7 +168,8 @@ def plan(view: View, strategy: Strategy) -> Plan:
                                                                                               m.device_id))
     notes: list[str] = []
 
-    stage_done = len(offered) >= targets[stage] and _settled(offered, view.now, strategy.stage_timeout_s)
+    stage_done = len(offered) >= targets[stage] and _settled(offered, view.now, strategy.stage_timeout_s,
+                                                             strategy.windows)
     finished_at: float | None = None
     if stage_done:
         finished_at = view.now if view.stage_finished_at is None else view.stage_finished_at
@@ -171,6 +181,12 @@ def plan(view: View, strategy: Strategy) -> Plan:
             notes.append(f"advancing to stage {stage}")
         else:
             notes.append(f"stage {stage} soaking ({strategy.soak_s - (view.now - finished_at):.0f} s left)")
+
+    if strategy.windows and not maintenance.is_open(strategy.windows, view.now) and \
+            any(m.status in IN_FLIGHT for m in offered):
+        nxt = maintenance.next_open(strategy.windows, view.now)
+        when = datetime.fromtimestamp(nxt, UTC).isoformat(timespec="minutes") if nxt is not None else "never"
+        notes.append(f"outside the maintenance windows: devices stage now and switch when one opens (next {when})")
 
     rate = strategy.rate(members)
     awaiting = stage if strategy.require_approval and stage > view.approved_stage else None
@@ -189,11 +205,16 @@ def plan(view: View, strategy: Strategy) -> Plan:
                 notes=tuple(notes), awaiting_approval=awaiting if not complete else None, rate=rate)
 
 
-def _settled(offered: Sequence[Member], now: float, timeout_s: float) -> bool:
+def _settled(offered: Sequence[Member], now: float, timeout_s: float, windows: Sequence[Window] = ()) -> bool:
     """Every offered device finished, or the newest offer is older than the stage timeout (stragglers stay
-    in flight and are judged when they report)."""
+    in flight and are judged when they report). With maintenance windows the timeout counts from the first window
+    that opens at or after the newest offer."""
     in_flight = [m for m in offered if m.status in IN_FLIGHT]
     if not in_flight:
         return True
     newest = max((m.offered_at or 0.0) for m in offered)
-    return now - newest >= timeout_s
+    since = newest
+    if windows:
+        opened = maintenance.next_open(windows, newest)
+        since = opened if opened is not None else newest
+    return now - since >= timeout_s

@@ -14,9 +14,9 @@ from sqlmodel import Session, select
 
 from fleet_server.auth import audit
 from fleet_server.models import ModelVersion, Rollout, utcnow
-from fleet_server.rollouts.engine import releasable, strategy_dict
+from fleet_server.rollouts.engine import releasable, strategy_dict, strategy_of
 from fleet_server.rollouts.gates import Gates
-from fleet_server.rollouts.planner import RolloutState, Strategy
+from fleet_server.rollouts.planner import RolloutState
 
 
 class RolloutRefusedError(Exception):
@@ -58,7 +58,7 @@ def check_release(session: Session, *, model: str, version: str, strategy: dict,
         raise NotReleasableError(f"{model} {version} has no releasable artifact for any agent profile: convert it "
                                  "first")
     try:
-        planned = Strategy(**{**strategy, "waves_percent": tuple(strategy.get("waves_percent", ()))})
+        planned = strategy_of(strategy)
         Gates(**gates)
     except (TypeError, ValueError) as e:
         raise InvalidPlanError(str(e)) from e

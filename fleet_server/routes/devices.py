@@ -10,6 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PField
 from sqlalchemy import func, type_coerce
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
@@ -18,6 +20,7 @@ from sqlalchemy.types import NullType
 from sqlmodel import select
 
 from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
+from fleet_protocol.windows import Window
 from fleet_server import keys
 from fleet_server.auth import (
     Admin,
@@ -41,6 +44,7 @@ from fleet_server.models import (
     EnrollRequest,
     EnrollResponse,
     Page,
+    TagWindows,
     utcnow,
 )
 from fleet_server.pki import FleetCA, PKIError
@@ -304,3 +308,44 @@ def decommission(device_id: str, request: Request, session: SessionDep, admin: A
     public = DevicePublic.model_validate(d, from_attributes=True)
     audit(session, actor=admin.name, action="device.decommission", target=f"device:{device_id}")
     return public
+
+
+# ----------------------------------------------------------------------------- maintenance windows of a tag
+
+
+class TagWindowsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    windows: list[Window] = PField(max_length=16, description="cron (5 fields, in tz) + duration_s; [] removes them")
+
+
+class TagWindowsPublic(TagWindowsBody):
+    tag: str
+    updated_by: str = ""
+    updated_at: datetime | None = None
+
+
+@router.get("/tags/{tag}/windows", response_model=TagWindowsPublic)
+def get_tag_windows(tag: str, session: SessionDep, _: Viewer):
+    row = session.get(TagWindows, _check_tags([tag])[0])
+    if row is None:
+        return TagWindowsPublic(tag=tag, windows=[])
+    return TagWindowsPublic(tag=row.tag, windows=row.windows, updated_by=row.updated_by, updated_at=row.updated_at)
+
+
+@router.put("/tags/{tag}/windows", response_model=TagWindowsPublic)
+def put_tag_windows(tag: str, body: TagWindowsBody, session: SessionDep, op: Operator):
+    """A site's maintenance windows: devices with this tag switch to a new model only inside one of them. Applies to
+    offers made from now on (an offer carries its windows, signed)."""
+    tag = _check_tags([tag])[0]
+    row = session.get(TagWindows, tag)
+    if not body.windows:
+        if row is not None:
+            session.delete(row)
+    else:
+        row = row or TagWindows(tag=tag)
+        row.windows, row.updated_by, row.updated_at = [w.model_dump() for w in body.windows], op.name, utcnow()
+        session.add(row)
+    session.commit()
+    audit(session, actor=op.name, action="tag.windows", target=f"tag:{tag}",
+          detail="; ".join(f"{w.cron} for {w.duration_s} s ({w.tz})" for w in body.windows) or "removed")
+    return get_tag_windows(tag, session, op)

@@ -10,6 +10,7 @@ from pydantic import Field as PField
 from sqlalchemy import func
 from sqlmodel import select
 
+from fleet_protocol.windows import Window
 from fleet_server.auth import Operator, SessionDep, Viewer, audit
 from fleet_server.limits import MAX_ID, MAX_OFFSET
 from fleet_server.models import ModelVersion, Rollout, RolloutDevice, utcnow
@@ -40,6 +41,8 @@ class StrategyIn(BaseModel):
                                 "ramp_every devices installed since the last failure; a failure resets it")
     ramp_every: int = PField(default=0, ge=0, le=1_000_000)
     max_rate_per_minute: int | None = PField(default=None, ge=1, le=1_000_000)
+    windows: list[Window] = PField(default=[], max_length=16, description="maintenance windows (cron in tz + "
+                                   "duration_s): devices download and stage at once, switch only inside one")
 
 
 class GatesIn(BaseModel):

@@ -100,7 +100,8 @@ def test_restart_resumes_every_state_idempotently(state):
     s = step(snap, Event.RESTART)
     assert s.snapshot.state is state
     expected = {State.IDLE: (), State.DOWNLOADING: (Action.FETCH,), State.STAGING: (Action.STAGE,),
-                State.PROBING: (Action.PROBE,), State.ACTIVATING: (Action.SWITCH,),
+                State.PROBING: (Action.PROBE,), State.SCHEDULED: (Action.REPORT_PROGRESS,),
+                State.ACTIVATING: (Action.SWITCH,),
                 State.COMMITTED: (Action.REPORT_OK, Action.CLEANUP),
                 State.ROLLING_BACK: (Action.RESTORE_PREVIOUS,), State.FAILED: (Action.CLEANUP, Action.REPORT_FAILED)}
     assert s.actions == expected[state]
@@ -119,6 +120,20 @@ def test_a_job_that_keeps_crashing_the_agent_is_stopped(state, after):
     assert s.snapshot.state is after
     if after is State.FAILED and state is not State.ROLLING_BACK:
         assert s.snapshot.reason == "internal" and "restarted" in s.snapshot.detail
+
+
+def test_window_a_probe_passed_outside_the_windows_waits_scheduled_then_switches():
+    s = step(Snapshot(state=State.PROBING, job="j1", transitions=3), Event.WINDOW_CLOSED)
+    assert s.snapshot.state is State.SCHEDULED and s.actions == (Action.REPORT_PROGRESS,)
+    snap = s.snapshot
+    for _ in range(MAX_RESTARTS * 3):  # nothing runs while scheduled: nightly reboots are not a crash loop
+        snap = step(snap, Event.RESTART).snapshot
+        assert snap.state is State.SCHEDULED
+    s = step(snap, Event.WINDOW_OPEN)
+    assert s.snapshot.state is State.ACTIVATING and s.actions == (Action.SWITCH,)
+    assert step(Snapshot(state=State.PROBING, job="j1"), Event.WINDOW_OPEN).ignored  # only a scheduled job opens
+    order = step(snap, Event.ROLLBACK_ORDER, job="j1")  # the server cancels it: nothing was switched
+    assert order.snapshot.state is State.FAILED and Action.RESTORE_PREVIOUS not in order.actions
 
 
 def test_progress_resets_the_restart_count():

@@ -4,8 +4,12 @@ a real server, broker and agents."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import pytest
 
+from fleet_protocol.windows import Window
 from fleet_server.rollouts.planner import Member, MemberStatus, RolloutState, Strategy, View, plan
 from tests import zoo
 
@@ -78,6 +82,43 @@ def test_ramp_strategies_are_checked():
             Strategy(**kw)
 
 
+# ----------------------------------------------------------------------------- maintenance windows
+
+NIGHTLY = Window(cron="0 2 * * *", duration_s=3600)  # 02:00-03:00 UTC
+DAY1_0100 = 1_764_637_200.0  # 2025-12-02T01:00:00Z
+
+
+@pytest.mark.parametrize(("windows", "now", "stage", "timeout_counts_from"), [
+    ((), DAY1_0100 + 599, 0, "the offer"),  # no windows: 600 s after the offer
+    ((), DAY1_0100 + 600, 1, "the offer"),
+    ((NIGHTLY,), DAY1_0100 + 600, 0, "02:00"),  # waiting for the window is not a stall
+    ((NIGHTLY,), DAY1_0100 + 3600 + 599, 0, "02:00"),
+    ((NIGHTLY,), DAY1_0100 + 3600 + 600, 1, "02:00"),
+])
+def test_window_stage_timeout_counts_from_the_first_window_after_the_offer(windows, now, stage, timeout_counts_from):
+    s = Strategy(canary_percent=10, waves_percent=(), stage_timeout_s=600, windows=windows)
+    fleet = [Member("d000", OFF, offered_at=DAY1_0100)] + [Member(f"d{i:03d}", P) for i in range(1, 10)]
+    p = plan(View(RolloutState.RUNNING, 0, fleet, now=now), s)
+    assert p.stage == stage, (timeout_counts_from, p.notes)
+    if windows and now < DAY1_0100 + 3600:
+        assert any("outside the maintenance windows" in n and "2025-12-02T02:00" in n for n in p.notes), p.notes
+
+
+def test_window_offers_are_not_held_outside_the_windows():
+    s = Strategy(canary_percent=100, waves_percent=(), windows=(NIGHTLY,))
+    p = plan(View(RolloutState.RUNNING, 0, members([P] * 3), now=DAY1_0100 - 6 * 3600), s)
+    assert len(p.offer) == 3  # devices download and stage now; they switch in the window
+
+
+def test_window_strategies_round_trip_through_storage():
+    from fleet_server.rollouts.engine import strategy_dict, strategy_of
+
+    s = Strategy(windows=(NIGHTLY, Window(cron="30 1 * * 6", duration_s=7200, tz="Asia/Tokyo")))
+    stored = strategy_dict(s)
+    assert stored["windows"][1] == {"cron": "30 1 * * 6", "duration_s": 7200, "tz": "Asia/Tokyo"}
+    assert strategy_of(stored) == s and strategy_of({}).windows == ()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -125,3 +166,46 @@ def test_retry_the_failed_devices_of_a_paused_rollout_as_a_new_attempt(live, tmp
     assert again["counts"] == {"failed": 2} and live.get(r["id"])["counts"] == {"failed": 2}  # its own counts
     assert live.http.post(f"/v1/rollouts/{r['id']}/retry").status_code == 409  # retried already: once
     assert live.http.post(f"/v1/rollouts/{retry['id']}/retry").json()["name"].endswith("(attempt 3)")
+
+
+@pytest.mark.slow
+def test_window_devices_stage_at_once_and_switch_only_when_the_window_opens(live, tmp_path):
+    model = zoo.mlp_opset(tmp_path / "m.onnx", opset=13, seed=0)
+    live.register("classifier", "1.0.0", model)
+    agents = live.enroll(1, tags=("site:night",))
+    site = live.http.put("/v1/tags/site:night/windows", json={"windows": [{"cron": "* * * * *", "duration_s": 120}]})
+    assert site.status_code == 200, site.text  # the site allows any time: the rollout's window decides
+    agents[0].start()
+    live.wait_online(agents)
+    opens = (int(time.time()) // 60 + 1) * 60
+    if opens - time.time() < 20:  # leave the device time to download, stage and probe first
+        opens += 60
+    at = datetime.fromtimestamp(opens, UTC)
+    r = live.rollout(model="classifier", version="1.0.0", strategy={
+        "canary_percent": 100, "waves_percent": [],
+        "windows": [{"cron": f"{at.minute} {at.hour} {at.day} {at.month} *", "duration_s": 600}]})
+    device = live.device_id(agents[0])
+    live.wait(lambda: live.members(r["id"]).get(device, {}).get("reason") == "maintenance_window", 30,
+              "the device staged and waiting for its window", lambda: live.members(r["id"]))
+    member = live.members(r["id"])[device]
+    assert time.time() < opens and member["status"] == "downloading"
+    assert member["detail"] == f"waiting: maintenance window (next opens {at.isoformat(timespec='minutes')})"
+    assert any("outside the maintenance windows" in n for n in live.get(r["id"])["notes"])
+    done = live.wait_state(r["id"], {"completed", "paused", "aborted"}, timeout=opens - time.time() + 60)
+    assert done["state"] == "completed" and done["counts"] == {"installed": 1}, done
+    assert live.members(r["id"])[device]["finished_at"] >= opens  # switched inside the window, not before
+
+
+def test_window_tag_windows_api_validates_and_audits(server):
+    op = server.as_("operator")
+    bad = server.put("/v1/tags/site:a/windows", headers=op, json={"windows": [{"cron": "0 25 * * *",
+                                                                               "duration_s": 600}]})
+    assert bad.status_code == 422 and "outside 0-23" in bad.text
+    assert server.put("/v1/tags/site:a/windows", headers=server.as_("viewer"), json={"windows": []}).status_code == 403
+    w = {"cron": "0 2 * * 1-5", "duration_s": 3600, "tz": "Europe/Berlin"}
+    got = server.put("/v1/tags/site:a/windows", headers=op, json={"windows": [w]}).json()
+    assert got["windows"] == [w] and got["updated_by"] == "operator-bot"
+    assert server.get("/v1/tags/site:a/windows", headers=server.as_("viewer")).json()["windows"] == [w]
+    assert server.put("/v1/tags/site:a/windows", headers=op, json={"windows": []}).json()["windows"] == []
+    audit = server.get("/v1/audit", headers=server.as_("admin"), params={"action": "tag.windows"}).json()
+    assert [e["detail"] for e in audit][:2] == ["removed", "0 2 * * 1-5 for 3600 s (Europe/Berlin)"]

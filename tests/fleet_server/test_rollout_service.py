@@ -8,7 +8,7 @@ from fleet_server.rollouts import service
 
 STRATEGY = {"canary_percent": 10.0, "waves_percent": [50.0, 100.0], "rate_per_minute": 1000, "soak_s": 0.0,
             "stage_timeout_s": 3600.0, "require_approval": False, "ramp_factor": 1.0, "ramp_every": 0,
-            "max_rate_per_minute": None}
+            "max_rate_per_minute": None, "windows": []}
 GATES = {"max_failure_share": 0.2, "min_finished": 1, "max_error_rate": None, "max_p99_ratio": None,
          "min_requests": 20, "min_fidelity": None}
 
