@@ -20,6 +20,7 @@ from agent.batching import MicroBatcher
 from agent.download import WindowConfig
 from agent.link import BrokerConfig, Link
 from agent.outbox import Outbox
+from agent.remote_config import RemoteConfig
 from agent.settings import AgentSettings
 from agent.slots import SlotStore
 from agent.store import Store
@@ -32,7 +33,7 @@ from fleet_runtime import runtimes
 log = logging.getLogger(__name__)
 
 # The topic kinds the agent subscribes to (``topics.device_subscriptions``): a message on any other is refused.
-INBOUND_KINDS = frozenset({"cmd", "dl"})
+INBOUND_KINDS = frozenset({"cmd", "dl", "cfg"})
 
 
 class Agent:
@@ -51,6 +52,8 @@ class Agent:
         self.bad_messages = 0
         self._stop = threading.Event()
         self._link: Link | None = None
+        # what remote configuration may change while running (the config file's values until it does)
+        self.threads, self.telemetry_interval_s = settings.threads, settings.telemetry_interval_s
         self.outbox = Outbox(self.store, self._send, max_rows=settings.outbox_max_messages)
         prefer = None if settings.tflite_runtime == "auto" else settings.tflite_runtime
         self.updater = Updater(
@@ -60,7 +63,7 @@ class Agent:
                           link=settings.link_policy()),
             store=self.store, slots=self.slots, serving=self.serving, telemetry=self.telemetry, outbox=self.outbox,
             send=self._send, pinned_root=Path(settings.trust_root).read_bytes(), on_step=on_step,
-            loader=lambda p: runtimes.load(p, threads=settings.threads, providers=settings.execution_providers,
+            loader=lambda p: runtimes.load(p, threads=self.threads, providers=settings.execution_providers,
                                            tflite=prefer))
         batcher = MicroBatcher(max_batch=settings.batch_max, max_wait_s=settings.batch_wait_ms / 1e3) \
             if settings.batch_max > 1 else None
@@ -69,6 +72,15 @@ class Agent:
                             batcher=batcher, read_timeout_s=settings.api_read_timeout_s,
                             max_connections=settings.api_max_connections)
         self.api_address = ""
+        self.remote_config = RemoteConfig(
+            self.store, verifier=lambda: self.updater.offers.verifier, report=self._config_report, appliers={
+                "telemetry_interval_s": lambda v: setattr(self, "telemetry_interval_s", float(v)),
+                "threads": lambda v: setattr(self, "threads", int(v)),  # the next model load
+                "log_level": lambda v: logging.getLogger().setLevel(str(v)),
+                "max_download_bps": lambda v: self.updater.set_link_policy(max_download_bps=v),
+                "daily_download_bytes": lambda v: self.updater.set_link_policy(daily_download_bytes=v),
+                "chunk_window": lambda v: self.updater.set_chunk_window(int(v))})
+        self.remote_config.restore()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,12 +150,15 @@ class Agent:
         if isinstance(msg, messages.Ping):
             self.updater.publish_state()
             return
+        if isinstance(msg, messages.ConfigOffer):
+            self.remote_config.offer(msg)
+            return
         self.updater.submit("message", msg)
 
     # ------------------------------------------------------------------ telemetry
 
     def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.s.telemetry_interval_s):
+        while not self._stop.wait(self.telemetry_interval_s):
             self._emit_telemetry()
 
     def _emit_telemetry(self) -> None:
@@ -155,6 +170,9 @@ class Agent:
         self.store.put(tm_seq=str(seq + 1).encode())
         self.outbox.put(topics.topic(self.s.device_id, "tm"), batch.to_bytes())
         self.metrics.outbox.set(self.store.outbox_size())
+
+    def _config_report(self, report: messages.ConfigReport) -> None:
+        self.outbox.put(topics.topic(self.s.device_id, "evt"), report.to_bytes())
 
     # ------------------------------------------------------------------ local API helpers
 

@@ -100,7 +100,9 @@ class Metering:
         return max(0, self.policy.daily_download_bytes - self.used_today())
 
     def spend(self, n: int) -> None:
-        """``n`` bytes arrived."""
+        """``n`` bytes arrived (counted while a budget is set: without one nothing is written)."""
+        if self.policy.daily_download_bytes is None:
+            return
         self.used_today()
         self._used += n
         self._dirty = True

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -88,7 +88,7 @@ class Updater:
                              update_version=int(store.get("update_version") or b"0"))
         self.reporter = Reporter(config.device_id, outbox=outbox, send=send, slots=slots, offers=self.offers)
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.meter = None if config.link.unlimited else Metering(config.link, config.work_dir / "link-ledger.json")
+        self.meter = Metering(config.link, config.work_dir / "link-ledger.json")
         self.window = ChunkWindow(config.window, request=self._request_chunks, meter=self.meter)
         self.steps = StepContext(device_id=config.device_id, work_dir=config.work_dir, device_key=config.device_key,
                                  slots=slots, serving=serving, telemetry=telemetry, loader=loader,
@@ -115,6 +115,13 @@ class Updater:
         self.submit("stop")
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def set_link_policy(self, **changes) -> None:
+        """Remote configuration: new caps take effect on the next request or block."""
+        self.meter.policy = replace(self.meter.policy, **changes)
+
+    def set_chunk_window(self, window: int) -> None:
+        self.window.config = replace(self.window.config, window=window)
 
     def status(self) -> dict:
         return {"update": {"state": self.snap.state.value, "job": self.snap.job, "reason": self.snap.reason,

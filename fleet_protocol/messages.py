@@ -236,6 +236,26 @@ class DeviceState(_Msg):
     ts: Timestamp
 
 
+ScalarValue = Annotated[str, Field(max_length=200)] | bool | int | float | None
+
+
+class ConfigOffer(_Msg):
+    """Server → device, retained per device: the desired settings, signed (``metadata.build_config``)."""
+
+    type: Literal["config"] = "config"
+    metadata: B64
+
+
+class ConfigReport(_Msg):
+    """Device → server: what the agent applied of a desired-settings version, and why it refused the rest."""
+
+    type: Literal["config_report"] = "config_report"
+    version: Count64
+    applied: dict[Label, ScalarValue] = Field(default={}, max_length=64)
+    refused: dict[Label, Annotated[str, Field(max_length=300)]] = Field(default={}, max_length=64)
+    ts: Timestamp
+
+
 class Online(_Msg):
     type: Literal["online"] = "online"
     online: bool
@@ -243,14 +263,15 @@ class Online(_Msg):
 
 
 Message = Annotated[UpdateOffer | RollbackOrder | Ping | ChunkData | ChunkRequest | UpdateEvent | TelemetryBatch
-                    | DeviceState | Online, Field(discriminator="type")]
+                    | DeviceState | Online | ConfigOffer | ConfigReport, Field(discriminator="type")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 
 
 # What each topic kind carries (fleet_protocol.topics): both sides parse through this one table.
 KIND_TYPES: dict[str, tuple[type[_Msg], ...]] = {
     "cmd": (UpdateOffer, RollbackOrder, Ping), "dl": (ChunkData,), "dl-req": (ChunkRequest,),
-    "evt": (UpdateEvent,), "tm": (TelemetryBatch,), "state": (DeviceState,), "online": (Online,)}
+    "evt": (UpdateEvent, ConfigReport), "tm": (TelemetryBatch,), "state": (DeviceState,), "online": (Online,),
+    "cfg": (ConfigOffer,)}
 
 
 def parse_for(kind: str, raw: bytes, *, limit: int = MAX_MESSAGE_BYTES):

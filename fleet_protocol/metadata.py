@@ -11,6 +11,7 @@ everything else; it never touches disk or network (python-tuf's ``TrustedMetadat
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,6 +110,33 @@ class UpdateSpec(_Model):
         return tuple(ws for ws in (self.windows, self.site_windows) if ws)
 
 
+CONFIG_FIELD = "x-edgefleet-config"
+
+
+class ConfigSpec(_Model):
+    """A device's desired settings (fleet_protocol.config), signed like an update. The settings travel as JSON text:
+    canonical JSON, which TUF signs, has no floats."""
+
+    device: str = Field(min_length=1, max_length=64)
+    settings_json: str = Field(max_length=16 * 1024)
+
+    def settings(self) -> dict:
+        try:
+            value = json.loads(self.settings_json)
+        except ValueError as e:
+            raise MalformedError(f"config settings are not JSON: {e}") from e
+        if not isinstance(value, dict) or not all(isinstance(v, str | int | float | bool | None) for v in
+                                                  value.values()):
+            raise MalformedError("config settings must be an object of scalar values")
+        return value
+
+
+@dataclass(frozen=True)
+class VerifiedConfig:
+    version: int
+    spec: ConfigSpec
+
+
 @dataclass(frozen=True)
 class VerifiedUpdate:
     version: int
@@ -173,6 +201,13 @@ def build_update(spec: UpdateSpec, signers: list[Signer], *, version: int, expir
     # window it cannot read).
     ours = spec.model_dump(mode="json", exclude={k for k in ("windows", "site_windows") if not getattr(spec, k)})
     targets = Targets(version=version, expires=expires, targets=files, unrecognized_fields={FIELD: ours})
+    return _sign(Metadata(targets), signers)
+
+
+def build_config(spec: ConfigSpec, signers: list[Signer], *, version: int, expires: datetime) -> bytes:
+    """A device's desired settings as TUF targets metadata with no target files (same keys, same checks)."""
+    targets = Targets(version=version, expires=expires, targets={},
+                      unrecognized_fields={CONFIG_FIELD: spec.model_dump(mode="json")})
     return _sign(Metadata(targets), signers)
 
 
@@ -274,6 +309,27 @@ class UpdateVerifier:
         self._check_consistent(signed, spec)
         self.update_version = signed.version
         return VerifiedUpdate(signed.version, signed.expires, spec)
+
+    def verify_config(self, data: bytes, *, after_version: int) -> VerifiedConfig:
+        """A desired-settings document: signed by the online keys the trusted root lists, newer than
+        ``after_version`` (the last one applied; its own counter, not the updates'), unexpired, for this device."""
+        md = _parse(data, self.limits.max_update_bytes, "targets")
+        _check_signatures(self._root, "targets", md)
+        signed: Targets = md.signed
+        if signed.version <= after_version:
+            raise RollbackError(f"config version {signed.version} is not newer than applied version {after_version}")
+        if signed.is_expired(self._clock()):
+            raise ExpiredError(f"config metadata expired at {signed.expires.isoformat()}")
+        try:
+            spec = ConfigSpec.model_validate(signed.unrecognized_fields[CONFIG_FIELD])
+        except KeyError as e:
+            raise MalformedError(f"config metadata has no {CONFIG_FIELD} section") from e
+        except ValidationError as e:
+            raise MalformedError(f"config metadata is invalid: {e.errors()[0]['msg']}") from e
+        if spec.device != self.device_id:
+            raise MixAndMatchError(f"config is for device {spec.device!r}, not {self.device_id!r}")
+        spec.settings()
+        return VerifiedConfig(signed.version, spec)
 
     def _check_scope(self, scope: Scope) -> None:
         if scope.profile != self.profile:

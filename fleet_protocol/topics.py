@@ -1,7 +1,7 @@
 """MQTT topic names (ARCHITECTURE.md, "MQTT") and the parser that keeps a device inside its own namespace.
 
 Per device ``{d}`` under ``ef/v1/d/{d}/``: ``cmd`` (server→device), ``dl/{job}`` and ``dl/{job}/req`` (chunks), ``evt``,
-``tm``, ``state`` (retained), ``online`` (retained, last will).
+``tm``, ``state`` (retained), ``online`` (retained, last will), ``cfg`` (server→device, retained: desired settings).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = "ef/v1"
 SHARE_GROUP = "fleet"
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 JOB_ID = DEVICE_ID
-KINDS = {"cmd", "evt", "tm", "state", "online"}
+KINDS = {"cmd", "evt", "tm", "state", "online", "cfg"}
 
 
 def _check_id(value: str, what: str) -> str:
@@ -83,9 +83,9 @@ def parse_own(text: str, device: str) -> Topic:
 
 
 def device_subscriptions(device: str) -> list[str]:
-    """What a device subscribes to: its commands and its own download jobs, nothing else."""
+    """What a device subscribes to: its commands, its desired settings and its own download jobs, nothing else."""
     _check_id(device, "device id")
-    return [f"{ROOT}/d/{device}/cmd", f"{ROOT}/d/{device}/dl/+"]
+    return [f"{ROOT}/d/{device}/cmd", f"{ROOT}/d/{device}/cfg", f"{ROOT}/d/{device}/dl/+"]
 
 
 def server_subscriptions(group: str = SHARE_GROUP) -> list[str]:

@@ -110,6 +110,7 @@ def acl(server_user: str) -> str:
         *servers,
         "",
         f"pattern read {d}/cmd",
+        f"pattern read {d}/cfg",
         f"pattern read {d}/dl/+",
         *(f"pattern write {d}/{kind}" for kind in ("evt", "tm", "state", "online")),
         f"pattern write {d}/dl/+/req",

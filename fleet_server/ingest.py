@@ -33,7 +33,7 @@ from sqlmodel import Session, select
 from fleet_protocol import messages, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.vocabulary import WAITING_REASONS, UpdateResult
-from fleet_server import fastdecode
+from fleet_server import fastdecode, remote_config
 from fleet_server.db import json_dumps
 from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
 from fleet_server.pacing import TokenBuckets
@@ -236,6 +236,9 @@ class Ingest:
                     telemetry.append((t.device, m))
                 elif isinstance(m, messages.UpdateEvent):
                     self._event(s, t.device, m)
+                elif isinstance(m, messages.ConfigReport):
+                    if not remote_config.record_report(s, t.device, m):
+                        self.counts["config_report_ignored"] += 1
                 elif isinstance(m, messages.DeviceState):
                     presence.setdefault(t.device, {}).update(online=True, active_version=m.active_version,
                                                              active_sha256=m.active_sha256)

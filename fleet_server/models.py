@@ -416,6 +416,30 @@ class TagWindows(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class DesiredConfig(SQLModel, table=True):
+    """Settings an operator wants (fleet_protocol.config) for one device (``device:<id>``) or every device with a tag
+    (``tag:<tag>``). A device's effective settings: its tags' in tag order, then its own on top."""
+
+    __tablename__ = "desired_config"
+    scope: str = Field(primary_key=True, max_length=80)
+    settings: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_by: str = Field(default="", max_length=100)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DeviceConfig(SQLModel, table=True):
+    """What a device was last sent (signed, retained) and what it reported back."""
+
+    __tablename__ = "device_config"
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=64)
+    desired_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    desired: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reported_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    applied: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    refused: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reported_at: float | None = None
+
+
 class DriftAlert(SQLModel, table=True):
     """An input of a model version whose recent fleet statistics drifted from its calibration data (PSI ≥ 0.25).
     One open alert per (model, input), updated while the drift lasts, closed when it subsides."""

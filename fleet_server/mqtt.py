@@ -298,8 +298,8 @@ class FleetLink:
         self._started = True
         return self
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def stop(self) -> None:
         if self._started:

@@ -62,8 +62,8 @@ class Delivery:
         self._lock = threading.Lock()
         self._last_version = 0
 
-    def _version(self) -> int:
-        """Update metadata versions only grow for a device: milliseconds, strictly increasing in this process."""
+    def next_version(self) -> int:
+        """Signed metadata versions only grow for a device: milliseconds, strictly increasing in this process."""
         with self._lock:
             self._last_version = max(int(time.time() * 1000), self._last_version + 1)
             return self._last_version
@@ -146,7 +146,7 @@ class Delivery:
                                                 converter_version="edgefleet", fidelity=fidelity),
                           encrypted_for=encrypted_for, windows=windows,
                           site_windows=site_windows(session, device.tags))
-        metadata = build_update(spec, [keys.online_signer(self.data_dir)], version=self._version(),
+        metadata = build_update(spec, [keys.online_signer(self.data_dir)], version=self.next_version(),
                                 expires=datetime.now(UTC) + OFFER_TTL)
         roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned
         member.files, member.delivery, member.bytes_offered = files, delivery, offered_bytes

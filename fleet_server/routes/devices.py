@@ -20,8 +20,9 @@ from sqlalchemy.types import NullType
 from sqlmodel import select
 
 from firmware_profiles import ProfileError, builtin_profile_ids, load_profile
+from fleet_protocol import config
 from fleet_protocol.windows import Window
-from fleet_server import keys
+from fleet_server import keys, remote_config
 from fleet_server.auth import (
     Admin,
     Operator,
@@ -35,7 +36,9 @@ from fleet_server.auth import (
 from fleet_server.broker import mosquitto_hash
 from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
+    DesiredConfig,
     Device,
+    DeviceConfig,
     DevicePatch,
     DevicePublic,
     EnrollmentToken,
@@ -147,6 +150,8 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep):
                                                       "same time: try again") from e
     request.app.state.broker_sync.sync(session)  # the new account works as soon as this answer arrives
     audit(session, actor=f"device:{device_id}", action="device.enroll", target=f"device:{device_id}")
+    if remote_config.effective(session, device):
+        send_config(request, session, [device])  # its tags' settings, retained for its first connection
     try:
         root = keys.pinned_root(settings.data_dir).decode()
     except keys.KeysError as e:
@@ -281,13 +286,16 @@ def get_device(device_id: str, session: SessionDep, _: Viewer):
 
 
 @router.patch("/devices/{device_id}", response_model=DevicePublic)
-def patch_device(device_id: str, body: DevicePatch, session: SessionDep, op: Operator):
+def patch_device(device_id: str, body: DevicePatch, request: Request, session: SessionDep, op: Operator):
     d = _device(session, device_id)
+    retag = body.tags is not None and _check_tags(body.tags) != d.tags
     if body.tags is not None:
         d.tags = _check_tags(body.tags)
     session.add(d)
     session.commit()
     session.refresh(d)
+    if retag and (remote_config.effective(session, d) or session.get(DeviceConfig, d.id)):
+        send_config(request, session, [d])  # its tags' settings changed with its tags
     public = DevicePublic.model_validate(d, from_attributes=True)
     audit(session, actor=op.name, action="device.update", target=f"device:{device_id}")
     return public
@@ -349,3 +357,94 @@ def put_tag_windows(tag: str, body: TagWindowsBody, session: SessionDep, op: Ope
     audit(session, actor=op.name, action="tag.windows", target=f"tag:{tag}",
           detail="; ".join(f"{w.cron} for {w.duration_s} s ({w.tz})" for w in body.windows) or "removed")
     return get_tag_windows(tag, session, op)
+
+
+# ----------------------------------------------------------------------------- remote configuration
+
+
+class ConfigBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    settings: dict[str, bool | int | float | str | None] = PField(
+        max_length=config.MAX_SETTINGS, description="fleet_protocol.config.SETTINGS; {} removes this scope's")
+
+
+class ConfigStatus(BaseModel):
+    device_id: str
+    desired: dict
+    desired_version: int
+    reported_version: int
+    applied: dict
+    refused: dict
+    reported_at: float | None
+    in_sync: bool
+
+
+class ScopeConfig(BaseModel):
+    scope: str
+    settings: dict
+    devices_sent: int = 0
+
+
+def _checked_settings(settings: dict) -> dict:
+    ok, refused = config.split(settings)
+    if refused:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "; ".join(f"{k}: {why}" for k, why in sorted(refused.items())))
+    return ok
+
+
+def _store_scope(session, scope: str, settings: dict, actor: str) -> None:
+    row = session.get(DesiredConfig, scope)
+    if not settings:
+        if row is not None:
+            session.delete(row)
+    else:
+        row = row or DesiredConfig(scope=scope)
+        row.settings, row.updated_by, row.updated_at = settings, actor, utcnow()
+        session.add(row)
+    session.commit()
+
+
+def send_config(request: Request, session, devices) -> int:
+    delivery = request.app.state.delivery
+    return remote_config.send(session, devices, data_dir=request.app.state.settings.data_dir,
+                              next_version=delivery.next_version,
+                              publish=lambda t, p: request.app.state.link.publish(t, p, retain=True))
+
+
+@router.get("/devices/{device_id}/config", response_model=ConfigStatus)
+def get_device_config(device_id: str, session: SessionDep, _: Viewer):
+    """What the device should run with (its tags' settings, then its own), and what it reported applying."""
+    return remote_config.status(session, _device(session, device_id))
+
+
+@router.put("/devices/{device_id}/config", response_model=ConfigStatus)
+def put_device_config(device_id: str, body: ConfigBody, request: Request, session: SessionDep, op: Operator):
+    """Signed and published retained: applied when the device is (or comes back) online; the last one wins."""
+    d = _device(session, device_id)
+    settings = _checked_settings(body.settings)
+    _store_scope(session, remote_config.device_scope(d.id), settings, op.name)
+    send_config(request, session, [d])
+    audit(session, actor=op.name, action="device.config", target=f"device:{d.id}",
+          detail=json.dumps(settings, sort_keys=True)[:1000])
+    return remote_config.status(session, d)
+
+
+@router.get("/tags/{tag}/config", response_model=ScopeConfig)
+def get_tag_config(tag: str, session: SessionDep, _: Viewer):
+    row = session.get(DesiredConfig, remote_config.tag_scope(_check_tags([tag])[0]))
+    return ScopeConfig(scope=remote_config.tag_scope(tag), settings=row.settings if row else {})
+
+
+@router.put("/tags/{tag}/config", response_model=ScopeConfig)
+def put_tag_config(tag: str, body: ConfigBody, request: Request, session: SessionDep, op: Operator):
+    """Settings for every device with the tag (a device's own settings win over its tags')."""
+    tag = _check_tags([tag])[0]
+    settings = _checked_settings(body.settings)
+    _store_scope(session, remote_config.tag_scope(tag), settings, op.name)
+    devices = [d for d in session.exec(select(Device).where(Device.decommissioned_at.is_(None)))  # type: ignore
+               if tag in d.tags]
+    sent = send_config(request, session, devices)
+    audit(session, actor=op.name, action="tag.config", target=f"tag:{tag}",
+          detail=json.dumps(settings, sort_keys=True)[:1000])
+    return ScopeConfig(scope=remote_config.tag_scope(tag), settings=settings, devices_sent=sent)

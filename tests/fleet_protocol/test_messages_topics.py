@@ -100,7 +100,7 @@ def test_device_ids_that_would_escape_the_namespace_are_refused(bad):
 
 
 def test_subscriptions_and_acl():
-    assert topics.device_subscriptions("dev-1") == ["ef/v1/d/dev-1/cmd", "ef/v1/d/dev-1/dl/+"]
+    assert topics.device_subscriptions("dev-1") == ["ef/v1/d/dev-1/cmd", "ef/v1/d/dev-1/cfg", "ef/v1/d/dev-1/dl/+"]
     assert all(s.startswith("$share/fleet/ef/v1/d/+/") for s in topics.server_subscriptions())
     assert topics.acl_pattern() == "pattern readwrite ef/v1/d/%u/#"
 

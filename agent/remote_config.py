@@ -1,0 +1,74 @@
+"""Desired settings from the server (issue 17, part 7), applied and reported back.
+
+A document is verified like an update (the trusted root's online keys, unexpired, for this device) and must be
+newer than the last one applied: the retained copy the broker hands over on every reconnect is recognised and
+ignored, an older one is refused. Each setting is checked against ``fleet_protocol.config`` and applied live; what
+this agent does not know or cannot take is reported with the reason instead of failing the whole document. The
+applied settings are kept in the agent's store and applied again at start, over the config file, so a restart
+does not undo them while the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from agent.store import Store
+from fleet_protocol import config
+from fleet_protocol.errors import ProtocolError
+from fleet_protocol.messages import ConfigOffer, ConfigReport
+from fleet_protocol.metadata import UpdateVerifier
+
+log = logging.getLogger(__name__)
+
+Applier = Callable[[config.Scalar], None]
+
+
+class RemoteConfig:
+    def __init__(self, store: Store, *, verifier: Callable[[], UpdateVerifier], appliers: dict[str, Applier],
+                 report: Callable[[ConfigReport], None], clock: Callable[[], float] = time.time):
+        self._store, self._verifier, self._appliers, self._report, self._clock = \
+            store, verifier, appliers, report, clock
+        saved = json.loads(store.get("config") or b'{"version": 0, "applied": {}}')
+        self.version: int = saved["version"]
+        self.applied: dict[str, config.Scalar] = saved["applied"]
+
+    def restore(self) -> None:
+        """Apply the settings kept from the last document (at start, before anything runs on them)."""
+        for name, value in self.applied.items():
+            self._apply(name, value)
+
+    def offer(self, msg: ConfigOffer) -> None:
+        try:  # the version applied passes here, to be recognised below
+            verified = self._verifier().verify_config(msg.metadata, after_version=self.version - 1)
+        except ProtocolError as e:
+            log.warning("config refused: %s", e)
+            return
+        if verified.version == self.version:
+            return  # the retained copy of what is applied (every reconnect): nothing to do
+        ok, refused = config.split(verified.spec.settings())
+        applied = {}
+        for name, value in ok.items():
+            why = self._apply(name, value)
+            if why is None:
+                applied[name] = value
+            else:
+                refused[name] = why
+        self.version, self.applied = verified.version, applied
+        self._store.put(config=json.dumps({"version": self.version, "applied": applied}).encode())
+        log.info("config version %d: applied %s%s", self.version, applied,
+                 f", refused {refused}" if refused else "")
+        self._report(ConfigReport(version=self.version, applied=applied, refused=refused, ts=self._clock()))
+
+    def _apply(self, name: str, value: config.Scalar) -> str | None:
+        applier = self._appliers.get(name)
+        if applier is None:
+            return "this agent cannot apply it"
+        try:
+            applier(value)
+        except (ValueError, OSError) as e:
+            log.warning("setting %s=%r not applied: %s", name, value, e)
+            return str(e)[:200]
+        return None
