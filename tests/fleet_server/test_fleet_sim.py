@@ -72,3 +72,40 @@ def test_fleet_sim_enrolls_and_injects_failures_through_a_rollout(secured, tmp_p
     tm = live.http.get("/v1/telemetry", params={"model_version": "classifier 1.0.0", "bucket_s": 3600}).json()
     p50 = tm["series"][-1]["p50_ms"]
     assert 6 < p50 < 16, tm  # the regression: ~2 ms × 5 on the updated devices
+
+
+@pytest.mark.slow
+def test_ramp_a_fleet_sim_rollout_grows_its_rate_with_successes(secured, tmp_path):
+    """24 simulated devices at a base rate of 3 offers a minute would take 8 minutes; tripling the rate for every 3
+    installs finishes in seconds, and the offers come in growing steps, each after installs."""
+    live = secured
+    live.register("classifier", "1.0.0", zoo.mlp_opset(tmp_path / "m.onnx", opset=13, seed=0))
+    token = live.http.post("/v1/enrollment-tokens", json={"max_uses": 24, "profile": "rpi5"}).json()["token"]
+    enrolled = fleet_sim("enroll", "--server", f"http://127.0.0.1:{live.port}", "--token", token, "--devices", 24,
+                         "--out", tmp_path / "fleet.json")
+    assert enrolled.returncode == 0, enrolled.stderr
+    sim = subprocess.Popen([sys.executable, "-m", "fleet_sim.cli", "run", "--fleet", str(tmp_path / "fleet.json"),
+                            "--duration", "60", "--telemetry-interval", "5", "--requests", "5"], cwd=ROOT,
+                           stdout=open(tmp_path / "sim.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        live.wait(lambda: live.http.get("/v1/devices", params={"online": True}).json()["total"] >= 24, 30,
+                  "the simulated devices online")
+        r = live.rollout(model="classifier", version="1.0.0", strategy={
+            "canary_percent": 100, "waves_percent": [], "rate_per_minute": 3, "ramp_factor": 3, "ramp_every": 3,
+            "max_rate_per_minute": 100})
+        done = live.wait_state(r["id"], {"completed", "paused", "aborted"}, timeout=50)
+    finally:
+        sim.kill()
+        sim.wait(30)
+    assert done["state"] == "completed" and done["counts"] == {"installed": 24}, done
+    members = sorted(live.members(r["id"]).values(), key=lambda m: m["offered_at"])
+    groups: dict[float, list[dict]] = {}  # the offers of each engine step
+    for m in members:
+        groups.setdefault(m["offered_at"], []).append(m)
+    sizes = [len(g) for g in groups.values()]
+    print("offers per engine step:", sizes)
+    assert sizes[:2] == [3, 6], sizes  # the base rate; then 9 a minute after 3 installs, 3 of them already used
+    for when, group in list(groups.items())[1:]:  # each step of growth follows installs, never time alone
+        installed = sum(1 for m in members if m["finished_at"] <= when)
+        offered_before = sum(len(g) for t, g in groups.items() if t < when)
+        assert offered_before + len(group) <= 3 * 3 ** (installed // 3), (sizes, installed)
