@@ -31,13 +31,20 @@ class RemoteConfig:
                  report: Callable[[ConfigReport], None], clock: Callable[[], float] = time.time):
         self._store, self._verifier, self._appliers, self._report, self._clock = \
             store, verifier, appliers, report, clock
-        saved = json.loads(store.get("config") or b'{"version": 0, "applied": {}}')
-        self.version: int = saved["version"]
-        self.applied: dict[str, config.Scalar] = saved["applied"]
+        self.version, self.applied = 0, {}
+        raw = store.get("config")
+        try:
+            saved = json.loads(raw) if raw else {}
+            self.version, self.applied = int(saved.get("version", 0)), dict(saved.get("applied", {}))
+        except (ValueError, TypeError, AttributeError) as e:  # unreadable: the retained document comes again
+            log.warning("kept settings unreadable (%s): starting from the config file", e)
 
     def restore(self) -> None:
         """Apply the settings kept from the last document (at start, before anything runs on them)."""
-        for name, value in self.applied.items():
+        ok, refused = config.split(self.applied)  # checked again: this agent's bounds may be newer
+        for name, why in refused.items():
+            log.warning("kept setting %s not applied: %s", name, why)
+        for name, value in ok.items():
             self._apply(name, value)
 
     def offer(self, msg: ConfigOffer) -> None:
