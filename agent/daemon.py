@@ -26,7 +26,7 @@ from agent.slots import SlotStore
 from agent.store import Store
 from agent.telemetry import Telemetry
 from agent.updater import StepHook, Updater, UpdaterConfig, no_hook
-from fleet_protocol import messages, topics
+from fleet_protocol import config, messages, topics
 from fleet_protocol.errors import MalformedError, ProtocolError
 from fleet_runtime import runtimes
 
@@ -79,7 +79,9 @@ class Agent:
                 "log_level": lambda v: logging.getLogger().setLevel(str(v)),
                 "max_download_bps": lambda v: self.updater.set_link_policy(max_download_bps=v),
                 "daily_download_bytes": lambda v: self.updater.set_link_policy(daily_download_bytes=v),
-                "chunk_window": lambda v: self.updater.set_chunk_window(int(v))})
+                "chunk_window": lambda v: self.updater.set_chunk_window(int(v))},
+            baseline={**{name: getattr(settings, name) for name in config.SETTINGS if hasattr(settings, name)},
+                      "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())})
         self.remote_config.restore()
 
     # ------------------------------------------------------------------ lifecycle

@@ -150,6 +150,7 @@ class ChunkWindow:
             self.held = self._meter.hold()
             if self.held is not None:
                 self._outstanding = set()
+                self._meter.save()
                 return
             spans = [assembler.manifest.span(i) for i in missing]
             missing = missing[: self._meter.grant([end - start for start, end in spans])]

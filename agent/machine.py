@@ -19,7 +19,9 @@ state and either resumes or rolls back:
 
 The previous model is served until the switch, so a failed download, stage or probe needs no rollback at all.
 An update with maintenance windows (fleet_protocol.windows) that passes its probe outside them waits in
-``scheduled`` (nothing runs there: restarts in it are not counted as crashes) until the driver sees a window open.
+``scheduled`` (nothing runs there: restarts in it count toward neither guard) until the driver sees a window open.
+A download that waits on the link policy (metered, budget) has its restart count reset by the driver whenever it
+reports the hold, so nightly reboots during a week-long budgeted download are not a crash loop.
 Guards: a job that keeps crashing the agent (more than ``MAX_RESTARTS`` restarts in one state) is failed or rolled
 back instead of retried forever, and a job that takes more than ``MAX_TRANSITIONS`` steps is stopped as a loop.
 """
@@ -156,6 +158,8 @@ def step(snap: Snapshot, event: Event, *, job: str | None = None, reason: str = 
                       ordered_rollback=True)
     elif event is Event.RESTART:
         new = replace(new, restarts=snap.restarts + 1)
+        if snap.state is State.SCHEDULED:  # waiting is not work: reboots there count toward no guard
+            new = replace(new, restarts=0, transitions=snap.transitions)
         if snap.state not in (State.IDLE, State.SCHEDULED) and new.restarts > MAX_RESTARTS:
             return _guard(new, f"the agent restarted {new.restarts} times during this job in state "
                                f"{snap.state.value}")

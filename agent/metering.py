@@ -90,7 +90,7 @@ class Metering:
 
     def used_today(self) -> int:
         today = self._today()
-        if today != self._day:
+        if today > self._day:  # a new day (a clock set back, as on a board without RTC before NTP, is not one)
             self._day, self._used, self._dirty = today, 0, True
         return self._used
 
@@ -113,14 +113,26 @@ class Metering:
         if not self._dirty:
             return
         tmp = self._ledger.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"day": self._day, "bytes": self._used}))
-        os.replace(tmp, self._ledger)
+        try:
+            tmp.write_text(json.dumps({"day": self._day, "bytes": self._used}))
+            os.replace(tmp, self._ledger)
+        except OSError as e:  # a full disk must not stop the download that would free it: counted in memory
+            log.warning("download ledger %s not saved: %s", self._ledger, e)
+            return
         self._saved_at, self._dirty = self._mono(), False
 
     # ------------------------------------------------------------------ holds
 
     def metered(self) -> str | None:
-        """Why the integrator says the link is metered now, or None."""
+        """Why the integrator says the link is metered now, or None (also when the condition cannot be read:
+        logged, so a broken hook never holds updates forever)."""
+        try:
+            return self._metered_now()
+        except (OSError, ValueError) as e:
+            log.warning("metered-link condition unreadable (%s): taken as not metered", e)
+            return None
+
+    def _metered_now(self) -> str | None:
         p = self.policy
         if p.metered_file is not None and p.metered_file.exists():
             return f"metered link ({p.metered_file} exists)"

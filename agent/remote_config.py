@@ -10,6 +10,7 @@ does not undo them while the server is unreachable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -28,14 +29,18 @@ Applier = Callable[[config.Scalar], None]
 
 class RemoteConfig:
     def __init__(self, store: Store, *, verifier: Callable[[], UpdateVerifier], appliers: dict[str, Applier],
-                 report: Callable[[ConfigReport], None], clock: Callable[[], float] = time.time):
+                 report: Callable[[ConfigReport], None], baseline: dict[str, config.Scalar] | None = None,
+                 clock: Callable[[], float] = time.time):
+        """``baseline``: the config file's value of each setting, restored when a document no longer sets it."""
         self._store, self._verifier, self._appliers, self._report, self._clock = \
             store, verifier, appliers, report, clock
-        self.version, self.applied = 0, {}
+        self._baseline = baseline or {}
+        self.version, self.applied, self.digest = 0, {}, ""
         raw = store.get("config")
         try:
             saved = json.loads(raw) if raw else {}
             self.version, self.applied = int(saved.get("version", 0)), dict(saved.get("applied", {}))
+            self.digest = str(saved.get("digest", ""))
         except (ValueError, TypeError, AttributeError) as e:  # unreadable: the retained document comes again
             log.warning("kept settings unreadable (%s): starting from the config file", e)
 
@@ -44,6 +49,8 @@ class RemoteConfig:
         ok, refused = config.split(self.applied)  # checked again: this agent's bounds may be newer
         for name, why in refused.items():
             log.warning("kept setting %s not applied: %s", name, why)
+        if ok:  # said first: a kept log level may quieten what follows
+            log.info("kept settings of config version %d applied: %s", self.version, ok)
         for name, value in ok.items():
             self._apply(name, value)
 
@@ -53,7 +60,8 @@ class RemoteConfig:
         except ProtocolError as e:
             log.warning("config refused: %s", e)
             return
-        if verified.version == self.version:
+        digest = hashlib.sha256(verified.spec.settings_json.encode()).hexdigest()
+        if verified.version == self.version and digest == self.digest:
             return  # the retained copy of what is applied (every reconnect): nothing to do
         ok, refused = config.split(verified.spec.settings())
         applied = {}
@@ -63,11 +71,20 @@ class RemoteConfig:
                 applied[name] = value
             else:
                 refused[name] = why
-        self.version, self.applied = verified.version, applied
-        self._store.put(config=json.dumps({"version": self.version, "applied": applied}).encode())
+        for name in self.applied.keys() - applied.keys():  # no longer set: back to the config file's value
+            if name in self._baseline:
+                self._apply(name, self._baseline[name])
+        self.version, self.applied, self.digest = verified.version, applied, digest
+        self._store.put(config=json.dumps({"version": self.version, "applied": applied,
+                                           "digest": digest}).encode())
         log.info("config version %d: applied %s%s", self.version, applied,
                  f", refused {refused}" if refused else "")
-        self._report(ConfigReport(version=self.version, applied=applied, refused=refused, ts=self._clock()))
+        try:
+            report = ConfigReport(version=self.version, applied=applied, refused=refused, ts=self._clock())
+        except ValueError as e:  # more or longer names than a report carries (a newer server's document)
+            report = ConfigReport(version=self.version, applied={}, refused={"document": str(e)[:200]},
+                                  ts=self._clock())
+        self._report(report)
 
     def _apply(self, name: str, value: config.Scalar) -> str | None:
         applier = self._appliers.get(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,12 @@ class AgentSettings(BaseModel):
             raise ValueError("api_host must be a loopback address: the local API has no authentication")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.metered_command is not None:
+            try:
+                if not shlex.split(self.metered_command):
+                    raise ValueError("it is empty")
+            except ValueError as e:
+                raise ValueError(f"metered_command {self.metered_command!r} cannot be parsed: {e}") from e
         return self
 
     def broker_password(self) -> str | None:

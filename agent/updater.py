@@ -208,6 +208,9 @@ class Updater:
             return
         if found is not None:
             held, outstanding = found
+            if self.snap.restarts:  # a held download is waiting, not crashing: reboots while held are not counted
+                self.snap = replace(self.snap, restarts=0)
+                self.store.save_journal(self.snap, self.job.to_record())
             log.info("download %s %s", self.snap.job, held.describe(outstanding))
             self.reporter.event(self.snap.job, UpdateState.DOWNLOADING, UpdateResult.PENDING, held.reason,
                                 held.describe(outstanding))
@@ -251,6 +254,8 @@ class Updater:
     # ------------------------------------------------------------------ offers and chunks
 
     def _offer(self, offer: UpdateOffer) -> None:
+        if self.snap.state is State.SCHEDULED and offer.job != self.snap.job and self._supersede(offer):
+            return
         if self.snap.state is not State.IDLE:
             if step(self.snap, Event.OFFER, job=offer.job).actions == (Action.REJECT_BUSY,):
                 self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, Reason.INTERNAL,
@@ -264,6 +269,17 @@ class Updater:
             return
         self._transition(Outcome(Event.OFFER), job_id=offer.job, admission=admission)
 
+    def _supersede(self, offer: UpdateOffer) -> bool:
+        """A newer offer for a job that only waits for its window replaces it: once the offer verifies, the waiting
+        job ends (failed, ``superseded``, reported) and the offer comes back as the next input, to an idle agent."""
+        try:
+            self.offers.admit(offer, previous_slot=self.steps.slots.pointer()["slot"])  # a check; nothing adopted
+        except REFUSALS:
+            return False  # handled as any offer to a busy agent: refused and reported, the waiting job kept
+        self._transition(Outcome(Event.FAILED, Reason.SUPERSEDED, f"superseded by job {offer.job}"))
+        self.submit("message", offer)
+        return True
+
     def _chunk(self, chunk: ChunkData) -> None:
         if self.snap.state is not State.DOWNLOADING or chunk.job != self.snap.job:
             return  # late or foreign chunk
@@ -275,7 +291,7 @@ class Updater:
         """Run a download step outside an action; its failure is the job's FAILED event."""
         try:
             fn()
-        except StepFailed as e:
+        except (StepFailed, OSError) as e:
             self.submit("outcome", Outcome.failed(e))
 
     def _request_chunks(self, request: ChunkRequest) -> None:

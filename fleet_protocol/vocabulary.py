@@ -49,6 +49,7 @@ class Reason(StrEnum):
     DISK_FULL = "disk_full"
     ROLLED_BACK = "rolled_back"
     INTERNAL = "internal"
+    SUPERSEDED = "superseded"  # a newer verified offer replaced a job that waited for its maintenance window
     # progress, not failure: the job waits (issue 17: metered links, maintenance windows)
     METERED = "metered"  # the integrator's condition says the link is metered
     DATA_BUDGET = "data_budget"  # today's download budget is spent

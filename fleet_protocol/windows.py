@@ -56,8 +56,9 @@ class Cron:
         self.minutes, self.hours, self.days, self.months, dow = (
             _parse_field(p, name, lo, hi) for p, (name, lo, hi) in zip(parts, _FIELDS, strict=True))
         self.weekdays = frozenset(d % 7 for d in dow)  # 0 and 7: Sunday
-        self._any_day, self._any_weekday = parts[2] == "*", parts[4] == "*"
-        self._hours, self._minutes = sorted(self.hours), sorted(self.minutes)
+        # as Vixie cron and cronie: a day field that starts with "*" (also "*/2") does not widen the other to "or"
+        self._any_day, self._any_weekday = parts[2].startswith("*"), parts[4].startswith("*")
+        self._times = [time(h, m) for h in sorted(self.hours) for m in sorted(self.minutes)]
 
     def day_matches(self, d: date) -> bool:
         if d.month not in self.months:
@@ -67,10 +68,9 @@ class Cron:
             return dom and dow
         return dom or dow
 
-    def times(self) -> Iterator[time]:
-        for h in self._hours:
-            for m in self._minutes:
-                yield time(h, m)
+    def times(self) -> list[time]:
+        """The opening times of a matching day, in order."""
+        return self._times
 
 
 class Window(BaseModel):
@@ -117,16 +117,24 @@ class Window(BaseModel):
                     yield start
 
     def open_since(self, now: float) -> float | None:
-        """When the window that is open at ``now`` opened, or None when it is closed."""
+        """When the window that is open at ``now`` opened (the earliest such opening), or None when it is closed.
+        Walks back from ``now``: every opening has the same duration, so the first that ended ends the search."""
         zone = ZoneInfo(self.tz)
+        cron = _cron(self.cron)
         today = datetime.fromtimestamp(now, zone).date()
-        back = self.duration_s // 86_400 + 2
-        latest = None
-        for i in range(back, -1, -1):
-            for start in self._starts(today - timedelta(days=i), zone):
-                if start <= now < start + self.duration_s:
-                    latest = start if latest is None else min(latest, start)
-        return latest
+        earliest = None
+        for i in range(self.duration_s // 86_400 + 2):
+            day = today - timedelta(days=i)
+            if not cron.day_matches(day):
+                continue
+            for t in reversed(cron.times()):
+                start = datetime.combine(day, t, zone).timestamp()
+                if start > now:
+                    continue
+                if start + self.duration_s <= now:
+                    return earliest
+                earliest = start
+        return earliest
 
 
 _CACHE: dict[str, Cron] = {}
@@ -161,11 +169,15 @@ def all_open(window_sets: Sequence[Sequence[Window]], now: float) -> bool:
 
 
 def next_all_open(window_sets: Sequence[Sequence[Window]], now: float, *, horizon_s: float = 366 * 86_400,
-                  ) -> float | None:
+                  max_steps: int = 400) -> float | None:
     """The first time at or after ``now`` when every set is open: jump to the earliest opening of a set that is
-    closed, until none is (no time in between can have them all open: a closed set opens no sooner)."""
+    closed, until none is (no time in between can have them all open: a closed set opens no sooner). None when
+    there is none within ``horizon_s`` or ``max_steps`` jumps (sets that keep missing each other, e.g. two
+    alternating minutes, would otherwise take hundreds of thousands)."""
     t = now
-    while t <= now + horizon_s:
+    for _ in range(max_steps):
+        if t > now + horizon_s:
+            return None
         if all_open(window_sets, t):
             return t
         nxt = [next_open(ws, t) for ws in window_sets if not is_open(ws, t)]

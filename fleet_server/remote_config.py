@@ -2,8 +2,8 @@
 effective document signed with the online key and published **retained** on its ``cfg`` topic (a device that is
 offline gets the last one when it returns; versions only grow), and the device's report of what it applied.
 
-Effective settings: the device's tags' documents in tag order, then its own on top. The database row is written
-before the message is published, as the rollout engine journals its offers.
+Effective settings: the device's tags' documents in the tags' alphabetical order, then its own on top. The
+database row is written before the message is published, as the rollout engine journals its offers.
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ def send(session: Session, devices: Iterable[Device], *, data_dir, next_version:
     for device in devices:
         if device.decommissioned_at is not None:
             continue
+        # The row locked first (PostgreSQL), then the settings read: of two concurrent changes the later-versioned
+        # document is the one that read both. Versions also grow past the row's own, whichever replica signs.
+        row = session.get(DeviceConfig, device.id, with_for_update=True) or DeviceConfig(device_id=device.id)
         settings = effective(session, device)
-        version = next_version()
+        version = max(next_version(), row.desired_version + 1)
         spec = ConfigSpec(device=device.id, settings_json=json.dumps(settings, sort_keys=True))
         metadata = build_config(spec, [signer], version=version, expires=expires)
-        row = session.get(DeviceConfig, device.id) or DeviceConfig(device_id=device.id)
         row.desired, row.desired_version = settings, version
         session.add(row)
         out.append((topics.topic(device.id, "cfg"), messages.ConfigOffer(metadata=metadata).to_bytes()))

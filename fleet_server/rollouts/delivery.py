@@ -22,6 +22,7 @@ from fleet_protocol import delta, messages
 from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, manifest_for
 from fleet_protocol.metadata import ArtifactInfo, DeltaInfo, Probe, Provenance, Scope, UpdateSpec, build_update
 from fleet_protocol.windows import Window
+from fleet_protocol.windows import next_all_open as windows_next_all_open
 from fleet_server import keys
 from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice, TagWindows
 
@@ -45,6 +46,18 @@ def site_windows(session: Session, tags: list[str]) -> tuple[Window, ...]:
         raise DeliveryError(f"the device's tags carry {len(found)} maintenance windows; an offer carries at most "
                             f"{MAX_SITE_WINDOWS}")
     return tuple(sorted(found, key=lambda w: (w.cron, w.duration_s, w.tz)))
+
+
+def offer_expiry(spec: UpdateSpec, now: datetime) -> datetime:
+    """``OFFER_TTL`` from now, or from when the offer's windows first all open: a device that waits for its window
+    (and reboots meanwhile, verifying the offer again) must still find it valid then."""
+    if not spec.window_sets:
+        return now + OFFER_TTL
+    opens = windows_next_all_open(spec.window_sets, now.timestamp())
+    if opens is None:
+        raise DeliveryError("the rollout's maintenance windows and the device's site windows are never open at the "
+                            "same time within a year")
+    return datetime.fromtimestamp(opens, UTC) + OFFER_TTL
 
 
 class DeliveryError(Exception):
@@ -147,7 +160,7 @@ class Delivery:
                           encrypted_for=encrypted_for, windows=windows,
                           site_windows=site_windows(session, device.tags))
         metadata = build_update(spec, [keys.online_signer(self.data_dir)], version=self.next_version(),
-                                expires=datetime.now(UTC) + OFFER_TTL)
+                                expires=offer_expiry(spec, datetime.now(UTC)))
         roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned
         member.files, member.delivery, member.bytes_offered = files, delivery, offered_bytes
         member.base_sha256, member.artifact_sha256 = device.active_sha256, target

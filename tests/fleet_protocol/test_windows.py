@@ -119,3 +119,40 @@ def test_window_travels_signed_and_only_when_used():
 
     with pytest.raises(SignatureError):
         UpdateVerifier(root, device_id="dev-1", profile="rpi5").verify_update(json.dumps(tampered).encode())
+
+
+@pytest.mark.parametrize(("expression", "day", "matches"), [
+    ("0 3 1 * 1", "2026-12-01", True),  # the 1st (a Tuesday): both day fields restricted → either matches
+    ("0 3 1 * 1", "2026-12-07", True),  # a Monday
+    ("0 3 1 * 1", "2026-12-08", False),
+    ("0 3 */2 * 1", "2026-12-07", True),  # "*/2" is not a restriction of the or-rule (Vixie cron): odd days AND Mon
+    ("0 3 */2 * 1", "2026-12-01", False),  # odd day, but a Tuesday
+    ("0 3 * * 0", "2026-12-06", True), ("0 3 * * 7", "2026-12-06", True),  # Sunday, both ways
+    ("0 3 29 2 *", "2028-02-29", True),
+])
+def test_window_day_fields_follow_cron(expression, day, matches):
+    assert Cron(expression).day_matches(datetime.fromisoformat(day).date()) is matches
+
+
+def test_window_sets_that_keep_missing_each_other_end_the_search_quickly():
+    import time
+
+    even, odd = [Window(cron="*/2 * * * *", duration_s=60)], [Window(cron="1-59/2 * * * *", duration_s=60)]
+    t0 = time.perf_counter()
+    assert next_all_open([even, odd], ts("2026-12-02T00:00:00+00:00")) is None
+    assert time.perf_counter() - t0 < 10  # bounded in jumps, not a year of minutes
+
+
+def test_window_offer_lasts_until_after_its_windows_first_open():
+    from fleet_server.rollouts.delivery import OFFER_TTL, DeliveryError, offer_expiry
+
+    class Spec:
+        def __init__(self, *sets):
+            self.window_sets = sets
+
+    now = datetime.fromisoformat("2026-12-02T00:00:00+00:00")
+    assert offer_expiry(Spec(), now) == now + OFFER_TTL
+    monthly = Window(cron="0 3 1 * *", duration_s=3600)  # next: 2027-01-01T03:00Z, beyond a 7-day offer
+    assert offer_expiry(Spec((monthly,)), now) == datetime.fromisoformat("2027-01-01T03:00:00+00:00") + OFFER_TTL
+    with pytest.raises(DeliveryError, match="never open at the same time"):
+        offer_expiry(Spec((monthly,), (Window(cron="0 5 * * *", duration_s=60),)), now)

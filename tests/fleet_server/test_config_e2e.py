@@ -6,6 +6,7 @@ the last desired document when it returns, and a restart keeps what it applied."
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -95,13 +96,22 @@ def test_config_an_offline_device_gets_the_last_document_and_a_restart_keeps_it(
     assert got["applied"] == {"telemetry_interval_s": 2, "chunk_window": 16, "log_level": "WARNING"}
     assert got["desired"] == got["applied"]
     version = got["reported_version"]
-    applied_lines = agent.output().count("config version")
+    applied_lines = len(re.findall(r"config version \d+: applied", agent.output()))
 
     agent.stop()  # the broker hands over the same retained document again: recognised, not re-applied
     agent.start()
     live.wait_online([agent])
     time.sleep(2)
     assert config_of(live, device)["reported_version"] == version
-    assert agent.output().count("config version") == applied_lines  # no "config version N: applied" line since
+    assert len(re.findall(r"config version \d+: applied", agent.output())) == applied_lines  # none since
+    assert "kept settings of config version" in agent.output()  # applied again at start, before the broker
+
+    # Removed settings go back to the config file's values (0.5 s telemetry in these tests' agents).
+    live.http.put("/v1/tags/site:b/config", json={"settings": {}})
+    live.http.put(f"/v1/devices/{device}/config", json={"settings": {}})
+    got = wait_in_sync(live, device)
+    assert got["applied"] == {} and got["desired"] == {}
+    time.sleep(2.5)  # the window that was running
+    assert windows_in(live, device, 3) >= 4
     audit = live.http.get("/v1/audit", params={"action": "tag.config"}).json()
-    assert len([e for e in audit if e["target"] == "tag:site:b"]) == 2
+    assert len([e for e in audit if e["target"] == "tag:site:b"]) == 3

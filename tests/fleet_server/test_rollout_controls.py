@@ -5,7 +5,7 @@ a real server, broker and agents."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -209,3 +209,25 @@ def test_window_tag_windows_api_validates_and_audits(server):
     assert server.put("/v1/tags/site:a/windows", headers=op, json={"windows": []}).json()["windows"] == []
     audit = server.get("/v1/audit", headers=server.as_("admin"), params={"action": "tag.windows"}).json()
     assert [e["detail"] for e in audit][:2] == ["removed", "0 2 * * 1-5 for 3600 s (Europe/Berlin)"]
+
+
+@pytest.mark.slow
+def test_window_a_newer_rollout_supersedes_an_update_that_waits_for_its_window(live, tmp_path):
+    live.register("classifier", "1.0.0", zoo.mlp_opset(tmp_path / "a.onnx", opset=13, seed=0))
+    live.register("classifier", "1.1.0", zoo.mlp_opset(tmp_path / "b.onnx", opset=13, seed=1))
+    agents = live.enroll(1)
+    agents[0].start()
+    live.wait_online(agents)
+    device = live.device_id(agents[0])
+    far = datetime.now(UTC) + timedelta(days=3)  # a window days away: the update waits, staged
+    waiting = live.rollout(model="classifier", version="1.0.0", strategy={
+        "canary_percent": 100, "waves_percent": [],
+        "windows": [{"cron": f"0 {far.hour} {far.day} {far.month} *", "duration_s": 3600}]})
+    live.wait(lambda: live.members(waiting["id"]).get(device, {}).get("reason") == "maintenance_window", 30,
+              "the device staged and waiting", lambda: live.members(waiting["id"]))
+    hotfix = live.rollout(model="classifier", version="1.1.0", strategy={"canary_percent": 100, "waves_percent": []})
+    done = live.wait_state(hotfix["id"], {"completed", "paused", "aborted"}, timeout=60)
+    assert done["state"] == "completed" and done["counts"] == {"installed": 1}, done
+    old = live.members(waiting["id"])[device]
+    assert (old["status"], old["reason"]) == ("failed", "superseded") and hotfix["id"] and "job r" in old["detail"]
+    assert agents[0].model()["version"] == "1.1.0"
