@@ -35,8 +35,9 @@ system-deps:
 			chromium chromium-driver fonts-dejavu-core >/dev/null; \
 	fi
 
+# Two workers: the converters' CPU-bound tests beside the server's subprocess-bound ones (tests/conftest.py).
 test: $(STAMP) $(TFLITE_VENV)/.installed system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
 
 demo: $(STAMP) system-deps
 	$(BIN)/python scripts/demo.py
