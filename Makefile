@@ -35,9 +35,9 @@ system-deps:
 			chromium chromium-driver fonts-dejavu-core >/dev/null; \
 	fi
 
-# Two workers: the converters' CPU-bound tests beside the server's subprocess-bound ones (tests/conftest.py).
+# Two pytest processes side by side: the converters' CPU-bound tests and the rest (scripts/run_tests.py).
 test: $(STAMP) $(TFLITE_VENV)/.installed system-deps
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+	$(BIN)/python scripts/run_tests.py
 
 demo: $(STAMP) system-deps
 	$(BIN)/python scripts/demo.py
