@@ -121,7 +121,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.state.rollouts = RolloutEngine(app.state.engine, app.state.delivery, app.state.link.publish,
                                        tick_s=settings.engine_tick_s, drift_interval_s=settings.drift_interval_s,
-                                       drift_window_s=settings.drift_window_s)
+                                       drift_window_s=settings.drift_window_s,
+                                       config_resend_s=settings.config_resend_s)
     app.state.replicas = Replicas(app.state.engine, client_id, username, adopt=adopt,
                                   leading=lambda: app.state.rollouts.leading)
     if settings.job_queue == "procrastinate":  # parts of jobs on the queue in PostgreSQL, for `fleet-server worker`

@@ -434,6 +434,7 @@ class DeviceConfig(SQLModel, table=True):
     device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=64)
     desired_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     desired: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    sent_at: float | None = None  # when the desired document was last published
     reported_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     applied: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     refused: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -9,6 +9,7 @@ database row is written before the message is published, as the rollout engine j
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -55,11 +56,40 @@ def send(session: Session, devices: Iterable[Device], *, data_dir, next_version:
         row = session.get(DeviceConfig, device.id, with_for_update=True) or DeviceConfig(device_id=device.id)
         settings = effective(session, device)
         version = max(next_version(), row.desired_version + 1)
-        spec = ConfigSpec(device=device.id, settings_json=json.dumps(settings, sort_keys=True))
-        metadata = build_config(spec, [signer], version=version, expires=expires)
-        row.desired, row.desired_version = settings, version
+        row.desired, row.desired_version, row.sent_at = settings, version, time.time()
         session.add(row)
-        out.append((topics.topic(device.id, "cfg"), messages.ConfigOffer(metadata=metadata).to_bytes()))
+        out.append((topics.topic(device.id, "cfg"), _document(signer, row, expires)))
+    session.commit()
+    for topic, payload in out:
+        publish(topic, payload)
+    return len(out)
+
+
+def _document(signer, row: DeviceConfig, expires: datetime) -> bytes:
+    spec = ConfigSpec(device=row.device_id, settings_json=json.dumps(row.desired, sort_keys=True))
+    return messages.ConfigOffer(metadata=build_config(spec, [signer], version=row.desired_version,
+                                                      expires=expires)).to_bytes()
+
+
+def resend_lagging(session: Session, *, data_dir, publish: Publish, after_s: float, limit: int = 500) -> int:
+    """Publish again, same version and settings, the document of each online device whose report lags what it
+    was sent ``after_s`` ago: a publish lost between the commit and the broker (a crash, a dropped link) would
+    otherwise leave the device out of sync until the next change. An agent that has it ignores it."""
+    now = time.time()
+    rows = session.exec(
+        select(DeviceConfig).join(Device, Device.id == DeviceConfig.device_id)  # type: ignore[arg-type]
+        .where(DeviceConfig.desired_version > DeviceConfig.reported_version,  # type: ignore[arg-type]
+               Device.online == True, Device.decommissioned_at.is_(None),  # type: ignore[union-attr]  # noqa: E712
+               (DeviceConfig.sent_at.is_(None)) | (DeviceConfig.sent_at < now - after_s))  # type: ignore[union-attr,operator]
+        .limit(limit)).all()
+    if not rows:
+        return 0
+    signer, expires = keys.online_signer(data_dir), datetime.now(UTC) + CONFIG_TTL
+    out = []
+    for row in rows:
+        row.sent_at = now
+        session.add(row)
+        out.append((topics.topic(row.device_id, "cfg"), _document(signer, row, expires)))
     session.commit()
     for topic, payload in out:
         publish(topic, payload)

@@ -35,6 +35,8 @@ class ServerSettings(BaseSettings):
     rollout_engine: bool = True  # connect to the broker, ingest device messages, run rollouts
     engine_tick_s: float = Field(default=0.5, gt=0, le=60)
     drift_interval_s: float = Field(default=60.0, gt=0)  # how often the engine checks inputs for drift
+    # remote configuration: an online device whose report lags what it was sent this long gets it again
+    config_resend_s: float = Field(default=60.0, gt=0)
     drift_window_s: float = Field(default=900.0, gt=0)  # over how much recent telemetry
     conversion_workers: int = Field(default=1, ge=1, le=16)  # processes; each conversion is CPU- and RAM-heavy
     # Where conversion jobs run: "local" (a process pool inside this server; SQLite is fine) or "procrastinate" (the

@@ -23,6 +23,7 @@ from sqlmodel import Session, select
 
 from fleet_protocol import messages, topics
 from fleet_protocol.windows import Window
+from fleet_server import remote_config
 from fleet_server.insights import latency_histogram, version_label, watch_drift
 from fleet_server.models import (
     ConvertedArtifact,
@@ -79,10 +80,11 @@ def selector_matches(selector: dict, device: Device) -> bool:
 
 class RolloutEngine:
     def __init__(self, db: Engine, delivery: Delivery, publish, *, tick_s: float = 0.5, holder: str | None = None,
-                 drift_interval_s: float = 60.0, drift_window_s: float = 900.0):
+                 drift_interval_s: float = 60.0, drift_window_s: float = 900.0, config_resend_s: float = 60.0):
         self.db, self.delivery, self.publish, self.tick_s = db, delivery, publish, tick_s
         self.drift_interval_s, self.drift_window_s = drift_interval_s, drift_window_s
         self._drift_due = 0.0
+        self.config_resend_s, self._config_due = config_resend_s, 0.0
         self._join_due: dict[int, float] = {}
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stop = threading.Event()
@@ -157,6 +159,11 @@ class RolloutEngine:
             self._drift_due = now + self.drift_interval_s
             with Session(self.db) as s:
                 watch_drift(s, now, self.drift_window_s)
+        if now >= self._config_due:
+            self._config_due = now + min(self.config_resend_s, 10.0)
+            with Session(self.db) as s:
+                remote_config.resend_lagging(s, data_dir=self.delivery.data_dir, after_s=self.config_resend_s,
+                                             publish=lambda t, p: self.publish(t, p, retain=True))
 
     def step(self, rollout_id: int, now: float) -> None:
         """One planning round for one rollout. Reads the members as plain columns (no ORM objects: this runs every

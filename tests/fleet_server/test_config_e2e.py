@@ -1,7 +1,8 @@
 """Remote configuration end to end (issue 17, part 7): a real `fleet-server serve`, Mosquitto and `fleet-agent run`.
 Settings set per device and per tag are signed, published retained, applied live by the agent (telemetry really
 slows down) and reported back; what the agent refuses is reported with the reason; a device that was offline gets
-the last desired document when it returns, and a restart keeps what it applied."""
+the last desired document when it returns, and a restart keeps what it applied; a document whose publish was lost is
+sent again."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from sqlmodel import Session, func, select
 from fleet_protocol import messages, topics
 from fleet_protocol.metadata import ConfigSpec, build_config
 from fleet_server import keys
-from fleet_server.models import TelemetryWindow
+from fleet_server.models import DesiredConfig, DeviceConfig, TelemetryWindow
+from tests.fleet_driver import Broker
+from tests.fleet_server.live_fleet import LiveFleet
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +118,28 @@ def test_config_an_offline_device_gets_the_last_document_and_a_restart_keeps_it(
     assert windows_in(live, device, 3) >= 4
     audit = live.http.get("/v1/audit", params={"action": "tag.config"}).json()
     assert len([e for e in audit if e["target"] == "tag:site:b"]) == 3
+
+
+def test_config_a_document_whose_publish_was_lost_is_sent_again(tmp_path):
+    broker = Broker(tmp_path / "broker").start()
+    live = LiveFleet(tmp_path, broker.url, env={"EF_SERVER_CONFIG_RESEND_S": "1"})
+    try:
+        (agent,) = live.enroll(1)
+        agent.start()
+        live.wait_online([agent])
+        device = live.device_id(agent)
+        live.http.put(f"/v1/devices/{device}/config", json={"settings": {"telemetry_interval_s": 3}})
+        first = wait_in_sync(live, device)
+        # What a crash between the commit and the publish leaves: the new settings stored, never sent.
+        with Session(live.db) as s:
+            s.get(DesiredConfig, f"device:{device}").settings = {"telemetry_interval_s": 4}
+            row = s.get(DeviceConfig, device)
+            row.desired, row.desired_version = {"telemetry_interval_s": 4}, first["desired_version"] + 1
+            row.sent_at = time.time() - 3600
+            s.add_all([s.get(DesiredConfig, f"device:{device}"), row])
+            s.commit()
+        got = wait_in_sync(live, device, timeout=30)
+        assert got["applied"] == {"telemetry_interval_s": 4} and got["reported_version"] == first["desired_version"] + 1
+    finally:
+        live.close()
+        broker.stop()

@@ -26,6 +26,7 @@ def upgrade() -> None:
                     sa.Column('device_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
                     sa.Column('desired_version', sa.BigInteger(), nullable=False),
                     sa.Column('desired', sa.JSON(), nullable=False),
+                    sa.Column('sent_at', sa.Float(), nullable=True),
                     sa.Column('reported_version', sa.BigInteger(), nullable=False),
                     sa.Column('applied', sa.JSON(), nullable=False),
                     sa.Column('refused', sa.JSON(), nullable=False),
