@@ -181,7 +181,8 @@ class Agent:
     def _status(self) -> dict:
         return {"device_id": self.s.device_id, "profile": self.s.profile,
                 "connected": bool(self._link and self._link.connected), "outbox": self.store.outbox_size(),
-                "bad_messages": self.bad_messages, **self.updater.status()}
+                "bad_messages": self.bad_messages, **self.updater.status(),
+                "config": {"version": self.remote_config.version, "applied": self.remote_config.applied}}
 
     def _local_rollback(self) -> None:
         self.updater.submit("message", messages.RollbackOrder(job=f"local-{int(time.time())}",

@@ -124,8 +124,10 @@ class Updater:
         self.window.config = replace(self.window.config, window=window)
 
     def status(self) -> dict:
+        hold = self._reported_hold  # (reason, why) of a download that waits on the link policy
         return {"update": {"state": self.snap.state.value, "job": self.snap.job, "reason": self.snap.reason,
-                           "detail": self.snap.detail}}
+                           "detail": self.snap.detail,
+                           "waiting": {"reason": hold[0], "why": hold[1]} if hold else None}}
 
     def publish_state(self) -> None:
         self.reporter.device_state()

@@ -61,6 +61,7 @@ def test_config_applied_live_reported_and_refusals_carry_their_reason(live):
     assert r.status_code == 200, r.text
     got = wait_in_sync(live, device)
     assert got["applied"] == {"telemetry_interval_s": 3, "log_level": "DEBUG"} and got["refused"] == {}
+    assert agent.model()["config"] == {"version": got["desired_version"], "applied": got["applied"]}
     time.sleep(3.5)  # the window that was running when it changed
     assert windows_in(live, device, 6.5) <= 3  # applied live: a window every 3 s now
 

@@ -60,6 +60,8 @@ def test_metered_link_holds_the_download_then_it_runs_at_the_cap(live, tmp_path)
     member = live.members(r["id"])[device]
     assert member["status"] in ("offered", "downloading") and member["detail"].startswith("waiting: metered link")
     assert outstanding(member) == size  # nothing fetched while metered
+    waiting = agent.model()["update"]["waiting"]  # the device's own API says so too
+    assert waiting["reason"] == "metered" and str(flag) in waiting["why"]
     time.sleep(2)
     assert live.get(r["id"])["state"] == "running" and live.members(r["id"])[device]["status"] != "installed"
 
