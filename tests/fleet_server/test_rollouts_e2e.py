@@ -137,6 +137,7 @@ class Traffic:
         np.save(buf, np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32) + shift)
         self.body, self.agents, self.deadline = buf.getvalue(), agents, time.monotonic() + seconds
         self.sent = 0
+        self.rounds = 0  # rounds in which every agent was sent a request
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -151,6 +152,7 @@ class Traffic:
                     self.sent += 1
                 except (OSError, http.client.HTTPException):
                     conn.close()  # reconnects on the next request
+            self.rounds += 1
             time.sleep(0.03)
 
     def stop(self) -> None:
@@ -167,9 +169,12 @@ def test_a_latency_regression_trips_the_gate_aborts_and_rolls_back(live, models,
     live.wait_online(agents)
     base = live.rollout(model="classifier", version="1.0.0", strategy={"canary_percent": 100, "waves_percent": []})
     assert live.wait_state(base["id"], {"completed", "paused"})["state"] == "completed"
-    traffic = Traffic(agents)
+    traffic = Traffic(agents, seconds=240)
     try:
-        time.sleep(3)  # a baseline on the old model: several telemetry windows per device
+        # A baseline on the old model: the gate judges p99 on ≥ 60 requests per device before the update and after
+        # it, so wait for them (a loaded host serves fewer a second) and for the telemetry that reports them.
+        live.wait(lambda: traffic.rounds >= 80, 60, "a baseline of requests on the old model", lambda: traffic.rounds)
+        time.sleep(1.5)
         slow = live.rollout(model="classifier", version="2.0.0",
                             strategy={"canary_percent": 30, "waves_percent": [], "soak_s": 3},
                             gates={"max_p99_ratio": 3.0, "min_requests": 60}, on_gate_failure="abort")
