@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 from securesystemslib.signer import Signer
@@ -46,6 +46,9 @@ DeltaAlgorithm = Literal["bsdiff4", "zstd-patch", "onnx-tensors"]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=_Model)
 
 
 class ArtifactInfo(_Model):
@@ -287,24 +290,9 @@ class UpdateVerifier:
         return new.signed.version
 
     def verify_update(self, data: bytes) -> VerifiedUpdate:
-        md = _parse(data, self.limits.max_update_bytes, "targets")
-        _check_signatures(self._root, "targets", md)
-        signed: Targets = md.signed
-        if signed.version <= self.update_version:
-            raise RollbackError(f"update metadata version {signed.version} is not newer than trusted version "
-                                f"{self.update_version}")
-        now = self._clock()
-        if signed.is_expired(now):
-            raise ExpiredError(f"update metadata expired at {signed.expires.isoformat()} (now {now.isoformat()})")
-        if self._root.signed.is_expired(now):
-            raise ExpiredError(f"trusted root expired at {self._root.signed.expires.isoformat()}")
-        try:
-            spec = UpdateSpec.model_validate(signed.unrecognized_fields[FIELD])
-        except KeyError as e:
-            raise MalformedError(f"update metadata has no {FIELD} section") from e
-        except ValidationError as e:
-            raise MalformedError(f"update metadata {FIELD} section is invalid: {e.errors()[0]['msg']} at "
-                                 f"{'.'.join(map(str, e.errors()[0]['loc']))}") from e
+        signed = self._signed_targets(data, after_version=self.update_version, what="update metadata",
+                                      baseline="trusted")
+        spec = _section(signed, FIELD, UpdateSpec, "update metadata")
         self._check_scope(spec.scope)
         self._check_consistent(signed, spec)
         self.update_version = signed.version
@@ -313,23 +301,28 @@ class UpdateVerifier:
     def verify_config(self, data: bytes, *, after_version: int) -> VerifiedConfig:
         """A desired-settings document: signed by the online keys the trusted root lists, newer than
         ``after_version`` (the last one applied; its own counter, not the updates'), unexpired, for this device."""
-        md = _parse(data, self.limits.max_update_bytes, "targets")
-        _check_signatures(self._root, "targets", md)
-        signed: Targets = md.signed
-        if signed.version <= after_version:
-            raise RollbackError(f"config version {signed.version} is not newer than applied version {after_version}")
-        if signed.is_expired(self._clock()):
-            raise ExpiredError(f"config metadata expired at {signed.expires.isoformat()}")
-        try:
-            spec = ConfigSpec.model_validate(signed.unrecognized_fields[CONFIG_FIELD])
-        except KeyError as e:
-            raise MalformedError(f"config metadata has no {CONFIG_FIELD} section") from e
-        except ValidationError as e:
-            raise MalformedError(f"config metadata is invalid: {e.errors()[0]['msg']}") from e
+        signed = self._signed_targets(data, after_version=after_version, what="config metadata", baseline="applied")
+        spec = _section(signed, CONFIG_FIELD, ConfigSpec, "config metadata")
         if spec.device != self.device_id:
             raise MixAndMatchError(f"config is for device {spec.device!r}, not {self.device_id!r}")
         spec.settings()
         return VerifiedConfig(signed.version, spec)
+
+    def _signed_targets(self, data: bytes, *, after_version: int, what: str, baseline: str) -> Targets:
+        """Targets metadata signed by the online keys the trusted root lists, newer than ``after_version``, and
+        unexpired (the trusted root too)."""
+        md = _parse(data, self.limits.max_update_bytes, "targets")
+        _check_signatures(self._root, "targets", md)
+        signed: Targets = md.signed
+        if signed.version <= after_version:
+            raise RollbackError(f"{what} version {signed.version} is not newer than {baseline} version "
+                                f"{after_version}")
+        now = self._clock()
+        if signed.is_expired(now):
+            raise ExpiredError(f"{what} expired at {signed.expires.isoformat()} (now {now.isoformat()})")
+        if self._root.signed.is_expired(now):
+            raise ExpiredError(f"trusted root expired at {self._root.signed.expires.isoformat()}")
+        return signed
 
     def _check_scope(self, scope: Scope) -> None:
         if scope.profile != self.profile:
@@ -349,6 +342,17 @@ class UpdateVerifier:
                 raise MalformedError(f"update metadata lists {item.path!r} inconsistently")
             if item.chunks is not None and (item.chunks.sha256 != item.sha256 or item.chunks.length != item.length):
                 raise MalformedError(f"the chunk list of {item.path!r} describes other bytes")
+
+
+def _section(signed: Targets, field: str, model: type[_M], what: str) -> _M:
+    """Our section of targets metadata, validated; MalformedError when it is missing or invalid."""
+    try:
+        return model.model_validate(signed.unrecognized_fields[field])
+    except KeyError as e:
+        raise MalformedError(f"{what} has no {field} section") from e
+    except ValidationError as e:
+        raise MalformedError(f"{what} {field} section is invalid: {e.errors()[0]['msg']} at "
+                             f"{'.'.join(map(str, e.errors()[0]['loc']))}") from e
 
 
 def verify_bytes(data: bytes, *, sha256: str, length: int, what: str = "artifact") -> None:

@@ -45,51 +45,44 @@ def effective(session: Session, device: Device) -> dict:
 def send(session: Session, devices: Iterable[Device], *, data_dir, next_version: Callable[[], int],
          publish: Publish) -> int:
     """Sign and publish each device's effective settings (retained); the rows are committed first."""
-    out: list[tuple[str, bytes]] = []
-    signer = keys.online_signer(data_dir)
-    expires = datetime.now(UTC) + CONFIG_TTL
+    rows = []
     for device in devices:
         if device.decommissioned_at is not None:
             continue
         # The row locked first (PostgreSQL), then the settings read: of two concurrent changes the later-versioned
         # document is the one that read both. Versions also grow past the row's own, whichever replica signs.
         row = session.get(DeviceConfig, device.id, with_for_update=True) or DeviceConfig(device_id=device.id)
-        settings = effective(session, device)
-        version = max(next_version(), row.desired_version + 1)
-        row.desired, row.desired_version, row.sent_at = settings, version, time.time()
-        session.add(row)
-        out.append((topics.topic(device.id, "cfg"), _document(signer, row, expires)))
-    session.commit()
-    for topic, payload in out:
-        publish(topic, payload)
-    return len(out)
-
-
-def _document(signer, row: DeviceConfig, expires: datetime) -> bytes:
-    spec = ConfigSpec(device=row.device_id, settings_json=json.dumps(row.desired, sort_keys=True))
-    return messages.ConfigOffer(metadata=build_config(spec, [signer], version=row.desired_version,
-                                                      expires=expires)).to_bytes()
+        row.desired = effective(session, device)
+        row.desired_version = max(next_version(), row.desired_version + 1)
+        rows.append(row)
+    return _publish(session, rows, data_dir=data_dir, publish=publish)
 
 
 def resend_lagging(session: Session, *, data_dir, publish: Publish, after_s: float, limit: int = 500) -> int:
     """Publish again, same version and settings, the document of each online device whose report lags what it
     was sent ``after_s`` ago: a publish lost between the commit and the broker (a crash, a dropped link) would
     otherwise leave the device out of sync until the next change. An agent that has it ignores it."""
-    now = time.time()
     rows = session.exec(
         select(DeviceConfig).join(Device, Device.id == DeviceConfig.device_id)  # type: ignore[arg-type]
         .where(DeviceConfig.desired_version > DeviceConfig.reported_version,  # type: ignore[arg-type]
                Device.online == True, Device.decommissioned_at.is_(None),  # type: ignore[union-attr]  # noqa: E712
-               (DeviceConfig.sent_at.is_(None)) | (DeviceConfig.sent_at < now - after_s))  # type: ignore[union-attr,operator]
+               (DeviceConfig.sent_at.is_(None)) | (DeviceConfig.sent_at < time.time() - after_s))  # type: ignore[union-attr,operator]
         .limit(limit)).all()
+    return _publish(session, list(rows), data_dir=data_dir, publish=publish)
+
+
+def _publish(session: Session, rows: list[DeviceConfig], *, data_dir, publish: Publish) -> int:
+    """Sign each row's desired settings at its version, mark it sent, commit, then publish (retained)."""
     if not rows:
         return 0
-    signer, expires = keys.online_signer(data_dir), datetime.now(UTC) + CONFIG_TTL
+    signer, expires, now = keys.online_signer(data_dir), datetime.now(UTC) + CONFIG_TTL, time.time()
     out = []
     for row in rows:
+        spec = ConfigSpec(device=row.device_id, settings_json=json.dumps(row.desired, sort_keys=True))
+        metadata = build_config(spec, [signer], version=row.desired_version, expires=expires)
         row.sent_at = now
         session.add(row)
-        out.append((topics.topic(row.device_id, "cfg"), _document(signer, row, expires)))
+        out.append((topics.topic(row.device_id, "cfg"), messages.ConfigOffer(metadata=metadata).to_bytes()))
     session.commit()
     for topic, payload in out:
         publish(topic, payload)
