@@ -3,20 +3,23 @@
 The standard library's threaded HTTP/1.1 server, not an ASGI stack: per request it costs a fraction of a
 millisecond and a few MB of RSS, which is what a Raspberry Pi wants (see ``bench/agent_bench.py``).
 
-    POST /v1/predict   application/json  {"inputs": {name: {"data": [...], "shape": [...], "dtype": "float32"}}}
-                       application/x-npy (single-input models) or application/x-npz (one array per input name);
-                       the answer comes in the same encoding (npz for several outputs)
-    GET  /v1/model     the active model: version, slot, format, runtime, inputs and outputs; the update state
-    GET  /health       the process is up        GET /ready   a model is loaded (503 otherwise)
-    GET  /metrics      Prometheus text format
-    POST /v1/rollback  switch back to the previous slot (what ``fleet-agent rollback`` calls)
+    POST /v1/models/{name}/predict   application/json  {"inputs": {name: {"data": [...], "shape": [...],
+                       "dtype": "float32"}}}, application/x-npy (single-input models) or application/x-npz (one
+                       array per input name); the answer comes in the same encoding (npz for several outputs)
+    POST /v1/predict   the same, for a device with one model (409 naming the models when it has several)
+    GET  /v1/models    every model: version, slot, format, runtime, inputs and outputs, its update state
+    GET  /v1/models/{name}   one of them        GET /v1/model   the device's one model (or the list) and status
+    GET  /health       the process is up        GET /ready   every model is loaded (503 otherwise)
+    GET  /metrics      Prometheus text format, per model
+    POST /v1/models/{name}/rollback, POST /v1/rollback   switch back to the previous slot (``fleet-agent rollback``)
 
 Callers are local but not trusted: every size a body declares (dtype, shape, zip members) is checked against
 ``max_request_bytes`` before anything is allocated, lengths are plain Content-Length only, a connection waits at most
 ``read_timeout_s`` for a request and gets that long to send it whole, and at most ``max_connections`` are served.
 
 Requests run on whatever model is active when they start; an update swaps the model reference atomically, so
-in-flight requests finish on the old model and no request fails because of an update.
+in-flight requests finish on the old model and no request fails because of an update. Each named model has its own
+reference (``Serving``) and telemetry: an update of one is invisible to the others' requests.
 """
 
 from __future__ import annotations
@@ -108,14 +111,27 @@ class Serving:
         return True
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One named model as the API serves it: its reference, its telemetry, its rollback and update status."""
+
+    serving: Serving
+    telemetry: Telemetry
+    rollback: Callable[[], None] | None = None
+    status: Callable[[], dict] = dict
+    installed: bool = True  # False while its first version is being installed: listed, not served nor awaited
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("edgefleet_agent_requests", "Predict requests", ["outcome"], registry=self.registry)
-        self.latency = Histogram("edgefleet_agent_predict_seconds", "Model run time per request",
+        self.requests = Counter("edgefleet_agent_requests", "Predict requests", ["model", "outcome"],
+                                registry=self.registry)
+        self.latency = Histogram("edgefleet_agent_predict_seconds", "Model run time per request", ["model"],
                                  registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
-        self.model_info = Gauge("edgefleet_agent_model_loaded", "1 when a model is loaded", registry=self.registry)
+        self.model_info = Gauge("edgefleet_agent_model_loaded", "1 when the model is loaded", ["model"],
+                                registry=self.registry)
         self.update_state = Gauge("edgefleet_agent_update_busy", "1 while an update is in progress",
                                   registry=self.registry)
         self.outbox = Gauge("edgefleet_agent_outbox_messages", "Messages waiting for the broker",
@@ -129,11 +145,20 @@ class ApiError(Exception):
 
 
 class LocalApi:
-    def __init__(self, serving: Serving, telemetry: Telemetry, *, max_request_bytes: int,
-                 status: Callable[[], dict], metrics: Metrics | None = None,
+    """``models`` gives the named models to serve (``agent.models.ModelSet.endpoints``); a caller with one model may
+    pass its ``serving`` and ``telemetry`` instead (listed under the loaded model's name)."""
+
+    def __init__(self, serving: Serving | None = None, telemetry: Telemetry | None = None, *,
+                 max_request_bytes: int, status: Callable[[], dict], metrics: Metrics | None = None,
                  rollback: Callable[[], None] | None = None, batcher: MicroBatcher | None = None,
-                 read_timeout_s: float = 30.0, max_connections: int = 256):
-        self.serving, self.telemetry, self.max_request_bytes = serving, telemetry, max_request_bytes
+                 read_timeout_s: float = 30.0, max_connections: int = 256,
+                 models: Callable[[], dict[str, Endpoint]] | None = None):
+        if models is None:
+            if serving is None or telemetry is None:
+                raise ValueError("pass models, or serving and telemetry")
+            single = {"": Endpoint(serving, telemetry, rollback=rollback)}
+            models = lambda: single  # noqa: E731
+        self.models, self.max_request_bytes = models, max_request_bytes
         # how long a connection may wait idle for its next request, and how long one request may take to arrive
         self.read_timeout_s = read_timeout_s
         self.max_connections = max_connections  # each holds a thread and up to max_request_bytes
@@ -166,19 +191,49 @@ class LocalApi:
         if self._server is None:
             return
         self._server.shutdown()  # stop accepting; handler threads already running go on
-        self.serving.drain(drain_s)
+        for endpoint in self.models().values():
+            endpoint.serving.drain(drain_s)
         self._server.server_close()
         if self.batcher is not None:
             self.batcher.close()
 
     # ------------------------------------------------------------------ requests
 
-    def predict(self, content_type: str, body: bytes) -> tuple[str, bytes]:
+    # ------------------------------------------------------------------ which model
+
+    def endpoint(self, name: str | None) -> tuple[str, Endpoint]:
+        """The named model (None: the device's one model); ApiError when there is no such model, or no one."""
+        endpoints = self.models()
+        if name is None:
+            endpoints = {k: e for k, e in endpoints.items() if e.installed}
+            if len(endpoints) > 1:
+                raise ApiError(HTTPStatus.CONFLICT, f"this device serves several models ({', '.join(endpoints)}): "
+                                                    "use /v1/models/{name}/…")
+            if not endpoints:
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "no model is loaded yet")
+            key, found = next(iter(endpoints.items()))
+            return key or _loaded_name(found) or "", found
+        if name in endpoints:
+            return name, endpoints[name]
+        for found in endpoints.values():  # a single model passed without its name
+            if _loaded_name(found) == name:
+                return name, found
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no model {name[:64]!r} on this device (models: "
+                                             f"{', '.join(self.names()) or 'none'})")
+
+    def names(self) -> list[str]:
+        return [key or _loaded_name(e) or "" for key, e in self.models().items()]
+
+    # ------------------------------------------------------------------ requests
+
+    def predict(self, content_type: str, body: bytes, model: str | None = None) -> tuple[str, bytes]:
+        name, endpoint = self.endpoint(model)
         feeds_raw, encoding = _decode(content_type, body, self.max_request_bytes)
-        loaded = self.serving.enter()
+        telemetry, counted = endpoint.telemetry, self.metrics.requests
+        loaded = endpoint.serving.enter()
         try:
             if loaded is None:
-                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "no model is loaded yet")
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"model {name} is not loaded")
             if encoding == NPY:
                 if len(loaded.model.inputs) != 1:
                     raise ApiError(HTTPStatus.BAD_REQUEST, f"application/x-npy carries one input; this model takes "
@@ -190,8 +245,8 @@ class LocalApi:
                     raise InputError(f"the request's inputs do not match the model's {names}")
                 feeds = check_feeds(loaded.model, feeds_raw)
             except InputError as e:
-                self.telemetry.record(0.0, error="bad_input")
-                self.metrics.requests.labels("bad_input").inc()
+                telemetry.record(0.0, error="bad_input")
+                counted.labels(name, "bad_input").inc()
                 raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, str(e)) from e
             t0 = time.perf_counter()
             try:
@@ -200,27 +255,56 @@ class LocalApi:
                 else:
                     outputs = loaded.model.run(feeds)
             except Exception as e:  # a runtime failure on valid input: count it, answer 500, keep serving
-                self.telemetry.record(0.0, error="runtime")
-                self.metrics.requests.labels("runtime_error").inc()
+                telemetry.record(0.0, error="runtime")
+                counted.labels(name, "runtime_error").inc()
                 raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed: {str(e)[:300]}") from e
             seconds = time.perf_counter() - t0
         finally:
-            self.serving.leave()
+            endpoint.serving.leave()
         # outputs ride along as "out/<name>": the server compares their distributions (drift, A/B tests)
-        self.telemetry.record(seconds * 1e3, inputs={**feeds, **{f"out/{k}": v for k, v in outputs.items()}})
-        self.metrics.requests.labels("ok").inc()
-        self.metrics.latency.observe(seconds)
+        telemetry.record(seconds * 1e3, inputs={**feeds, **{f"out/{k}": v for k, v in outputs.items()}})
+        counted.labels(name, "ok").inc()
+        self.metrics.latency.labels(name).observe(seconds)
         return _encode(encoding, outputs, loaded, seconds)
 
-    def model_info(self) -> dict:
-        loaded = self.serving.current
-        info = {"loaded": loaded is not None, **self.status()}
-        if loaded is not None:
-            i = loaded.info
-            info.update(model=i.model, version=i.model_version, slot=i.slot, format=i.format, sha256=i.sha256,
-                        runtime=loaded.model.backend, inputs=[t.describe() for t in loaded.model.inputs],
-                        outputs=[t.describe() for t in loaded.model.outputs])
-        return info
+    def model_info(self, name: str | None = None) -> dict:
+        """GET /v1/model (``name`` None): the device's status with its one model, or with the list of several;
+        GET /v1/models/{name}: that model."""
+        if name is not None:
+            return _describe(*self.endpoint(name))
+        endpoints = self.models()
+        if len(endpoints) > 1:
+            listed = self.list_models()
+            return {"loaded": all(m["loaded"] for m in listed), **self.status(), "models": listed}
+        if not endpoints:  # no model yet, and no update under way
+            return {"loaded": False, **self.status(), "update": {"state": "idle", "job": None, "reason": "",
+                                                                 "detail": "", "waiting": None}}
+        key, endpoint = next(iter(endpoints.items()))
+        return {**self.status(), **_describe(key or _loaded_name(endpoint) or "", endpoint)}
+
+    def list_models(self) -> list[dict]:
+        return [_describe(key or _loaded_name(e) or "", e) for key, e in self.models().items()]
+
+    def ready(self) -> bool:
+        """Every installed model is loaded (and there is one)."""
+        installed = [e for e in self.models().values() if e.installed]
+        return bool(installed) and all(e.serving.current is not None for e in installed)
+
+
+def _loaded_name(endpoint: Endpoint) -> str | None:
+    loaded = endpoint.serving.current
+    return loaded.info.model if loaded is not None else None
+
+
+def _describe(name: str, endpoint: Endpoint) -> dict:
+    loaded = endpoint.serving.current
+    info: dict = {"name": name, "loaded": loaded is not None, **endpoint.status()}
+    if loaded is not None:
+        i = loaded.info
+        info.update(model=i.model, version=i.model_version, slot=i.slot, format=i.format, sha256=i.sha256,
+                    runtime=loaded.model.backend, inputs=[t.describe() for t in loaded.model.inputs],
+                    outputs=[t.describe() for t in loaded.model.outputs])
+    return info
 
 
 # ------------------------------------------------------------------ request bodies
@@ -262,6 +346,15 @@ def _encode(encoding: str, outputs: dict[str, np.ndarray], loaded: Loaded, secon
     buf = io.BytesIO()
     np.savez(buf, **outputs)
     return NPZ, buf.getvalue()
+
+def _model_path(path: str, tail: str) -> str | None:
+    """The model name in ``/v1/models/{name}{tail}``, or None when ``path`` is not of that form."""
+    prefix = "/v1/models/"
+    if not (path.startswith(prefix) and path.endswith(tail)):
+        return None
+    name = path[len(prefix):len(path) - len(tail)]
+    return name if name and "/" not in name else None
+
 
 MAX_HEADERS = 100
 MAX_HEADER_LINE = 8192
@@ -467,25 +560,35 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
-            if path == "/health":
-                self._send(HTTPStatus.OK, JSON, b'{"status":"ok"}')
-            elif path == "/ready":
-                ready = api.serving.current is not None
-                self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, JSON,
-                           json.dumps({"ready": ready}).encode())
-            elif path == "/v1/model":
-                self._send(HTTPStatus.OK, JSON, json.dumps(api.model_info()).encode())
-            elif path == "/metrics":
-                api.metrics.model_info.set(1 if api.serving.current else 0)
-                self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(api.metrics.registry))
-            else:
-                self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
+            try:
+                if path == "/health":
+                    self._send(HTTPStatus.OK, JSON, b'{"status":"ok"}')
+                elif path == "/ready":
+                    ready = api.ready()
+                    self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, JSON,
+                               json.dumps({"ready": ready}).encode())
+                elif path == "/v1/model":
+                    self._send(HTTPStatus.OK, JSON, json.dumps(api.model_info()).encode())
+                elif path == "/v1/models":
+                    self._send(HTTPStatus.OK, JSON, json.dumps({"models": api.list_models()}).encode())
+                elif (name := _model_path(path, "")) is not None:
+                    self._send(HTTPStatus.OK, JSON, json.dumps(api.model_info(name)).encode())
+                elif path == "/metrics":
+                    for key, endpoint in api.models().items():
+                        label = key or _loaded_name(endpoint) or ""
+                        api.metrics.model_info.labels(label).set(1 if endpoint.serving.current else 0)
+                    self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(api.metrics.registry))
+                else:
+                    self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
+            except ApiError as e:
+                self._error(e.status, str(e))
 
         def do_POST(self) -> None:
             path = self.path.split("?")[0]
+            predict = path == "/v1/predict" or _model_path(path, "/predict") is not None
             try:
                 length = _body_length(self.headers, api.max_request_bytes,  # type: ignore[arg-type]
-                                      required=path == "/v1/predict")
+                                      required=predict)
             except ApiError as e:
                 self._refuse(e.status, str(e))
                 return
@@ -493,17 +596,28 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
             if len(body) != length:
                 self._refuse(HTTPStatus.BAD_REQUEST, "the body ended before Content-Length bytes")
                 return
-            if path == "/v1/rollback" and api.rollback is not None:
-                api.rollback()
-                self._send(HTTPStatus.ACCEPTED, JSON, b'{"rollback":"requested"}')
-            elif path != "/v1/predict":
-                self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
+            if predict:
+                self._predict(body, _model_path(path, "/predict"))
+            elif path == "/v1/rollback" or (name := _model_path(path, "/rollback")) is not None:
+                self._rollback(None if path == "/v1/rollback" else name)
             else:
-                self._predict(body)
+                self._error(HTTPStatus.NOT_FOUND, "no such endpoint")
 
-        def _predict(self, body: bytes) -> None:
+        def _rollback(self, name: str | None) -> None:
             try:
-                content_type, payload = api.predict(self.headers.get("Content-Type", ""), body)
+                _, endpoint = api.endpoint(name)
+            except ApiError as e:
+                self._error(e.status, str(e))
+                return
+            if endpoint.rollback is None:
+                self._error(HTTPStatus.NOT_FOUND, "rollback is not available")
+                return
+            endpoint.rollback()
+            self._send(HTTPStatus.ACCEPTED, JSON, b'{"rollback":"requested"}')
+
+        def _predict(self, body: bytes, model: str | None) -> None:
+            try:
+                content_type, payload = api.predict(self.headers.get("Content-Type", ""), body, model)
             except ApiError as e:
                 self._error(e.status, str(e))
                 return

@@ -2,8 +2,8 @@
 
     fleet-agent run      --config /etc/edgefleet/agent.toml
     fleet-agent status   --config ...   (reads the state directory; works with the daemon stopped)
-    fleet-agent rollback --config ...   (asks the running daemon to switch back to the previous slot)
-    fleet-agent predict  --config ... INPUT.npy|.npz   (one request to the local API)
+    fleet-agent rollback --config ... [--model NAME]   (asks the running daemon to switch back to the previous slot)
+    fleet-agent predict  --config ... [--model NAME] INPUT.npy|.npz   (one request to the local API)
     fleet-agent enroll   --server URL --token T [--profile P] [--config PATH] [--state-dir DIR]
 
 argparse, not typer: on a device every megabyte of the daemon's RSS counts, and typer + click + rich cost ~6 MB.
@@ -55,25 +55,53 @@ def run(config: Path | None, log_level: str = "INFO") -> None:
 
 
 def status(config: Path | None) -> None:
-    """The active slot and model, the update journal, the outbox (from the state directory)."""
+    """Per model: the active slot and model, the update journal; the outbox (from the state directory). A device
+    with one model also shows its fields at the top level, as before several models per device."""
+    from agent.machine import Snapshot
+    from agent.models import MODELS_DIR
+    from agent.offers import MODEL_NAME
     from agent.slots import SlotStore
-    from agent.store import Store
+    from agent.store import JOURNAL_PREFIX, LEGACY_JOURNAL, Store
 
     s = _settings(config)
-    store = Store(Path(s.state_dir) / "agent.db")
+    state = Path(s.state_dir)
+    store = Store(state / "agent.db")
     try:
-        snap, _ = store.load_journal()
-        slots = SlotStore(Path(s.state_dir))
-        active = slots.active()
-        out = {"device_id": s.device_id, "profile": s.profile, "pointer": slots.pointer(),
-               "active": None if active is None else {"slot": active.slot, "model": active.model,
-                                                      "version": active.model_version, "sha256": active.sha256,
-                                                      "format": active.format},
-               "update": {"state": snap.state.value, "job": snap.job, "reason": snap.reason, "detail": snap.detail},
-               "outbox": store.outbox_size()}
+        models: dict[str, dict] = {}
+        names = sorted({p.name for p in (state / MODELS_DIR).glob("*") if p.is_dir() and MODEL_NAME.match(p.name)}
+                       | {k[len(JOURNAL_PREFIX):] for k in store.keys(JOURNAL_PREFIX)})
+        for name in names:
+            snap, _ = store.load_journal(name)
+            models[name] = _model_status(SlotStore(state / MODELS_DIR / name), snap)
+        if (state / "slots").exists():  # not migrated yet (the daemon migrates on its next start)
+            raw = store.get(LEGACY_JOURNAL)
+            legacy = SlotStore(state)
+            active = legacy.active()
+            snap = Snapshot() if raw is None else _legacy_snapshot(raw)
+            models[active.model if active else "(unmigrated)"] = _model_status(legacy, snap)
+        out: dict = {"device_id": s.device_id, "profile": s.profile}
+        if len(models) == 1:
+            out.update(next(iter(models.values())))
+        out.update(models=models, outbox=store.outbox_size())
     finally:
         store.close()
     print(json.dumps(out, indent=2))
+
+
+def _model_status(slots, snap) -> dict:
+    active = slots.active()
+    return {"pointer": slots.pointer(),
+            "active": None if active is None else {"slot": active.slot, "model": active.model,
+                                                   "version": active.model_version, "sha256": active.sha256,
+                                                   "format": active.format},
+            "update": {"state": snap.state.value, "job": snap.job, "reason": snap.reason, "detail": snap.detail}}
+
+
+def _legacy_snapshot(raw: bytes):
+    from agent.machine import Snapshot, State
+
+    data = json.loads(raw)["snapshot"]
+    return Snapshot(**{**data, "state": State(data["state"])})
 
 
 def _request(s, method: str, path: str, body: bytes = b"", content_type: str = "application/json"):
@@ -102,21 +130,25 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def rollback(config: Path | None) -> None:
-    """Ask the running daemon to switch back to the previous slot."""
-    code, _, body = _request(_settings(config), "POST", "/v1/rollback")
+def _model_path(model: str | None, action: str) -> str:
+    return f"/v1/{action}" if model is None else f"/v1/models/{model}/{action}"
+
+
+def rollback(config: Path | None, model: str | None = None) -> None:
+    """Ask the running daemon to switch the model back to its previous slot."""
+    code, _, body = _request(_settings(config), "POST", _model_path(model, "rollback"))
     echo(body.decode())
     raise Exit(0 if code == 202 else 1)
 
 
-def predict(config: Path | None, data: Path) -> None:
+def predict(config: Path | None, data: Path, model: str | None = None) -> None:
     """Send one request to the local API and print the outputs."""
     import io
 
     import numpy as np
 
     kind = "application/x-npz" if data.suffix == ".npz" else "application/x-npy"
-    code, ctype, body = _request(_settings(config), "POST", "/v1/predict", data.read_bytes(), kind)
+    code, ctype, body = _request(_settings(config), "POST", _model_path(model, "predict"), data.read_bytes(), kind)
     if code != 200:
         echo(f"error {code}: {body.decode(errors='replace')}", err=True)
         raise Exit(1)
@@ -156,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         if name == "predict":
             cmd.add_argument("data", type=Path, help=".npy (one input) or .npz (one array per input)")
+        if name in ("predict", "rollback"):
+            cmd.add_argument("--model", "-m", help="which of the device's models (needed when it has several)")
     e = sub.add_parser("enroll", help="create this device's keys, enroll with the fleet server, write the config")
     e.add_argument("--server", required=True, help="fleet server URL, e.g. https://fleet.example.com")
     e.add_argument("--token", required=True, help="an enrollment token from the fleet's admin")
@@ -178,9 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "enroll":
             enroll(args)
         elif args.command == "predict":
-            predict(args.config, args.data)
+            predict(args.config, args.data, args.model)
+        elif args.command == "rollback":
+            rollback(args.config, args.model)
         else:
-            {"status": status, "rollback": rollback}[args.command](args.config)
+            status(args.config)
     except Exit as e:
         sys.exit(e.code)
     except KeyboardInterrupt:

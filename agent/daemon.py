@@ -1,4 +1,5 @@
-"""Wiring: settings → store, slots, runtimes, local API, outbox, MQTT link, updater, telemetry timer.
+"""Wiring: settings → store, the device's models (each with slots, updater and telemetry), runtimes, local API,
+outbox, MQTT link, telemetry timer.
 
 Start order serves first (the active model answers locally before the network is up); stop order is the reverse:
 stop accepting requests and let in-flight ones finish, close the telemetry window into the outbox, give the broker
@@ -12,15 +13,20 @@ import os
 import signal
 import socket
 import threading
-import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from agent.api import LocalApi, Metrics, Serving
 from agent.batching import MicroBatcher
 from agent.download import WindowConfig
 from agent.link import BrokerConfig, Link
+from agent.metering import Metering
+from agent.models import ModelSet
+from agent.offers import Offers, Scope, version_key
 from agent.outbox import Outbox
 from agent.remote_config import RemoteConfig
+from agent.report import Reporter
 from agent.settings import AgentSettings
 from agent.slots import SlotStore
 from agent.store import Store
@@ -28,6 +34,7 @@ from agent.telemetry import Telemetry
 from agent.updater import StepHook, Updater, UpdaterConfig, no_hook
 from fleet_protocol import config, messages, topics
 from fleet_protocol.errors import MalformedError, ProtocolError
+from fleet_protocol.metadata import VerifiedUpdate
 from fleet_runtime import runtimes
 
 log = logging.getLogger(__name__)
@@ -45,49 +52,69 @@ class Agent:
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o700)
         self.store = Store(state / "agent.db")
-        self.slots = SlotStore(state)
-        self.serving = Serving()
-        self.telemetry = Telemetry()
         self.metrics = Metrics()
         self.bad_messages = 0
+        self._idle_telemetry = Telemetry()  # resources while no model is installed
         self._stop = threading.Event()
         self._link: Link | None = None
         # what remote configuration may change while running (the config file's values until it does)
         self.threads, self.telemetry_interval_s = settings.threads, settings.telemetry_interval_s
         self.outbox = Outbox(self.store, self._send, max_rows=settings.outbox_max_messages)
-        prefer = None if settings.tflite_runtime == "auto" else settings.tflite_runtime
-        self.updater = Updater(
-            UpdaterConfig(device_id=settings.device_id, profile=settings.profile, cohort=settings.cohort,
-                          work_dir=state / "work", device_key=settings.device_key(),
-                          window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s),
-                          link=settings.link_policy()),
-            store=self.store, slots=self.slots, serving=self.serving, telemetry=self.telemetry, outbox=self.outbox,
-            send=self._send, pinned_root=Path(settings.trust_root).read_bytes(), on_step=on_step,
-            loader=lambda p: runtimes.load(p, threads=self.threads, providers=settings.execution_providers,
-                                           tflite=prefer))
+        # shared by the models: one trust state, one link (and its daily ledger), one reporter
+        self.offers = Offers(Scope(settings.device_id, settings.profile, settings.cohort),
+                             root=self.store.get("root") or Path(settings.trust_root).read_bytes(),
+                             versions={})
+        (state / "work").mkdir(exist_ok=True)
+        self.meter = Metering(settings.link_policy(), state / "work" / "link-ledger.json")
+        self.reporter = Reporter(settings.device_id, outbox=self.outbox, send=self._send, offers=self.offers,
+                                 models=lambda: self.models.states())
+        self._updater_config = UpdaterConfig(
+            device_id=settings.device_id, work_dir=state / "work", device_key=settings.device_key(),
+            window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s),
+            link=settings.link_policy())
+        self._on_step = on_step
+        self.models = ModelSet(state, store=self.store, offers=self.offers, make_updater=self._make_updater,
+                               budget_bytes=settings.memory_budget_bytes())
+        self.models.reporter = self.reporter
         batcher = MicroBatcher(max_batch=settings.batch_max, max_wait_s=settings.batch_wait_ms / 1e3) \
             if settings.batch_max > 1 else None
-        self.api = LocalApi(self.serving, self.telemetry, max_request_bytes=settings.max_request_bytes,
-                            status=self._status, metrics=self.metrics, rollback=self._local_rollback,
-                            batcher=batcher, read_timeout_s=settings.api_read_timeout_s,
-                            max_connections=settings.api_max_connections)
+        self.api = LocalApi(models=self.models.endpoints, max_request_bytes=settings.max_request_bytes,
+                            status=self._status, metrics=self.metrics, batcher=batcher,
+                            read_timeout_s=settings.api_read_timeout_s, max_connections=settings.api_max_connections)
         self.api_address = ""
         self.remote_config = RemoteConfig(
-            self.store, verifier=lambda: self.updater.offers.verifier, report=self._config_report, appliers={
+            self.store, verifier=lambda: self.offers.verifier, report=self._config_report, appliers={
                 "telemetry_interval_s": lambda v: setattr(self, "telemetry_interval_s", float(v)),
                 "threads": lambda v: setattr(self, "threads", int(v)),  # the next model load
                 "log_level": lambda v: logging.getLogger().setLevel(str(v)),
-                "max_download_bps": lambda v: self.updater.set_link_policy(max_download_bps=v),
-                "daily_download_bytes": lambda v: self.updater.set_link_policy(daily_download_bytes=v),
-                "chunk_window": lambda v: self.updater.set_chunk_window(int(v))},
+                "max_download_bps": lambda v: self.meter.set_policy(max_download_bps=v),
+                "daily_download_bytes": lambda v: self.meter.set_policy(daily_download_bytes=v),
+                "chunk_window": self._set_chunk_window},
             baseline={**{name: getattr(settings, name) for name in config.SETTINGS if hasattr(settings, name)},
                       "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())})
         self.remote_config.restore()
 
+    def _make_updater(self, name: str, slots: SlotStore, serving: Serving, telemetry: Telemetry,
+                      fits: Callable[[VerifiedUpdate], None]) -> Updater:
+        raw = self.store.get(version_key(name))
+        with self.offers.lock:
+            self.offers.versions.setdefault(name, int(raw or b"0"))
+        prefer = None if self.s.tflite_runtime == "auto" else self.s.tflite_runtime
+        return Updater(self._updater_config, model=name, store=self.store, slots=slots, serving=serving,
+                       telemetry=telemetry, offers=self.offers, reporter=self.reporter, meter=self.meter,
+                       send=self._send, fits=fits, on_step=self._on_step,
+                       loader=lambda p: runtimes.load(p, threads=self.threads, providers=self.s.execution_providers,
+                                                      tflite=prefer))
+
+    def _set_chunk_window(self, value: object) -> None:
+        self._updater_config.window = replace(self._updater_config.window, window=int(value))  # type: ignore[call-overload]
+        for lane in self.models.lanes():
+            lane.updater.set_chunk_window(int(value))  # type: ignore[call-overload]
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.updater.start()  # loads the active model, resumes a journaled update
+        self.models.start()  # migrates a single-model state directory; loads each model, resumes its update
         self.api_address = self.api.start(host=self.s.api_host, port=self.s.api_port,
                                           unix_socket=self.s.api_socket)
         log.info("local API on %s", self.api_address)
@@ -117,7 +144,7 @@ class Agent:
         if self._link is not None and self._link.connected:
             self.outbox.flush(timeout=3.0)
         self.outbox.stop()
-        self.updater.stop()
+        self.models.stop()
         if self._link is not None:
             self._link.stop()
         self.store.close()
@@ -132,11 +159,12 @@ class Agent:
 
     def _on_connected(self) -> None:
         self.outbox.connected()
-        self.updater.submit("connected")
+        self.reporter.device_state()
+        self.models.broadcast("connected")
 
     def _on_disconnected(self) -> None:
         self.outbox.connection_lost()
-        self.updater.submit("disconnected")
+        self.models.broadcast("disconnected")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         """Link thread: validate and hand over; a bad message is counted and logged, never fatal."""
@@ -150,12 +178,15 @@ class Agent:
             log.warning("refused a message on %s: %s", topic, e)
             return
         if isinstance(msg, messages.Ping):
-            self.updater.publish_state()
-            return
-        if isinstance(msg, messages.ConfigOffer):
+            self.reporter.device_state()
+        elif isinstance(msg, messages.ConfigOffer):
             self.remote_config.offer(msg)
-            return
-        self.updater.submit("message", msg)
+        elif isinstance(msg, messages.UpdateOffer):
+            self.models.offer(msg)
+        elif isinstance(msg, messages.RollbackOrder):
+            self.models.rollback(msg)
+        elif isinstance(msg, messages.ChunkData):
+            self.models.chunk(msg)
 
     # ------------------------------------------------------------------ telemetry
 
@@ -164,13 +195,17 @@ class Agent:
             self._emit_telemetry()
 
     def _emit_telemetry(self) -> None:
+        """One batch per model per window (its own ``seq`` and label), or one without a model while none is
+        installed, so the server keeps seeing the device's resources."""
+        sources = [(lane.telemetry, lane.serving.current) for lane in self.models.lanes() if lane.listed()] or \
+            [(self._idle_telemetry, None)]
         seq = int(self.store.get("tm_seq") or b"0")
-        current = self.serving.current
-        batch = self.telemetry.harvest(seq=seq, model_version=current.info.version_label if current else None,
-                                       slot=current.info.slot if current else None,
-                                       dropped=self.store.take_dropped())
-        self.store.put(tm_seq=str(seq + 1).encode())
-        self.outbox.put(topics.topic(self.s.device_id, "tm"), batch.to_bytes())
+        dropped = self.store.take_dropped()
+        self.store.put(tm_seq=str(seq + len(sources)).encode())
+        for i, (telemetry, current) in enumerate(sources):
+            batch = telemetry.harvest(seq=seq + i, model_version=current.info.version_label if current else None,
+                                      slot=current.info.slot if current else None, dropped=dropped if i == 0 else 0)
+            self.outbox.put(topics.topic(self.s.device_id, "tm"), batch.to_bytes())
         self.metrics.outbox.set(self.store.outbox_size())
 
     def _config_report(self, report: messages.ConfigReport) -> None:
@@ -181,12 +216,8 @@ class Agent:
     def _status(self) -> dict:
         return {"device_id": self.s.device_id, "profile": self.s.profile,
                 "connected": bool(self._link and self._link.connected), "outbox": self.store.outbox_size(),
-                "bad_messages": self.bad_messages, **self.updater.status(),
+                "bad_messages": self.bad_messages,
                 "config": {"version": self.remote_config.version, "applied": self.remote_config.applied}}
-
-    def _local_rollback(self) -> None:
-        self.updater.submit("message", messages.RollbackOrder(job=f"local-{int(time.time())}",
-                                                              reason="rollback requested on the device"))
 
 
 def sd_notify(state: str) -> None:

@@ -22,9 +22,10 @@ import logging
 import os
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class Hold:
 
 
 class Metering:
-    """The policy's state: the bucket, today's ledger, the last answer of the metered command. One thread uses it
-    (the updater's)."""
+    """The policy's state: the bucket, today's ledger, the last answer of the metered command. Shared by the models'
+    updaters (one device, one link): every method takes the lock, and ``pace`` sleeps outside it."""
 
     def __init__(self, policy: LinkPolicy, ledger: Path, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
@@ -72,6 +73,12 @@ class Metering:
         self._saved_at = monotonic()
         self._dirty = False
         self._metered: tuple[float, bool] | None = None  # (checked at, answer) of the command
+        self._lock = threading.RLock()
+
+    def set_policy(self, **changes) -> None:
+        """Remote configuration: new caps take effect on the next request or block."""
+        with self._lock:
+            self.policy = replace(self.policy, **changes)
 
     # ------------------------------------------------------------------ the day's budget
 
@@ -89,27 +96,37 @@ class Metering:
             return self._today(), 0
 
     def used_today(self) -> int:
+        with self._lock:
+            return self._used_today()
+
+    def _used_today(self) -> int:
         today = self._today()
         if today > self._day:  # a new day (a clock set back, as on a board without RTC before NTP, is not one)
             self._day, self._used, self._dirty = today, 0, True
         return self._used
 
     def budget_left(self) -> int | None:
-        if self.policy.daily_download_bytes is None:
-            return None
-        return max(0, self.policy.daily_download_bytes - self.used_today())
+        with self._lock:
+            if self.policy.daily_download_bytes is None:
+                return None
+            return max(0, self.policy.daily_download_bytes - self._used_today())
 
     def spend(self, n: int) -> None:
         """``n`` bytes arrived (counted while a budget is set: without one nothing is written)."""
-        if self.policy.daily_download_bytes is None:
-            return
-        self.used_today()
-        self._used += n
-        self._dirty = True
-        if self._mono() - self._saved_at >= 1.0:
-            self.save()
+        with self._lock:
+            if self.policy.daily_download_bytes is None:
+                return
+            self._used_today()
+            self._used += n
+            self._dirty = True
+            if self._mono() - self._saved_at >= 1.0:
+                self._save()
 
     def save(self) -> None:
+        with self._lock:
+            self._save()
+
+    def _save(self) -> None:
         if not self._dirty:
             return
         tmp = self._ledger.with_suffix(".tmp")
@@ -127,7 +144,8 @@ class Metering:
         """Why the integrator says the link is metered now, or None (also when the condition cannot be read:
         logged, so a broken hook never holds updates forever)."""
         try:
-            return self._metered_now()
+            with self._lock:
+                return self._metered_now()
         except (OSError, ValueError) as e:
             log.warning("metered-link condition unreadable (%s): taken as not metered", e)
             return None
@@ -160,6 +178,10 @@ class Metering:
     def grant(self, sizes: list[int]) -> int:
         """How many of the next requests (``sizes``, in bytes, in order) may be made now: those the budget still
         holds, and, under a cap, as many as the bucket covers (at least one whenever it is positive)."""
+        with self._lock:
+            return self._grant(sizes)
+
+    def _grant(self, sizes: list[int]) -> int:
         left = self.budget_left()
         n = len(sizes)
         if left is not None:
@@ -188,14 +210,15 @@ class Metering:
 
     def pace(self, n: int, sleep: Callable[[float], None] = time.sleep) -> None:
         """Under a cap, wait until ``n`` more bytes may be read (the HTTP path reads in blocks)."""
-        cap = self.policy.max_download_bps
-        if cap is None:
-            return
-        self._refill(cap)
-        if self._tokens <= 0:
-            sleep(-self._tokens / cap)
+        with self._lock:
+            cap = self.policy.max_download_bps
+            if cap is None:
+                return
             self._refill(cap)
-        self._tokens -= n
+            wait = -self._tokens / cap if self._tokens <= 0 else 0.0  # the debt so far, paid before this block
+            self._tokens -= n
+        if wait:
+            sleep(wait)
 
     def _refill(self, cap: int) -> None:
         now = self._mono()

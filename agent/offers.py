@@ -4,12 +4,22 @@ job exists, and the device's trust state (root, highest update version) advances
 python-tuf's rule: a verifier works on a candidate, and the trusted state is replaced on the last line, after every
 check and after the driver journaled the job together with the new trust state (``Admission.trust_record`` goes
 into the same transaction as the journal).
+
+A device serves several named models, each with its own updater thread. The root is the device's; the highest
+update version is kept **per model**: offers for two models are built by the server in one order and may be admitted
+by their two threads in the other, and one shared counter would refuse the older of two good offers as a rollback.
+Per model, the guarantee is the one a single-model device had: metadata no newer than what that model last admitted
+is refused. ``lock`` serialises admission, journaling and adoption across the models' threads, so the root only
+moves forward.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import probe as probing
@@ -47,6 +57,9 @@ REASONS: list[tuple[type[Exception], Reason]] = [
 
 # What an offer's checks raise for bad data (anything else is a bug, logged by the driver).
 REFUSALS = (ProtocolError, probing.ProbeDataError, StepFailed)
+# A model's name is a directory name on the device: the registry's pattern, checked again here.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERIFIED_CACHE = 8  # jobs whose metadata stays verified in memory (one per model updating at once)
 
 
 def reason_for(e: Exception) -> Reason:
@@ -65,56 +78,103 @@ class Scope:
 
 @dataclass(frozen=True)
 class Admission:
-    """An admitted offer: the job to journal, and the trust state it moves the device to."""
+    """An admitted offer: the job to journal, and the trust state it moves the device (root) and the model (highest
+    update version) to."""
 
     job: Job
+    model: str
     verifier: UpdateVerifier
 
     @property
     def trust_record(self) -> dict[str, bytes]:
-        return {"root": self.verifier.root_bytes, "update_version": str(self.verifier.update_version).encode()}
+        return {"root": self.verifier.root_bytes,
+                version_key(self.model): str(self.verifier.update_version).encode()}
+
+
+def version_key(model: str) -> str:
+    """The store key of a model's highest admitted update version."""
+    return f"update_version:{model}"
 
 
 class Offers:
-    """The device's trust state and the checks every offer passes before it becomes a job."""
+    """The device's trust state and the checks every offer passes before it becomes a job. Shared by the models'
+    updaters (``lock``)."""
 
-    def __init__(self, scope: Scope, *, root: bytes, update_version: int):
+    def __init__(self, scope: Scope, *, root: bytes, versions: dict[str, int] | None = None):
         self.scope = scope
-        self.verifier = self._verifier(root, update_version)
-        self._verified: tuple[str, VerifiedUpdate] | None = None
+        self.lock = threading.RLock()
+        self._root = self._verifier(root, 0)
+        self.versions: dict[str, int] = dict(versions or {})
+        self._verified: dict[str, VerifiedUpdate] = {}
 
     def _verifier(self, root: bytes, update_version: int) -> UpdateVerifier:
         return UpdateVerifier(root, device_id=self.scope.device_id, profile=self.scope.profile,
                               cohort=self.scope.cohort, update_version=update_version)
 
-    def admit(self, offer: UpdateOffer, *, previous_slot: str | None) -> Admission:
-        """Check ``offer`` on a copy of the trust state; raises (ProtocolError, ProbeDataError, StepFailed) and
-        changes nothing when any check fails."""
-        candidate = self._verifier(self.verifier.root_bytes, self.verifier.update_version)
+    @property
+    def verifier(self) -> UpdateVerifier:
+        """The trusted root, with the highest update version any model admitted (what the device state reports;
+        remote configuration verifies against this root)."""
+        return self._verifier(self._root.root_bytes, max(self.versions.values(), default=0))
+
+    def model_of(self, offer: UpdateOffer) -> str:
+        """Which of the device's models ``offer`` is for: its signed metadata verified (rotations, signature, scope)
+        on a candidate, nothing adopted and no version checked (that is the model's own updater's, in ``admit``)."""
+        candidate = self._candidate(offer, update_version=0)
+        model = candidate.verify_update(offer.metadata).spec.artifact.model
+        if not MODEL_NAME.match(model):
+            raise StepFailed(Reason.MALFORMED, f"model name {model[:80]!r} is not a valid name")
+        return model
+
+    def _candidate(self, offer: UpdateOffer, *, update_version: int) -> UpdateVerifier:
+        with self.lock:
+            candidate = self._verifier(self._root.root_bytes, update_version)
         for root in offer.roots:
             if root != candidate.root_bytes:
                 candidate.update_root(root)
+        return candidate
+
+    def admit(self, offer: UpdateOffer, *, model: str, previous_slot: str | None,
+              fits: Callable[[VerifiedUpdate], None] = lambda verified: None) -> Admission:
+        """Check ``offer`` for ``model`` on a copy of the trust state; raises (ProtocolError, ProbeDataError,
+        StepFailed) and changes nothing when any check fails. ``fits`` refuses what the device cannot hold."""
+        candidate = self._candidate(offer, update_version=self.versions.get(model, 0))
         verified = candidate.verify_update(offer.metadata)
+        if verified.spec.artifact.model != model:
+            raise StepFailed(Reason.MALFORMED, f"the offer is for model {verified.spec.artifact.model!r}, "
+                                               f"not {model!r}")
         _check_probe(offer, verified)
         if verified.spec.artifact.format not in SERVED_FORMATS:
             raise StepFailed(Reason.MALFORMED, f"artifact format {verified.spec.artifact.format} is not served "
                                                "by the agent")
+        fits(verified)
         job = Job(id=offer.job, metadata=offer.metadata, probe=offer.probe, url=offer.url,
                   previous_slot=previous_slot, received=time.time())
-        return Admission(job, candidate)
+        return Admission(job, model, candidate)
 
     def adopt(self, admission: Admission) -> None:
-        """Trust what ``admission`` verified: called once the driver has journaled it."""
-        self.verifier = admission.verifier
+        """Trust what ``admission`` verified: called once the driver has journaled it (under ``lock``)."""
+        with self.lock:
+            if admission.verifier.root_version >= self._root.root_version:
+                self._root = self._verifier(admission.verifier.root_bytes, 0)
+            self.versions[admission.model] = max(self.versions.get(admission.model, 0),
+                                                 admission.verifier.update_version)
 
     def verified(self, job: Job) -> VerifiedUpdate:
         """The journaled offer's metadata, verified again (signature and scope) without advancing the version: once
         per job in this process (fetch, stage and probe all need it; after a restart it is checked afresh)."""
-        if self._verified is None or self._verified[0] != job.id:
-            if job.metadata is None or job.id is None:
-                raise StepFailed(Reason.INTERNAL, "the journaled job carries no update metadata")
-            self._verified = (job.id, self._verifier(self.verifier.root_bytes, 0).verify_update(job.metadata))
-        return self._verified[1]
+        if job.metadata is None or job.id is None:
+            raise StepFailed(Reason.INTERNAL, "the journaled job carries no update metadata")
+        with self.lock:
+            found = self._verified.get(job.id)
+            root = self._root.root_bytes
+        if found is None:
+            found = self._verifier(root, 0).verify_update(job.metadata)
+            with self.lock:
+                while len(self._verified) >= VERIFIED_CACHE:
+                    self._verified.pop(next(iter(self._verified)))
+                self._verified[job.id] = found
+        return found
 
 
 def _check_probe(offer: UpdateOffer, verified: VerifiedUpdate) -> None:

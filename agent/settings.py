@@ -66,6 +66,8 @@ class AgentSettings(BaseModel):
     metered_file: Path | None = None  # downloads hold while this file exists
     metered_command: str | None = None  # … or while this command exits 0
     metered_check_s: float = Field(default=10.0, gt=0)  # how often the command runs at most
+    # several models: what they may hold in memory together (default: the profile's model_ram_budget_mb)
+    model_memory_budget_mb: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:
@@ -90,6 +92,19 @@ class AgentSettings(BaseModel):
         return LinkPolicy(max_download_bps=self.max_download_bps, daily_download_bytes=self.daily_download_bytes,
                           metered_file=self.metered_file, metered_command=self.metered_command,
                           check_every_s=self.metered_check_s)
+
+    def memory_budget_bytes(self) -> int | None:
+        """The budget the models' estimated footprints must fit (agent.models): this setting, else the profile's
+        ``model_ram_budget_mb`` when the profile is one of the packaged ones, else none."""
+        if self.model_memory_budget_mb is not None:
+            return int(self.model_memory_budget_mb * 2**20)
+        try:  # data and a small loader, no server or converter code
+            from firmware_profiles import builtin_profile_ids, load_profile
+        except ImportError:
+            return None
+        if self.profile not in builtin_profile_ids():  # an integrator's own profile: no budget unless set here
+            return None
+        return load_profile(self.profile).memory.model_ram_budget_mb * 2**20
 
     def device_key(self) -> bytes | None:
         return self.device_key_file.read_bytes() if self.device_key_file else None

@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+JOURNAL_PREFIX = "journal:"
+LEGACY_JOURNAL = "journal"  # the single model's journal before several models per device (agent.models migrates)
+
+
+def journal_key(model: str) -> str:
+    return f"{JOURNAL_PREFIX}{model}"
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -61,10 +69,34 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
-    # ------------------------------------------------------------------ journal
+    def rename(self, moves: dict[str, str]) -> None:
+        """Move values to new keys in one transaction (an existing target is overwritten; a missing source is
+        skipped)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for old, new in moves.items():
+                    row = self._db.execute("SELECT value FROM kv WHERE key = ?", (old,)).fetchone()
+                    if row is None:
+                        continue
+                    self._db.execute("INSERT INTO kv(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                     "value = excluded.value", (new, row[0]))
+                    self._db.execute("DELETE FROM kv WHERE key = ?", (old,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
-    def load_journal(self) -> tuple[Snapshot, dict]:
-        raw = self.get("journal")
+    def keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM kv WHERE substr(key, 1, ?) = ? ORDER BY key",
+                                    (len(prefix), prefix)).fetchall()
+        return [k for (k,) in rows]
+
+    # ------------------------------------------------------------------ journal (one per model)
+
+    def load_journal(self, model: str) -> tuple[Snapshot, dict]:
+        raw = self.get(journal_key(model))
         if raw is None:
             return Snapshot(), {}
         data = json.loads(raw)
@@ -72,10 +104,10 @@ class Store:
         snap["state"] = State(snap["state"])
         return Snapshot(**snap), data["job"]
 
-    def save_journal(self, snap: Snapshot, job: dict, **extra: bytes) -> None:
-        """Persist the snapshot and the job's data (and any trust state that changed with it) atomically."""
+    def save_journal(self, model: str, snap: Snapshot, job: dict, **extra: bytes) -> None:
+        """Persist the model's snapshot and job data (and any trust state that changed with it) atomically."""
         record = {"snapshot": {**asdict(snap), "state": snap.state.value}, "job": job, "saved": time.time()}
-        self.put(journal=json.dumps(record).encode(), **extra)
+        self.put(**{journal_key(model): json.dumps(record).encode()}, **extra)
 
     # ------------------------------------------------------------------ outbox
 

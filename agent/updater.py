@@ -1,5 +1,8 @@
-"""The update driver: feeds inputs to the state machine (``agent.machine``), journals each transition, then has the
-step handlers (``agent.steps``) perform its actions, one job at a time, on one thread.
+"""The update driver of one named model: feeds inputs to the state machine (``agent.machine``), journals each
+transition, then has the step handlers (``agent.steps``) perform its actions, one job at a time, on its own thread.
+A device with several models runs one driver per model (``agent.models``), so one model's download, probe or
+rollback never waits for another's; they share the trust state (``agent.offers``), the link policy's meter and
+the reporter.
 
 Everything arrives as an input on one queue — offers, rollback orders, chunks, (re)connects, ticks — and is handled
 in order, so no two steps race. ``_transition`` is the one place that persists: the new snapshot and the job
@@ -22,10 +25,9 @@ from typing import Protocol
 from agent.api import Serving
 from agent.download import ChunkWindow, WindowConfig
 from agent.job import Job, StepFailed
-from agent.machine import Action, Event, Snapshot, State, step
+from agent.machine import Action, Event, Snapshot, State, Step, step
 from agent.metering import Hold, LinkPolicy, Metering
-from agent.offers import REFUSALS, Admission, Offers, Scope, reason_for
-from agent.outbox import Outbox
+from agent.offers import REFUSALS, Admission, Offers, reason_for
 from agent.report import Reporter
 from agent.slots import SlotStore
 from agent.steps import Outcome, StepContext, downloaded, perform, serve_active
@@ -41,6 +43,7 @@ from fleet_protocol.messages import (
     RollbackOrder,
     UpdateOffer,
 )
+from fleet_protocol.metadata import VerifiedUpdate
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 from fleet_runtime.runtimes import Model
 
@@ -67,34 +70,33 @@ def no_hook(where: UpdateState | Action) -> None:
 @dataclass
 class UpdaterConfig:
     device_id: str
-    profile: str
-    cohort: str | None
-    work_dir: Path
+    work_dir: Path  # shared by the models: each job works in its own folder under it
     window: WindowConfig = field(default_factory=WindowConfig)
     device_key: bytes | None = None  # X25519 private key for encrypted delivery
     link: LinkPolicy = field(default_factory=LinkPolicy)  # bandwidth cap, daily budget, metered condition
+
+
+def fits_anything(verified: VerifiedUpdate) -> None:
+    """No memory budget: every artifact fits."""
 
 
 class Updater:
     """``on_step`` is called after each transition is journaled (with the new state, before its actions) and after
     each action (before its outcome is journaled): the boundaries where a power cut may strike. Tests pause there."""
 
-    def __init__(self, config: UpdaterConfig, *, store: Store, slots: SlotStore, serving: Serving,
-                 telemetry: Telemetry, outbox: Outbox, send: Send, loader: Callable[[Path], Model],
-                 pinned_root: bytes, on_step: StepHook = no_hook):
-        self.config, self.store, self._send, self._on_step = config, store, send, on_step
-        self.offers = Offers(Scope(config.device_id, config.profile, config.cohort),
-                             root=store.get("root") or pinned_root,
-                             update_version=int(store.get("update_version") or b"0"))
-        self.reporter = Reporter(config.device_id, outbox=outbox, send=send, slots=slots, offers=self.offers)
+    def __init__(self, config: UpdaterConfig, *, model: str, store: Store, slots: SlotStore, serving: Serving,
+                 telemetry: Telemetry, offers: Offers, reporter: Reporter, meter: Metering, send: Send,
+                 loader: Callable[[Path], Model], fits: Callable[[VerifiedUpdate], None] = fits_anything,
+                 on_step: StepHook = no_hook):
+        self.config, self.model, self.store, self._send, self._on_step = config, model, store, send, on_step
+        self.offers, self.reporter, self.meter, self._fits = offers, reporter, meter, fits
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.meter = Metering(config.link, config.work_dir / "link-ledger.json")
         self.window = ChunkWindow(config.window, request=self._request_chunks, meter=self.meter)
         self.steps = StepContext(device_id=config.device_id, work_dir=config.work_dir, device_key=config.device_key,
                                  slots=slots, serving=serving, telemetry=telemetry, loader=loader,
                                  offers=self.offers, reporter=self.reporter, window=self.window, meter=self.meter)
         self._reported_hold: tuple[str, str] | None = None
-        self.snap, record = store.load_journal()
+        self.snap, record = store.load_journal(model)
         self.job = Job.from_record(record)
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -107,7 +109,7 @@ class Updater:
 
     def start(self) -> None:
         serve_active(self.steps.slots, self.steps.serving, self.steps.loader)
-        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"updater-{self.model}", daemon=True)
         self._thread.start()
         self.submit("outcome", Outcome(Event.RESTART))
 
@@ -115,10 +117,6 @@ class Updater:
         self.submit("stop")
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def set_link_policy(self, **changes) -> None:
-        """Remote configuration: new caps take effect on the next request or block."""
-        self.meter.policy = replace(self.meter.policy, **changes)
 
     def set_chunk_window(self, window: int) -> None:
         self.window.config = replace(self.window.config, window=window)
@@ -128,9 +126,6 @@ class Updater:
         return {"update": {"state": self.snap.state.value, "job": self.snap.job, "reason": self.snap.reason,
                            "detail": self.snap.detail,
                            "waiting": {"reason": hold[0], "why": hold[1]} if hold else None}}
-
-    def publish_state(self) -> None:
-        self.reporter.device_state()
 
     # ------------------------------------------------------------------ the loop (updater thread)
 
@@ -158,7 +153,6 @@ class Updater:
             self._transition(payload)
         elif kind == "connected":
             self.window.connected = True
-            self.publish_state()
             if self.snap.state is State.DOWNLOADING:
                 self.window.request_missing()
         elif kind == "disconnected":
@@ -212,7 +206,7 @@ class Updater:
             held, outstanding = found
             if self.snap.restarts:  # a held download is waiting, not crashing: reboots while held are not counted
                 self.snap = replace(self.snap, restarts=0)
-                self.store.save_journal(self.snap, self.job.to_record())
+                self.store.save_journal(self.model, self.snap, self.job.to_record())
             log.info("download %s %s", self.snap.job, held.describe(outstanding))
             self.reporter.event(self.snap.job, UpdateState.DOWNLOADING, UpdateResult.PENDING, held.reason,
                                 held.describe(outstanding))
@@ -221,21 +215,31 @@ class Updater:
                                 "download resumed")
         self._reported_hold = key
 
-    def _transition(self, outcome: Outcome, *, job_id: str | None = None,
-                    admission: Admission | None = None) -> None:
-        """One step of the machine: journal the new snapshot with the job (and any trust it adopts), and only then
-        perform its actions; each outcome is queued as the next input."""
+    def _transition(self, outcome: Outcome, *, job_id: str | None = None) -> None:
+        """One step of the machine: journal the new snapshot with the job, and only then perform its actions; each
+        outcome is queued as the next input."""
+        s = self._journal(outcome, job_id=job_id)
+        if s is not None:
+            self._act(s)
+
+    def _journal(self, outcome: Outcome, *, job_id: str | None = None,
+                 admission: Admission | None = None) -> Step | None:
+        """Persist the step ``outcome`` makes (with the trust state an admission moves to) and adopt that trust."""
         s = step(self.snap, outcome.event, job=job_id, reason=outcome.reason or "", detail=outcome.detail)
         if s.ignored:
             log.debug("ignored %s in %s", outcome.event.value, self.snap.state.value)
-            return
+            return None
         job = self._job_after(outcome.event, s.snapshot, admission)
-        self.store.save_journal(s.snapshot, job.to_record(), **(admission.trust_record if admission else {}))
+        self.store.save_journal(self.model, s.snapshot, job.to_record(),
+                                **(admission.trust_record if admission else {}))
         if admission is not None:
             self.offers.adopt(admission)
         self.snap, self.job = s.snapshot, job
-        log.info("update %s: %s → %s %s", s.snapshot.job, outcome.event.value, s.snapshot.state.value,
-                 [a.value for a in s.actions])
+        log.info("update %s (%s): %s → %s %s", s.snapshot.job, self.model, outcome.event.value,
+                 s.snapshot.state.value, [a.value for a in s.actions])
+        return s
+
+    def _act(self, s: Step) -> None:
         self._on_step(s.snapshot.state)
         for action in s.actions:
             nxt = perform(self.steps, action, self.snap, self.job)
@@ -263,19 +267,27 @@ class Updater:
                 self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, Reason.INTERNAL,
                                     f"busy with job {self.snap.job} ({self.snap.state.value})")
             return  # else a redelivery of the offer being worked on
-        try:
-            admission = self.offers.admit(offer, previous_slot=self.steps.slots.pointer()["slot"])
-        except REFUSALS as e:  # reported; the trust state did not change
-            log.warning("offer %s refused: %s", offer.job, e)
-            self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, reason_for(e), str(e)[:900])
-            return
-        self._transition(Outcome(Event.OFFER), job_id=offer.job, admission=admission)
+        with self.offers.lock:  # admit, journal and adopt as one against the other models' updaters
+            try:
+                admission = self._admit(offer)
+            except REFUSALS as e:  # reported; the trust state did not change
+                log.warning("offer %s for %s refused: %s", offer.job, self.model, e)
+                self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, reason_for(e),
+                                    str(e)[:900])
+                return
+            s = self._journal(Outcome(Event.OFFER), job_id=offer.job, admission=admission)
+        if s is not None:
+            self._act(s)
+
+    def _admit(self, offer: UpdateOffer) -> Admission:
+        return self.offers.admit(offer, model=self.model, previous_slot=self.steps.slots.pointer()["slot"],
+                                 fits=self._fits)
 
     def _supersede(self, offer: UpdateOffer) -> bool:
         """A newer offer for a job that only waits for its window replaces it: once the offer verifies, the waiting
         job ends (failed, ``superseded``, reported) and the offer comes back as the next input, to an idle agent."""
         try:
-            self.offers.admit(offer, previous_slot=self.steps.slots.pointer()["slot"])  # a check; nothing adopted
+            self._admit(offer)  # a check; nothing adopted
         except REFUSALS:
             return False  # handled as any offer to a busy agent: refused and reported, the waiting job kept
         self._transition(Outcome(Event.FAILED, Reason.SUPERSEDED, f"superseded by job {offer.job}"))

@@ -225,7 +225,25 @@ class TelemetryBatch(_Msg):
     dropped_batches: Count64 = 0  # lost to the outbox's size bound, oldest first
 
 
+MAX_MODELS = 16  # named models one device serves at once (issue 17)
+
+
+class ModelState(BaseModel):
+    """One of the device's named models: what its active slot serves, and where its own update is."""
+
+    model_config = STRICT
+    name: ID  # the model's name in the registry (a directory name on the device)
+    active_version: str | None = Field(default=None, max_length=128)  # "<name> <version>", the telemetry label
+    active_sha256: Sha | None = None
+    active_slot: Literal["a", "b"] | None = None
+    update_state: UpdateState = UpdateState.IDLE
+    job: ID | None = None  # the update job in progress, if any
+
+
 class DeviceState(_Msg):
+    """Retained. ``active_*`` describe the device's first model by name (what an agent with one model always sent);
+    ``models`` lists every named model (empty from agents older than several models per device)."""
+
     type: Literal["state"] = "state"
     active_version: str | None = Field(default=None, max_length=128)
     active_sha256: Sha | None = None
@@ -234,6 +252,15 @@ class DeviceState(_Msg):
     root_version: int = Field(ge=1, le=INT32_MAX)
     update_version: Count64
     ts: Timestamp
+    models: tuple[ModelState, ...] = Field(default=(), max_length=MAX_MODELS)
+
+    @field_validator("models")
+    @classmethod
+    def _names_unique(cls, models: tuple[ModelState, ...]) -> tuple[ModelState, ...]:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError("a model is listed twice")
+        return models
 
 
 ScalarValue = Annotated[str, Field(max_length=200)] | bool | int | float | None

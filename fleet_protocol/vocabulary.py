@@ -50,6 +50,7 @@ class Reason(StrEnum):
     ROLLED_BACK = "rolled_back"
     INTERNAL = "internal"
     SUPERSEDED = "superseded"  # a newer verified offer replaced a job that waited for its maintenance window
+    MEMORY_BUDGET = "memory_budget"  # the models loaded plus the new artifact would exceed the profile's budget
     # progress, not failure: the job waits (issue 17: metered links, maintenance windows)
     METERED = "metered"  # the integrator's condition says the link is metered
     DATA_BUDGET = "data_budget"  # today's download budget is spent

@@ -53,13 +53,14 @@ def test_a_half_written_or_corrupted_slot_is_never_used(tmp_path):
 
 def test_journal_round_trip_and_atomic_trust_update(tmp_path):
     store = Store(tmp_path / "agent.db")
-    assert store.load_journal() == (Snapshot(), {})
+    assert store.load_journal("m") == (Snapshot(), {})
     snap = Snapshot(state=State.PROBING, job="j1", restarts=1, transitions=3)
-    store.save_journal(snap, {"job": "j1", "n": 1}, root=b"root-bytes", update_version=b"7")
+    store.save_journal("m", snap, {"job": "j1", "n": 1}, root=b"root-bytes", **{"update_version:m": b"7"})
     store.close()
     again = Store(tmp_path / "agent.db")
-    assert again.load_journal() == (snap, {"job": "j1", "n": 1})
-    assert (again.get("root"), again.get("update_version")) == (b"root-bytes", b"7")
+    assert again.load_journal("m") == (snap, {"job": "j1", "n": 1})
+    assert again.load_journal("other") == (Snapshot(), {})  # each model has its own journal
+    assert (again.get("root"), again.get("update_version:m")) == (b"root-bytes", b"7")
 
 
 def test_outbox_keeps_order_and_drops_oldest_first_counting_them(tmp_path):

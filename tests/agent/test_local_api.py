@@ -117,7 +117,7 @@ def test_model_info_and_metrics(api):
         "name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}
     status, ctype, text = call(api["port"], "GET", "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
-    assert b'edgefleet_agent_requests_total{outcome="ok"}' in text
+    assert b'edgefleet_agent_requests_total{model="m",outcome="ok"}' in text
 
 
 def test_micro_batching_groups_concurrent_requests_and_returns_each_its_rows(tmp_path):

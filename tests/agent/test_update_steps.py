@@ -137,11 +137,11 @@ def test_a_payload_that_does_not_match_its_hash_is_deleted(tmp_path):
 PROBE = b"not checked before the probe hash"
 
 
-def signed_offer(online, *, job: str, version: int, profile="rpi5") -> messages.UpdateOffer:
+def signed_offer(online, *, job: str, version: int, profile="rpi5", model="m") -> messages.UpdateOffer:
     body = b"model bytes"
     spec = UpdateSpec(scope=UpdateScope(devices=("d1",), profile=profile),
                       artifact=ArtifactInfo(path="m/1/model.onnx", sha256=hashlib.sha256(body).hexdigest(),
-                                            length=len(body), format="onnx-int8", profile=profile, model="m",
+                                            length=len(body), format="onnx-int8", profile=profile, model=model,
                                             model_version="1", chunks=manifest_for(body, 4)),
                       probe=Probe(inputs_sha256="0" * 64, atol=1e-3, rtol=1e-3, min_cosine=0.99),
                       provenance=Provenance(source_sha256="0" * 64, calibration_sha256="0" * 64,
@@ -154,28 +154,66 @@ def signed_offer(online, *, job: str, version: int, profile="rpi5") -> messages.
 def trust():
     root_signer, online = generate_signer(), generate_signer()
     root = build_root([root_signer], [online], expires=datetime.now(UTC) + timedelta(days=1))
-    return Offers(Scope("d1", "rpi5", None), root=root, update_version=3), online
+    return Offers(Scope("d1", "rpi5", None), root=root, versions={"m": 3}), online
 
 
 def test_a_refused_offer_changes_no_trust(trust):
     offers, online = trust
     with pytest.raises(StepFailed) as e:  # the signature is fine; the probe data does not match its hash
-        offers.admit(signed_offer(online, job="j1", version=4), previous_slot="a")
+        offers.admit(signed_offer(online, job="j1", version=4), model="m", previous_slot="a")
     assert e.value.reason is Reason.HASH_MISMATCH and offers.verifier.update_version == 3
     with pytest.raises(RollbackError):
-        offers.admit(signed_offer(online, job="j2", version=3), previous_slot="a")
+        offers.admit(signed_offer(online, job="j2", version=3), model="m", previous_slot="a")
     assert offers.verifier.update_version == 3
 
 
 def test_an_admitted_offer_is_trusted_only_once_adopted(trust, monkeypatch):
     offers, online = trust
     monkeypatch.setattr("agent.offers._check_probe", lambda offer, verified: None)
-    admission = offers.admit(signed_offer(online, job="j1", version=4), previous_slot="a")
+    admission = offers.admit(signed_offer(online, job="j1", version=4), model="m", previous_slot="a")
     assert (admission.job.id, admission.job.previous_slot, admission.job.probe) == ("j1", "a", PROBE)
-    assert admission.trust_record["update_version"] == b"4" and offers.verifier.update_version == 3
+    assert admission.trust_record["update_version:m"] == b"4" and offers.verifier.update_version == 3
     offers.adopt(admission)  # the driver calls this once the job and the trust record are journaled
     assert offers.verifier.update_version == 4
     assert offers.verified(admission.job).version == 4  # verified again from the journal, version not advanced
+
+
+def test_multimodel_offers_are_versioned_per_model(trust, monkeypatch):
+    """Offers for two models are signed in one order and may be admitted by their two updaters in the other: each
+    model keeps its own highest version, so the older offer is not taken for a rollback; a replay to the same model
+    still is."""
+    offers, online = trust
+    monkeypatch.setattr("agent.offers._check_probe", lambda offer, verified: None)
+    for_m = signed_offer(online, job="j1", version=10)
+    for_k = signed_offer(online, job="j2", version=11, model="k")
+    assert offers.model_of(for_k) == "k" and offers.model_of(for_m) == "m"
+    offers.adopt(offers.admit(for_k, model="k", previous_slot=None))
+    offers.adopt(offers.admit(for_m, model="m", previous_slot="a"))  # older than k's, newer than m's: admitted
+    assert offers.versions == {"m": 10, "k": 11} and offers.verifier.update_version == 11
+    with pytest.raises(RollbackError):
+        offers.admit(for_m, model="m", previous_slot="a")
+    with pytest.raises(StepFailed) as e:  # signed for k: the updater of m refuses it
+        offers.admit(signed_offer(online, job="j3", version=12, model="k"), model="m", previous_slot="a")
+    assert e.value.reason is Reason.MALFORMED
+
+
+def test_multimodel_an_offer_that_does_not_fit_the_memory_budget_is_refused_and_trusts_nothing(trust, monkeypatch):
+    offers, online = trust
+    monkeypatch.setattr("agent.offers._check_probe", lambda offer, verified: None)
+
+    def too_big(verified):
+        raise StepFailed(Reason.MEMORY_BUDGET, "no room")
+
+    with pytest.raises(StepFailed) as e:
+        offers.admit(signed_offer(online, job="j1", version=4), model="m", previous_slot="a", fits=too_big)
+    assert e.value.reason is Reason.MEMORY_BUDGET and offers.versions == {"m": 3}
+
+
+def test_multimodel_a_model_name_that_is_no_directory_name_is_refused(trust):
+    offers, online = trust
+    with pytest.raises(StepFailed) as e:
+        offers.model_of(signed_offer(online, job="j1", version=4, model="../etc"))
+    assert e.value.reason is Reason.MALFORMED
 
 
 # ------------------------------------------------------------------ test hook and inbound messages
@@ -198,7 +236,8 @@ def agent(tmp_path):
     a = Agent(AgentSettings(device_id="d1", profile="rpi5", trust_root=tmp_path / "root.json",
                             state_dir=tmp_path / "state"))
     a.received = []
-    a.updater.submit = lambda kind, payload=None: a.received.append(payload)
+    a.models.chunk = a.received.append
+    a.models.offer = a.models.rollback = a.received.append
     yield a
     a.store.close()
 

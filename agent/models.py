@@ -1,0 +1,291 @@
+"""Several named models per device: one lane per model, each with its own A/B slots, journal, updater thread,
+serving reference and telemetry, so updating one never touches another's requests.
+
+Layout under the state directory::
+
+    models/detector/slots/{a,b}/…   models/detector/active.json      (agent.slots, one store per model)
+    models/recognizer/slots/{a,b}/… models/recognizer/active.json
+    agent.db                        journal:<model>, update_version:<model>, root, outbox (agent.store)
+
+An offer names its model in its signed metadata (``artifact.model``): ``ModelSet.offer`` verifies that much and hands
+the offer to the model's updater, creating the lane for a model the device does not have yet. Chunks go to the
+lane whose job they belong to; a rollback order to the lane that runs (or ran) its job.
+
+Memory: before an offer is admitted its model must fit the profile's budget beside what is loaded. A loaded model's
+resident size is estimated as ``LOAD_FACTOR`` × its file: ONNX Runtime holds the weights, prepacked copies of them
+and an activation arena (``bench/agent_bench.py`` measures the real growth). While an update is probed the new
+version is loaded beside the old one, so the check counts both.
+
+A state directory from an agent that served one model (``slots/``, ``active.json``, the ``journal`` key) becomes
+that model's lane on first start (``migrate_single_model``), resumably: a marker names the model until every move
+is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.api import Endpoint, Serving
+from agent.job import StepFailed
+from agent.machine import State
+from agent.offers import MODEL_NAME, REFUSALS, Offers, reason_for, version_key
+from agent.report import Reporter
+from agent.slots import SLOTS, SlotStore, atomic_write, fsync_dir
+from agent.store import JOURNAL_PREFIX, LEGACY_JOURNAL, Store, journal_key
+from agent.telemetry import Telemetry
+from agent.updater import Updater
+from fleet_protocol.messages import ChunkData, ModelState, RollbackOrder, UpdateOffer
+from fleet_protocol.metadata import FIELD, VerifiedUpdate
+from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = "models"
+LOAD_FACTOR = 2.0
+MIGRATING = ".migrating"  # names the model a single-model state directory is being moved to
+
+
+@dataclass
+class ModelLane:
+    name: str
+    slots: SlotStore
+    serving: Serving
+    telemetry: Telemetry
+    updater: Updater
+    had_active: bool  # the slot pointer named a model at start: the lane is listed even if it failed to load
+
+    def listed(self) -> bool:
+        """Shown by the local API: it serves, or should (a first install in progress is not listed yet)."""
+        return self.serving.current is not None or self.had_active
+
+    def present(self) -> bool:
+        """Reported and listed: it serves or should, or its update is under way (a lane made for an offer that
+        was refused holds nothing and is not shown)."""
+        return self.listed() or self.updater.snap.state is not State.IDLE
+
+    def footprint(self) -> int:
+        """Estimated resident bytes of the model it serves."""
+        current = self.serving.current
+        return int(current.info.length * LOAD_FACTOR) if current is not None else 0
+
+    def state(self) -> ModelState:
+        current = self.serving.current
+        info = current.info if current is not None else None
+        snap = self.updater.snap
+        return ModelState(name=self.name, active_version=info.version_label if info else None,
+                          active_sha256=info.sha256 if info else None,
+                          active_slot=info.slot if info else None,  # type: ignore[arg-type]
+                          update_state=snap.state, job=snap.job or None)
+
+
+UpdaterFactory = Callable[[str, SlotStore, Serving, Telemetry, Callable[[VerifiedUpdate], None]], Updater]
+
+
+class ModelSet:
+    """The device's models by name. ``make_updater`` builds a model's updater around its slots, serving reference
+    and telemetry (the daemon wires the shared trust state, meter, reporter and loader into it)."""
+
+    def __init__(self, state_dir: Path, *, store: Store, offers: Offers, make_updater: UpdaterFactory,
+                 budget_bytes: int | None = None):
+        self.root = Path(state_dir) / MODELS_DIR
+        self.store, self.offers, self._make_updater = store, offers, make_updater
+        self.budget_bytes = budget_bytes
+        self.reporter: Reporter | None = None  # set by the daemon (the reporter asks this set for the states)
+        self._lanes: dict[str, ModelLane] = {}
+        self._lock = threading.Lock()
+        self._connected = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Migrate a single-model state directory, then start every model found (each loads its active slot and
+        resumes its journaled update)."""
+        migrate_single_model(self.root.parent, self.store)
+        self.root.mkdir(parents=True, exist_ok=True)
+        names = {p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)}
+        names |= {k[len(JOURNAL_PREFIX):] for k in self.store.keys(JOURNAL_PREFIX)
+                  if MODEL_NAME.match(k[len(JOURNAL_PREFIX):])}
+        for name in sorted(names):
+            self.lane(name, create=True)
+
+    def stop(self) -> None:
+        for lane in self.lanes():
+            lane.updater.stop()
+
+    def lanes(self) -> list[ModelLane]:
+        with self._lock:
+            return [self._lanes[n] for n in sorted(self._lanes)]
+
+    def lane(self, name: str, *, create: bool = False) -> ModelLane | None:
+        with self._lock:
+            found = self._lanes.get(name)
+            if found is not None or not create:
+                return found
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"model name {name!r} is not a valid name")
+            slots = SlotStore(self.root / name)
+            serving, telemetry = Serving(), Telemetry()
+            updater = self._make_updater(name, slots, serving, telemetry, self._fits(name))
+            lane = ModelLane(name, slots, serving, telemetry, updater, had_active=slots.pointer()["slot"] is not None)
+            self._lanes[name] = lane
+        lane.updater.start()  # loads its active model (outside the lock: a load takes a while)
+        if self._connected:  # a lane made while the link is up (a new model's first offer) hears it is
+            lane.updater.submit("connected")
+        log.info("model %s: %s", name, "serving" if lane.serving.current else "no model yet")
+        return lane
+
+    # ------------------------------------------------------------------ what the device reports and serves
+
+    def states(self) -> list[ModelState]:
+        return [lane.state() for lane in self.lanes() if lane.present()]
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {lane.name: Endpoint(lane.serving, lane.telemetry, rollback=self._local_rollback(lane),
+                                    status=lane.updater.status, installed=lane.listed())
+                for lane in self.lanes() if lane.present()}
+
+    @staticmethod
+    def _local_rollback(lane: ModelLane) -> Callable[[], None]:
+        def order() -> None:
+            lane.updater.submit("message", RollbackOrder(job=f"local-{lane.name[:40]}-{int(time.time())}",
+                                                         reason="rollback requested on the device"))
+        return order
+
+    # ------------------------------------------------------------------ routing (the link's thread)
+
+    def offer(self, offer: UpdateOffer) -> None:
+        """To the updater of the model the signed metadata names (its lane made on first sight); an offer whose
+        metadata does not verify is refused here and reported."""
+        try:
+            name = self.offers.model_of(offer)
+        except REFUSALS as e:
+            log.warning("offer %s refused: %s", offer.job, e)
+            self._reject(offer.job, reason_for(e), str(e))
+            return
+        lane = self.lane(name, create=True)
+        assert lane is not None
+        lane.updater.submit("message", offer)
+
+    def chunk(self, chunk: ChunkData) -> None:
+        for lane in self.lanes():
+            if lane.updater.snap.job == chunk.job:
+                lane.updater.submit("message", chunk)
+                return  # else late or foreign: dropped
+
+    def rollback(self, order: RollbackOrder) -> None:
+        """To the model whose update ``order.job`` is, or whose active model that job installed; a device with one
+        model takes any rollback order (as it always did)."""
+        lanes = self.lanes()
+        lane = next((ln for ln in lanes if ln.updater.snap.job == order.job), None)
+        if lane is None:
+            lane = next((ln for ln in lanes if (c := ln.serving.current) is not None and c.info.job == order.job),
+                        None)
+        if lane is None and len(lanes) == 1:
+            lane = lanes[0]
+        if lane is None:
+            self._reject(order.job, Reason.MALFORMED, f"no model on this device ran job {order.job}")
+            return
+        lane.updater.submit("message", order)
+
+    def broadcast(self, kind: str) -> None:
+        """``connected`` / ``disconnected`` to every model's updater."""
+        self._connected = kind == "connected"
+        for lane in self.lanes():
+            lane.updater.submit(kind)
+
+    def _reject(self, job: str, reason: Reason, detail: str) -> None:
+        if self.reporter is not None:
+            self.reporter.event(job, UpdateState.REJECTED, UpdateResult.FAILED, reason, detail[:900])
+
+    # ------------------------------------------------------------------ memory
+
+    def _fits(self, name: str) -> Callable[[VerifiedUpdate], None]:
+        def check(verified: VerifiedUpdate) -> None:
+            if self.budget_bytes is None:
+                return
+            loaded = {lane.name: lane.footprint() for lane in self.lanes()}
+            new = int(verified.spec.artifact.length * LOAD_FACTOR)
+            need = sum(loaded.values()) + new
+            if need > self.budget_bytes:
+                others = ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in loaded.items() if b) or "none"
+                raise StepFailed(Reason.MEMORY_BUDGET,
+                                 f"{name} {verified.spec.artifact.model_version} needs ~{new / 2**20:.1f} MB beside "
+                                 f"the models loaded ({others}): {need / 2**20:.1f} MB exceeds the memory budget "
+                                 f"of {self.budget_bytes / 2**20:.0f} MB")
+        return check
+
+
+# ------------------------------------------------------------------ migration from one model per device
+
+
+def migrate_single_model(state_dir: Path, store: Store) -> str | None:
+    """Move a single-model state directory (``slots/``, ``active.json``, journal and update version) into
+    ``models/<name>/``; returns the model's name, or None when there was nothing to move. Every step is idempotent
+    and the marker keeps the name, so a power cut anywhere resumes on the next start."""
+    old_slots, models = state_dir / "slots", state_dir / MODELS_DIR
+    marker = models / MIGRATING
+    name = marker.read_text().strip() if marker.exists() else None
+    if name is None:
+        if not old_slots.exists() and store.get(LEGACY_JOURNAL) is None:
+            return None
+        name = _legacy_name(old_slots, store)
+        if name is None:  # nothing usable: empty slots (slot.json is written last) and no journaled job
+            shutil.rmtree(old_slots, ignore_errors=True)
+            (state_dir / "active.json").unlink(missing_ok=True)
+            store.rename({LEGACY_JOURNAL: f"{LEGACY_JOURNAL}.empty"})
+            return None
+        models.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, name.encode())
+    target = models / name
+    target.mkdir(parents=True, exist_ok=True)
+    if old_slots.exists() and not (target / "slots").exists():
+        os.replace(old_slots, target / "slots")
+    if (state_dir / "active.json").exists():
+        os.replace(state_dir / "active.json", target / "active.json")
+    fsync_dir(target)
+    fsync_dir(state_dir)
+    store.rename({LEGACY_JOURNAL: journal_key(name), "update_version": version_key(name)})
+    marker.unlink(missing_ok=True)
+    fsync_dir(models)
+    log.info("migrated the single-model state directory to %s", target)
+    return name
+
+
+def _mended(name: str) -> str:
+    """A directory name for a model named before names were checked on the device."""
+    mended = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lstrip("._-")[:64]
+    return mended or "model"
+
+
+def _legacy_name(old_slots: Path, store: Store) -> str | None:
+    """The model a single-model directory holds: its slots' ``model`` (the active one first), else the one its
+    journaled job installs (read from the journaled metadata without verifying it: the updater verifies it again
+    before any step)."""
+    try:
+        active = json.loads((old_slots.parent / "active.json").read_text()).get("slot")
+    except (OSError, ValueError):
+        active = None
+    for slot in sorted(SLOTS, key=lambda s: s != active):
+        try:
+            name = json.loads((old_slots / slot / "slot.json").read_text())["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(name, str):  # a model that serves is never dropped: a name that is no directory name is mended
+            return name if MODEL_NAME.match(name) else _mended(name)
+    raw = store.get(LEGACY_JOURNAL)
+    try:
+        metadata = json.loads(raw or b"{}")["job"]["metadata"]
+        name = json.loads(base64.b64decode(metadata))["signed"][FIELD]["artifact"]["model"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and MODEL_NAME.match(name) else None
