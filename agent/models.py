@@ -12,9 +12,10 @@ the offer to the model's updater, creating the lane for a model the device does 
 lane whose job they belong to; a rollback order to the lane that runs (or ran) its job.
 
 Memory: before an offer is admitted its model must fit the profile's budget beside what is loaded. A loaded model's
-resident size is estimated as ``LOAD_FACTOR`` × its file: ONNX Runtime holds the weights, prepacked copies of them
-and an activation arena (``bench/agent_bench.py`` measures the real growth). While an update is probed the new
-version is loaded beside the old one, so the check counts both.
+resident size is estimated as ``SESSION_BYTES`` + ``LOAD_FACTOR`` × its file: ONNX Runtime holds the weights,
+prepacked copies of them, an activation arena and per-session state (``bench/agent_bench.py``: a second, 1.0 MB
+model grew the agent's RSS by 12.8 MB; the estimate says 12.0). While an update is probed the new version is loaded
+beside the old one, so the check counts both.
 
 A state directory from an agent that served one model (``slots/``, ``active.json``, the ``journal`` key) becomes
 that model's lane on first start (``migrate_single_model``), resumably: a marker names the model until every move
@@ -51,7 +52,8 @@ from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
-LOAD_FACTOR = 2.0
+LOAD_FACTOR = 2.0  # resident bytes per byte of model file
+SESSION_BYTES = 10 * 2**20  # a runtime session's own state, whatever the model's size
 MIGRATING = ".migrating"  # names the model a single-model state directory is being moved to
 
 
@@ -76,7 +78,7 @@ class ModelLane:
     def footprint(self) -> int:
         """Estimated resident bytes of the model it serves."""
         current = self.serving.current
-        return int(current.info.length * LOAD_FACTOR) if current is not None else 0
+        return estimated_bytes(current.info.length) if current is not None else 0
 
     def state(self) -> ModelState:
         current = self.serving.current
@@ -86,6 +88,11 @@ class ModelLane:
                           active_sha256=info.sha256 if info else None,
                           active_slot=info.slot if info else None,  # type: ignore[arg-type]
                           update_state=snap.state, job=snap.job or None)
+
+
+def estimated_bytes(model_file_bytes: int) -> int:
+    """What a model of this file size is estimated to hold in memory once loaded."""
+    return SESSION_BYTES + int(model_file_bytes * LOAD_FACTOR)
 
 
 UpdaterFactory = Callable[[str, SlotStore, Serving, Telemetry, Callable[[VerifiedUpdate], None]], Updater]
@@ -214,7 +221,7 @@ class ModelSet:
             if self.budget_bytes is None:
                 return
             loaded = {lane.name: lane.footprint() for lane in self.lanes()}
-            new = int(verified.spec.artifact.length * LOAD_FACTOR)
+            new = estimated_bytes(verified.spec.artifact.length)
             need = sum(loaded.values()) + new
             if need > self.budget_bytes:
                 others = ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in loaded.items() if b) or "none"

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.machine import Snapshot
-from agent.models import MIGRATING, migrate_single_model
+from agent.models import MIGRATING, estimated_bytes, migrate_single_model
 from agent.slots import SlotStore, sha256_file
 from agent.store import Store
 from tests import zoo
@@ -237,9 +237,9 @@ def test_multimodel_kill_9_during_one_models_update_leaves_every_model_serving(f
 @pytest.mark.slow
 def test_multimodel_an_offer_past_the_memory_budget_is_refused_and_the_others_keep_serving(fleet, releases,
                                                                                            detector):
-    size = len(releases["1.0.0"].data)
-    # room for one model (estimated at twice its file) and not for a second beside it
-    agent = fleet.agent(model_memory_budget_mb=3 * size / 2**20).start()
+    # room for one model and not for a second beside it
+    one = estimated_bytes(len(releases["1.0.0"].data))
+    agent = fleet.agent(model_memory_budget_mb=1.5 * one / 2**20).start()
     install(fleet, agent, "c1", releases["1.0.0"])
     fleet.offer("d1", detector["1.0.0"])
     result = fleet.wait_result("d1")
