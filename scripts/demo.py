@@ -12,7 +12,9 @@
 6. Telemetry arriving at the server: requests, latency percentiles per model version.
 7. A deliberately bad version (a bloated network, many times slower): the p99-latency gate trips on the canary,
    the rollout aborts and every updated device rolls back.
-8. A summary, the URLs to explore; with --keep the fleet stays up until Ctrl-C.
+8. A second model on every device (a parity classifier beside the digits one), rolled out while the digits
+   traffic goes on: each device serves both, at /v1/models/{name}/predict.
+9. A summary, the URLs to explore; with --keep the fleet stays up until Ctrl-C.
 
 Every process is started in its own session and stopped by this one on exit, on Ctrl-C and on SIGTERM.
 """
@@ -47,6 +49,7 @@ from rich.table import Table  # noqa: E402
 
 DEFAULT_PROFILES = ["jetson-orin-nano", "rpi5", "android-arm64", "rpi4", "jetson-orin-nano"]
 MODEL = "digits"
+SECOND = "parity"  # the second model on every device: is the digit odd?
 console = Console(width=120)
 
 
@@ -150,9 +153,10 @@ def cli(module: str, *args, env: dict | None = None, check: bool = True) -> subp
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def train(seed: int, *, base=None, epochs: int = 15):
+def train(seed: int, *, base=None, epochs: int = 15, parity: bool = False):
     """A digits CNN (tests.zoo.DigitsCNN); with ``base``, only its last layer retrained (the rest frozen, so the
-    INT8 artifact changes little and ships as a small delta)."""
+    INT8 artifact changes little and ships as a small delta). ``parity``: trained to tell odd digits (logit 1) from
+    even ones (logit 0) instead."""
     import torch
     from torch import nn
 
@@ -160,6 +164,8 @@ def train(seed: int, *, base=None, epochs: int = 15):
 
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = digits_data(0)
+    if parity:
+        y_tr, y_te = y_tr % 2, y_te % 2
     model = DigitsCNN()
     if base is not None:
         model.load_state_dict(base.state_dict())
@@ -247,7 +253,8 @@ class Traffic:
                 body = json.dumps({"inputs": {"image": {"data": self.images[k:k + 1].ravel().tolist(),
                                                         "shape": [1, 1, 8, 8]}}})
                 try:
-                    conn.request("POST", "/v1/predict", body=body, headers={"Content-Type": "application/json"})
+                    conn.request("POST", f"/v1/models/{MODEL}/predict", body=body,
+                                 headers={"Content-Type": "application/json"})
                     resp = conn.getresponse()
                     doc = json.loads(resp.read())
                     if resp.status != 200:
@@ -434,7 +441,7 @@ class Demo:
         for col in ("device", "profile", "local API", "online"):
             table.add_column(col)
         for a in self.agents:
-            table.add_row(a["id"], a["profile"], f"http://127.0.0.1:{a['port']}/v1/predict", "[green]yes")
+            table.add_row(a["id"], a["profile"], f"http://127.0.0.1:{a['port']}/v1/models", "[green]yes")
         console.print(table)
         self.summary["steps"]["enroll"] = {"devices": len(self.agents), "online": len(ids),
                                            "profiles": sorted(set(self.profiles))}
@@ -442,21 +449,21 @@ class Demo:
     # ------------------------------------------------------------------ rollouts
 
     def rollout(self, version: str, *, title: str, gates: dict | None = None, on_fail: str = "pause",
-                strategy: dict | None = None, expect: set[str] = frozenset({"completed"})) -> dict:
-        body = {"name": title, "model": MODEL, "version": version, "selector": {"tags": ["demo"]},
+                strategy: dict | None = None, expect: set[str] = frozenset({"completed"}), model: str = MODEL) -> dict:
+        body = {"name": title, "model": model, "version": version, "selector": {"tags": ["demo"]},
                 "strategy": strategy or {"canary_percent": 20, "waves_percent": [60, 100], "soak_s": 1},
                 "gates": gates or {"max_failure_share": 0.2}, "on_gate_failure": on_fail, "start": True}
         r = self._ok(self.api.post("/v1/rollouts", json=body))
         n = len(self.agents)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
                       TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task(f"rollout {r['id']} → {version}", total=n, counts="")
+            task = bar.add_task(f"rollout {r['id']} → {model} {version}", total=n, counts="")
             deadline = time.monotonic() + self.args.stage_timeout
             while time.monotonic() < deadline:
                 r = self.api.get(f"/v1/rollouts/{r['id']}").json()
                 counts = r["counts"]
                 bar.update(task, completed=counts.get("installed", 0) + counts.get("rolled_back", 0),
-                           description=f"rollout {r['id']} → {version}: {r['state']}, stage {r['stage']}",
+                           description=f"rollout {r['id']} → {model} {version}: {r['state']}, stage {r['stage']}",
                            counts=" ".join(f"{k} {v}" for k, v in sorted(counts.items())))
                 if r["state"] in ("completed", "aborted", "paused"):
                     break
@@ -483,7 +490,7 @@ class Demo:
         with httpx.Client(timeout=5) as c:
             for a in self.agents:
                 try:
-                    out[a["id"]] = c.get(f"http://127.0.0.1:{a['port']}/v1/model").json().get("version")
+                    out[a["id"]] = c.get(f"http://127.0.0.1:{a['port']}/v1/models/{MODEL}").json().get("version")
                 except httpx.HTTPError:
                     out[a["id"]] = None
         return out
@@ -555,10 +562,50 @@ class Demo:
             "rolled_back": sum(m["status"] == "rolled_back" for m in members),
             "never_offered": sum(m["status"] == "pending" for m in members), "running": versions}
 
+    def second_model(self) -> None:
+        """A parity classifier beside the digits one: registered, converted and rolled out like any model; the
+        digits traffic goes on during its rollout (an install of one model touches no other's requests)."""
+        console.rule(f"[bold]8. A second model on every device: {SECOND} beside {MODEL}")
+        with console.status("training the parity classifier ..."):
+            model, acc = train(2, parity=True)
+        path = export(model, self.out / f"{SECOND}-1.0.0.onnx")
+        calib = io.BytesIO()
+        np.savez(calib, image=self.images)
+        body = {"name": SECOND, "version": "1.0.0", "source_sha256": self._upload(path.read_bytes()),
+                "calibration_sha256": self._upload(calib.getvalue())}
+        self._ok(self.api.post("/v1/models", json=body))
+        job = self._ok(self.api.post(f"/v1/models/{SECOND}/1.0.0/conversions",
+                                     json={"profiles": sorted(set(self.profiles))}))["id"]
+        converted = self._wait_job(job)
+        console.print(f"{SECOND} 1.0.0: odd or even; FP32 test accuracy {acc:.1%}; conversion job {job}: "
+                      f"{sum(a['status'] == 'shippable' for a in converted['artifacts'])} shippable artifact(s)")
+        failed_before = self.traffic.failed
+        r = self.rollout("1.0.0", title="second model", model=SECOND)
+        table = Table(title="each device's models (GET /v1/models on the device)")
+        for col in ("device", "profile", "models", f"{SECOND}: odd?", "answer"):
+            table.add_column(col)
+        both = 0
+        with httpx.Client(timeout=5) as c:
+            for a in self.agents:
+                listed = c.get(f"http://127.0.0.1:{a['port']}/v1/models").json()["models"]
+                names = {m["name"]: m.get("version") for m in listed if m["loaded"]}
+                both += {MODEL, SECOND} <= set(names)
+                k = int(np.flatnonzero(self.labels % 2 == 1)[0])
+                doc = c.post(f"http://127.0.0.1:{a['port']}/v1/models/{SECOND}/predict",
+                             json={"inputs": {"image": {"data": self.images[k:k + 1].ravel().tolist(),
+                                                        "shape": [1, 1, 8, 8]}}}).json()
+                odd = bool(np.argmax(doc["outputs"]["logits"]["data"]) == 1)
+                table.add_row(a["id"], a["profile"], ", ".join(f"{n} {v}" for n, v in sorted(names.items())),
+                              f"digit {self.labels[k]}", "odd" if odd else "even")
+        console.print(table)
+        self.summary["steps"]["second_model"] = {"id": r["id"], "state": r["state"], "counts": r["counts"],
+                                                 "devices_with_both": both,
+                                                 "digits_failed_during": self.traffic.failed - failed_before}
+
     # ------------------------------------------------------------------ end
 
     def finish(self) -> None:
-        console.rule("[bold]8. Summary")
+        console.rule("[bold]9. Summary")
         s = self.summary["steps"]
         table = Table(show_header=True)
         table.add_column("step")
@@ -576,6 +623,9 @@ class Demo:
         ratio = f"p99 ×{bad['p99_ratio']:.1f}" if bad["p99_ratio"] else ""
         table.add_row("bad model", f"{bad['state']} ({ratio}); {bad['rolled_back']} rolled back, "
                                    f"{bad['never_offered']} never offered")
+        second = s["second_model"]
+        table.add_row("second model", f"{SECOND} {second['state']} {second['counts']}; "
+                                      f"{second['devices_with_both']} device(s) serve {MODEL} and {SECOND}")
         table.add_row("traffic", f"{sum(self.traffic.by_version.values())} requests answered, "
                                  f"{self.traffic.failed} failed")
         console.print(table)
@@ -630,6 +680,7 @@ class Demo:
             self.delta_release()
             self.telemetry()
             self.bad_release()
+            self.second_model()
             self.finish()
             ok = True
             if self.args.keep:

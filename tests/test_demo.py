@@ -60,6 +60,8 @@ def test_the_demo_runs_the_whole_journey_and_stops_everything(tmp_path):
     bad = steps["bad_rollout"]
     assert bad["state"] == "aborted" and "p99 latency" in " ".join(bad["reasons"]) and bad["rolled_back"] >= 1
     assert set(bad["running"].values()) == {"1.1.0"}  # every device back on the good version
+    second = steps["second_model"]  # a second model installed beside the first while its traffic went on
+    assert second["state"] == "completed" and second["devices_with_both"] == 3 and second["digits_failed_during"] == 0
     assert summary["traffic"]["failed"] == 0 and "OpenAPI docs" in log and "/docs" in summary["urls"]["api_docs"]
     pids = json.loads((out / "pids.json").read_text())
     assert len(pids) == 5 and all(gone(pid) for pid in pids.values())  # broker, server, 3 agents: all stopped
