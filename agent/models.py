@@ -45,7 +45,7 @@ from agent.slots import SLOTS, SlotStore, atomic_write, fsync_dir
 from agent.store import JOURNAL_PREFIX, LEGACY_JOURNAL, Store, journal_key
 from agent.telemetry import Telemetry
 from agent.updater import Updater
-from fleet_protocol.messages import ChunkData, ModelState, RollbackOrder, UpdateOffer
+from fleet_protocol.messages import MAX_MODELS, ChunkData, ModelState, RollbackOrder, UpdateOffer
 from fleet_protocol.metadata import FIELD, VerifiedUpdate
 from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 
@@ -123,7 +123,16 @@ class ModelSet:
         names |= {k[len(JOURNAL_PREFIX):] for k in self.store.keys(JOURNAL_PREFIX)
                   if MODEL_NAME.match(k[len(JOURNAL_PREFIX):])}
         for name in sorted(names):
+            if self._holds_nothing(name):  # made for an offer that was refused: no lane, no thread
+                shutil.rmtree(self.root / name, ignore_errors=True)
+                continue
             self.lane(name, create=True)
+
+    def _holds_nothing(self, name: str) -> bool:
+        slots = self.root / name / "slots"
+        if any((slots / s / "slot.json").exists() for s in SLOTS) or (self.root / name / "active.json").exists():
+            return False
+        return self.store.load_journal(name)[0].state is State.IDLE
 
     def stop(self) -> None:
         for lane in self.lanes():
@@ -178,6 +187,11 @@ class ModelSet:
         except REFUSALS as e:
             log.warning("offer %s refused: %s", offer.job, e)
             self._reject(offer.job, reason_for(e), str(e))
+            return
+        present = [ln.name for ln in self.lanes() if ln.present()]
+        if name not in present and len(present) >= MAX_MODELS:
+            self._reject(offer.job, Reason.MEMORY_BUDGET, f"this device serves at most {MAX_MODELS} models "
+                                                          f"({', '.join(present)})")
             return
         lane = self.lane(name, create=True)
         assert lane is not None

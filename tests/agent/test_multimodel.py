@@ -8,19 +8,27 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.daemon import Agent
 from agent.machine import Snapshot
 from agent.models import MIGRATING, estimated_bytes, migrate_single_model
+from agent.settings import AgentSettings
 from agent.slots import SlotStore, sha256_file
 from agent.store import Store
+from fleet_protocol.keys import generate_signer
+from fleet_protocol.messages import MAX_MODELS
+from fleet_protocol.metadata import build_root
+from fleet_protocol.vocabulary import Reason
 from tests import zoo
 from tests.fleet_driver import Release, golden
 
 from .test_power_loss_e2e import wait_log
+from .test_update_steps import signed_offer
 
 X = np.random.default_rng(42).standard_normal((1, 3, 16, 16)).astype(np.float32)
 
@@ -236,7 +244,7 @@ def test_multimodel_kill_9_during_one_models_update_leaves_every_model_serving(f
 
 @pytest.mark.slow
 def test_multimodel_an_offer_past_the_memory_budget_is_refused_and_the_others_keep_serving(fleet, releases,
-                                                                                           detector):
+                                                                                           detector, tmp_path):
     # room for one model and not for a second beside it
     one = estimated_bytes(len(releases["1.0.0"].data))
     agent = fleet.agent(model_memory_budget_mb=1.5 * one / 2**20).start()
@@ -247,4 +255,33 @@ def test_multimodel_an_offer_past_the_memory_budget_is_refused_and_the_others_ke
     assert "exceeds the memory budget" in result.detail and "classifier" in result.detail
     np.testing.assert_allclose(predict(agent.port, "classifier"), reference(releases["1.0.0"]), rtol=1e-5, atol=1e-5)
     assert get(agent.port, "/ready") == {"ready": True}  # the refused model is no model of this device
-    assert [m["name"] for m in get(agent.port, "/v1/models")["models"] if m["loaded"]] == ["classifier"]
+    assert [m["name"] for m in get(agent.port, "/v1/models")["models"]] == ["classifier"]
+    agent.stop()
+    agent.start(wait_ready=True)  # what the refused offer left behind is cleared on the next start
+    assert sorted(p.name for p in (tmp_path / "state" / "models").iterdir()) == ["classifier"]
+    assert [m.name for m in fleet.states[-1].models] == ["classifier"]
+
+
+def test_multimodel_a_device_takes_at_most_max_models(tmp_path, monkeypatch):
+    """Every name the server signs makes a lane; the device state lists at most MAX_MODELS, so past that a new
+    model is refused (and the models it has are kept)."""
+    root_signer, online = generate_signer(), generate_signer()
+    (tmp_path / "root.json").write_bytes(build_root([root_signer], [online],
+                                                    expires=datetime.now(UTC) + timedelta(days=1)))
+    agent = Agent(AgentSettings(device_id="d1", profile="rpi5", trust_root=tmp_path / "root.json",
+                                state_dir=tmp_path / "state"))
+    events = []
+    monkeypatch.setattr(agent.reporter, "event", lambda job, state, result, reason=None, detail="", timings=None:
+                        events.append((job, reason)))
+    monkeypatch.setattr("agent.models.ModelLane.present", lambda lane: True)  # as if each had installed
+    agent.models.start()
+    try:
+        for i in range(MAX_MODELS + 1):
+            agent.models.offer(signed_offer(online, job=f"j{i}", version=i + 1, model=f"m{i:02d}"))
+        assert len(agent.models.lanes()) == MAX_MODELS
+        assert (f"j{MAX_MODELS}", Reason.MEMORY_BUDGET) in events
+        agent.models.offer(signed_offer(online, job="again", version=99, model="m00"))  # a model it has: routed
+        assert len(agent.models.lanes()) == MAX_MODELS and ("again", Reason.MEMORY_BUDGET) not in events
+    finally:
+        agent.models.stop()
+        agent.store.close()
