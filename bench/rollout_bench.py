@@ -85,7 +85,7 @@ def sim_process(broker_url: str, root: bytes, ids: list[str], base_sha: str, bas
 
     fleet = SimFleet(broker_url, root, blobs={base_sha: base})
     for d in ids:
-        fleet.add(d, profile="rpi5", active_sha256=base_sha)
+        fleet.add(d, profile="rpi5", active_sha256=base_sha, active_label="bench 1.0.0")  # the model the delta is from
     connect_s = fleet.connect_all(120)
     ready.put(connect_s)
     go.wait()
@@ -154,7 +154,8 @@ def main() -> int:
         with Session(db) as s:
             for i in range(0, len(ids), 1000):
                 s.add_all([Device(id=d, profile="rpi5", signing_public_key=hashlib.sha256(d.encode()).hexdigest(),
-                                  mqtt_password_hash="x", active_sha256=base_sha, tags=[f"site:{rng.randrange(9)}"])
+                                  mqtt_password_hash="x", active_sha256=base_sha, active_version="bench 1.0.0",
+                                  tags=[f"site:{rng.randrange(9)}"])
                            for d in ids[i:i + 1000]])
                 s.commit()
             _, token = issue_token(s, name="bench", role=Role.ADMIN, created_by="bench")

@@ -1,7 +1,8 @@
 """The ingest writer: validates what devices report and writes it in batches.
 
 - ``evt``: update progress and results → the device's rollout member (fleet_server/rollouts/members.py);
-- ``state``: what the device runs → the device row; ``online``: its last will / birth message → online, last seen;
+- ``state``: what the device runs → the device row (its first model) and its rows of ``device_model`` (every named
+  model, replaced as a whole); ``online``: its last will / birth message → online, last seen;
 - ``tm``: telemetry batches, stored once per (device, seq) — a QoS 1 redelivery is not counted twice.
 
 Chunk requests never come here (fleet_server/mqtt.py routes them to the downloads service). A message that does not
@@ -33,7 +34,7 @@ from sqlmodel import Session, select
 from fleet_protocol import messages, topics
 from fleet_protocol.errors import ProtocolError
 from fleet_protocol.vocabulary import WAITING_REASONS, UpdateResult
-from fleet_server import fastdecode, remote_config
+from fleet_server import device_models, fastdecode, remote_config
 from fleet_server.db import json_dumps
 from fleet_server.models import Device, RolloutDevice, TelemetryWindow, utcnow
 from fleet_server.pacing import TokenBuckets
@@ -248,6 +249,7 @@ class Ingest:
             if presence:
                 self._presence(s, presence, now)
             if states:
+                device_models.replace(s, states, now=now)
                 self._reconcile(s, states)
             if telemetry:
                 self._telemetry(s, telemetry)
@@ -314,15 +316,15 @@ class Ingest:
         s.add(row)
 
     def _reconcile(self, s: Session, states: dict[str, messages.DeviceState]) -> None:
-        """A device that runs a rollout's artifact has installed it, even if its result event was lost."""
-        running = {d: m for d, m in states.items() if m.active_sha256}
+        """A device that runs a rollout's artifact in any of its models has installed it, even if its result event was
+        lost."""
+        running = {d: shas for d, m in states.items() if (shas := device_models.running_sha256s(m))}
         if not running:
             return
         for row in s.exec(select(RolloutDevice).where(RolloutDevice.device_id.in_(running),  # type: ignore[attr-defined]
                                                       RolloutDevice.status.in_(("offered", "downloading")))):  # type: ignore[attr-defined]
-            m = running[row.device_id]
-            if row.artifact_sha256 == m.active_sha256:
-                row.status, row.finished_at, row.reason = "installed", m.ts, "ok"
+            if row.artifact_sha256 in running[row.device_id]:
+                row.status, row.finished_at, row.reason = "installed", states[row.device_id].ts, "ok"
                 row.detail = "reconciled from the device's state report"
                 s.add(row)
                 self.counts["reconciled"] += 1

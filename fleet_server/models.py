@@ -130,6 +130,24 @@ class Device(SQLModel, table=True):
     active_sha256: str | None = Field(default=None, max_length=64)
 
 
+class DeviceModel(SQLModel, table=True):
+    """One of a device's named models, as its latest state report described it (issue 17: a device serves several
+    models, each with its own A/B slots and update job). A state report replaces all of its device's rows: a model it
+    no longer lists is gone. ``Device.active_*`` keep describing the first model, for clients that read only those."""
+
+    __tablename__ = "device_model"
+    # by label: the device list's and the console's "runs this version" filters and counts
+    __table_args__ = (Index("ix_device_model_version", "active_version"),)
+    device_id: str = Field(primary_key=True, foreign_key="device.id", max_length=64)
+    model: str = Field(primary_key=True, max_length=64)  # the registry's model name
+    active_version: str | None = Field(default=None, max_length=128)  # "<name> <version>", the telemetry label
+    active_sha256: str | None = Field(default=None, max_length=64)
+    active_slot: str | None = Field(default=None, max_length=1)  # a | b
+    update_state: str = Field(default="idle", max_length=16)  # fleet_protocol.vocabulary.UpdateState
+    job: str | None = Field(default=None, max_length=64)  # the update job in progress on this model, if any
+    updated_at: datetime = Field(default_factory=utcnow)  # when the device last reported it
+
+
 class EnrollRequest(BaseModel):  # pydantic directly: SQLModel's Field does not enforce patterns
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "token": "efe_3q2Zb7m0nV0xkq0i7h9m4Yl6b8c0Zt2Q", "profile": "rpi5",
@@ -158,6 +176,21 @@ class EnrollResponse(SQLModel):
     client_cert: str | None = None  # the device's TLS client certificate (PEM), when it sent a CSR
 
 
+class DeviceModelPublic(SQLModel):
+    name: str
+    active_version: str | None
+    active_sha256: str | None
+    active_slot: str | None
+    update_state: str
+    job: str | None
+    updated_at: datetime
+
+    @field_validator("updated_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class DevicePublic(SQLModel):
     id: str
     profile: str
@@ -167,8 +200,9 @@ class DevicePublic(SQLModel):
     decommissioned_at: datetime | None
     online: bool
     last_seen: datetime | None
-    active_version: str | None
+    active_version: str | None  # the first model's (what devices with one model report), as before issue 17
     active_sha256: str | None
+    models: list[DeviceModelPublic] = []  # every named model the device reported, by name
 
     @field_validator("enrolled_at", "decommissioned_at", "last_seen")
     @classmethod

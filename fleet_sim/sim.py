@@ -177,11 +177,24 @@ class SimDevice:
         self.report_state()
 
     def report_state(self) -> None:
-        """The agent's state report: the active slot's "model version" label, its sha256 and slot."""
+        """The agent's state report: the active slot's "model version" label, its sha256 and slot, and the same again
+        as its one named model in ``models`` (as an agent with several models lists each), with its update in
+        progress."""
         self.publish("state", messages.DeviceState(active_version=self.label, active_sha256=self.active,
                                                    active_slot=self.slot,  # type: ignore[arg-type]
                                                    root_version=self.verifier.root_version,
-                                                   update_version=self.verifier.update_version, ts=time.time()))
+                                                   update_version=self.verifier.update_version, ts=time.time(),
+                                                   models=self.models()))
+
+    def models(self) -> tuple[messages.ModelState, ...]:
+        """The one named model, once the device runs a labelled one (the name is the label's first word)."""
+        if not self.label:
+            return ()
+        dl = self.download
+        return (messages.ModelState(name=self.label.split(" ", 1)[0], active_version=self.label,
+                                    active_sha256=self.active, active_slot=self.slot,  # type: ignore[arg-type]
+                                    update_state=UpdateState.DOWNLOADING if dl else UpdateState.IDLE,
+                                    job=dl.job if dl else None),)
 
     def _on_message(self, client, userdata, msg) -> None:
         try:

@@ -18,7 +18,7 @@ from sqlalchemy import String, cast, func, type_coerce
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.types import NullType
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from fleet_server import drift
 from fleet_server.artifacts import ArtifactError
@@ -29,6 +29,7 @@ from fleet_server.models import (
     ConversionPart,
     ConvertedArtifact,
     Device,
+    DeviceModel,
     DriftAlert,
     ModelVersion,
     Rollout,
@@ -36,7 +37,7 @@ from fleet_server.models import (
     TelemetryWindow,
 )
 from fleet_server.rollouts.engine import releasable
-from fleet_server.routes.devices import _RAW_COLUMNS, TAG, _item_json, _public
+from fleet_server.routes.devices import _RAW_COLUMNS, TAG, _item_json, _public, runs, with_models
 from fleet_server.routes.rollouts import GatesIn, StrategyIn
 from fleet_server.routes.rollouts import _public as rollout_public
 
@@ -59,14 +60,26 @@ def fleet_summary(session: SessionDep, _: Viewer) -> dict:
     live = Device.decommissioned_at.is_(None)  # type: ignore[union-attr]
     online = dict(session.exec(select(Device.online, func.count()).where(live).group_by(Device.online)).all())
     profiles = dict(session.exec(select(Device.profile, func.count()).where(live).group_by(Device.profile)).all())
-    versions = {v or "none": n for v, n in session.exec(select(Device.active_version, func.count()).where(live)
-                                                        .group_by(Device.active_version)).all()}
+    versions = _version_counts(session)
     alerts = session.exec(select(func.count()).select_from(DriftAlert).where(DriftAlert.open == True)).one()  # noqa: E712
     running = session.exec(select(Rollout).where(Rollout.state.in_(("running", "paused")))  # type: ignore[attr-defined]
                            .order_by(Rollout.id.desc()).limit(20)).all()  # type: ignore[union-attr]
     return {"total": sum(online.values()), "online": online.get(True, 0), "offline": online.get(False, 0),
             "profiles": profiles, "versions": versions, "open_alerts": alerts,
             "rollouts": [rollout_public(session, r).model_dump() for r in running]}
+
+
+def _version_counts(session) -> dict[str, int]:
+    """Live devices per running label, one count per model: a device with two models counts under both labels, and
+    one that runs no model under "none"."""
+    device, model = Device.__table__, DeviceModel.__table__  # type: ignore[attr-defined]
+    live = device.c.decommissioned_at.is_(None)
+    counts = dict(session.connection().execute(
+        sa_select(model.c.active_version, func.count()).join(device, device.c.id == model.c.device_id)
+        .where(live, model.c.active_version.is_not(None)).group_by(model.c.active_version)).all())
+    none = session.connection().execute(sa_select(func.count()).select_from(device)
+                                        .where(live, ~runs(device))).scalar_one()
+    return {**counts, "none": none} if none else counts
 
 
 @router.get("/tags")
@@ -105,16 +118,16 @@ def _filtered_page(engine: Engine, *, profile, tag, version, online, q, offset: 
         conditions.append(table.c.profile == profile)
     if online is not None:
         conditions.append(table.c.online == online)
-    if version:
-        conditions.append(table.c.active_version == version if version != "none" else table.c.active_version.is_(None))
+    if version:  # any of the device's models runs it; "none": none of them runs anything
+        conditions.append(runs(table, label=version) if version != "none" else ~runs(table))
     if q:
         conditions.append(table.c.id.like(f"%{_like_escaped(q)}%", escape="\\"))
     if tag:  # JSON text holds each tag quoted: a LIKE on the quoted tag is exact (tags cannot hold quotes)
         conditions.append(cast(table.c.tags, String).like(f'%"{_like_escaped(tag)}"%', escape="\\"))
     with engine.connect() as conn:  # the same columns and JSON as GET /v1/devices (its serialisers, reused)
         total = conn.execute(sa_select(func.count()).select_from(table).where(*conditions)).scalar_one()
-        items = [_public(r) for r in conn.execute(sa_select(*_RAW_COLUMNS).where(*conditions)
-                                                 .order_by(table.c.id).offset(offset).limit(limit))]
+        items = with_models(conn, [_public(r) for r in conn.execute(sa_select(*_RAW_COLUMNS).where(*conditions)
+                                                                   .order_by(table.c.id).offset(offset).limit(limit))])
     return (f'{{"total":{total},"offset":{offset},"limit":{limit},"items":['
             + ",".join(map(_item_json, items)) + "]}").encode()
 
@@ -199,22 +212,29 @@ def device_history(device_id: str, session: SessionDep, _: Viewer) -> list[dict]
 @router.get("/devices/{device_id}/drift")
 def device_drift(device_id: str, session: SessionDep, _: Viewer,
                  window_s: Annotated[float, Query(ge=1, le=30 * 86400)] = 3600.0) -> dict:
-    """PSI per input of this device's recent inputs against the calibration data of the version it runs."""
+    """PSI per input of this device's recent inputs against the calibration data of the version it runs, for each
+    of its models (``models``, by name; the top-level fields are the first one's)."""
     device = session.get(Device, device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id}")
     windows = session.exec(select(TelemetryWindow).where(TelemetryWindow.device_id == device_id,
                                                          TelemetryWindow.window_end >= time.time() - window_s)
                            .order_by(TelemetryWindow.window_end.desc()).limit(5000)).all()  # type: ignore[union-attr]
-    label = windows[0].model_version if windows else None
-    mv = None
-    if label and " " in label:
-        name, version = label.rsplit(" ", 1)
-        mv = session.exec(select(ModelVersion).where(ModelVersion.name == name,
-                                                     ModelVersion.version == version)).first()
-    observed = [s for w in windows if w.model_version == label for s in w.inputs
-                if not str(s.get("name", "")).startswith("out/")]
-    return {"model_version": label, "windows": len(windows),
+    newest: dict[str, str] = {}  # model name → the newest label it reported (windows come newest first)
+    for w in windows:
+        if w.model_version and " " in w.model_version:
+            newest.setdefault(w.model_version.rsplit(" ", 1)[0], w.model_version)
+    models = [_drift_of(session, label, windows) for _, label in sorted(newest.items())]
+    first = models[0] if models else {"model_version": None, "windows": 0, "inputs": {}}
+    return {**first, "windows": len(windows), "models": models}
+
+
+def _drift_of(session: Session, label: str, windows: list[TelemetryWindow]) -> dict:
+    name, version = label.rsplit(" ", 1)
+    mv = session.exec(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)).first()
+    mine = [w for w in windows if w.model_version == label]
+    observed = [s for w in mine for s in w.inputs if not str(s.get("name", "")).startswith("out/")]
+    return {"model_version": label, "windows": len(mine),
             "inputs": drift.compare(mv.reference_stats, observed) if mv and mv.reference_stats else {}}
 
 

@@ -1,5 +1,6 @@
-"""Per-device update delivery: pick the delivery (a cached delta from what the device runs, else the full artifact,
-encrypted to the device when asked), sign the update metadata for that one device, and serve the chunks it asks for.
+"""Per-device update delivery: pick the delivery (a cached delta from what the device's slot of this model runs, else
+the full artifact, encrypted to the device when asked), sign the update metadata for that one device, and serve the
+chunks it asks for.
 
 Files are named in the signed metadata by content (``blobs/<sha256>``), so serving a chunk needs only the job's list
 of files (a device may fetch nothing else) and the artifact store.
@@ -23,7 +24,7 @@ from fleet_protocol.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, manifest_fo
 from fleet_protocol.metadata import ArtifactInfo, DeltaInfo, Probe, Provenance, Scope, UpdateSpec, build_update
 from fleet_protocol.windows import Window
 from fleet_protocol.windows import next_all_open as windows_next_all_open
-from fleet_server import keys
+from fleet_server import device_models, keys
 from fleet_server.models import ConvertedArtifact, DeltaCache, Device, ModelVersion, RolloutDevice, TagWindows
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,16 @@ class Delivery:
         deltas: tuple[DeltaInfo, ...] = ()
         delivery = "encrypted" if encrypt else "full"
         offered_bytes = length
-        if not encrypt and device.active_sha256 and device.active_sha256 != target:
-            cached = self.best_delta(session, device.active_sha256, target)
+        # the base is what this model's slot runs: a device serves several models (issue 17), and a delta from
+        # another model's artifact is one the agent cannot apply
+        base = device_models.delta_base(device_models.sha256_by_model(session, device.id), model=mv.name,
+                                        active_version=device.active_version, active_sha256=device.active_sha256)
+        if not encrypt and base and base != target:
+            cached = self.best_delta(session, base, target)
             if cached is not None and cached.delta_sha256 and cached.length < length:
                 dpath = f"blobs/{cached.delta_sha256}"
                 deltas = (DeltaInfo(path=dpath, algorithm=cached.algorithm,  # type: ignore[arg-type]
-                                    base_sha256=device.active_sha256, sha256=cached.delta_sha256,
+                                    base_sha256=base, sha256=cached.delta_sha256,
                                     length=cached.length, chunks=self._manifest(cached.delta_sha256)),)
                 files[dpath] = cached.delta_sha256
                 delivery, offered_bytes = "delta", cached.length
@@ -163,10 +168,10 @@ class Delivery:
                                 expires=offer_expiry(spec, datetime.now(UTC)))
         roots = tuple(keys.root_versions(self.data_dir)[1:])  # rotations after the root devices pinned
         member.files, member.delivery, member.bytes_offered = files, delivery, offered_bytes
-        member.base_sha256, member.artifact_sha256 = device.active_sha256, target
+        member.base_sha256, member.artifact_sha256 = base, target
         url = f"{self.http_base}/{member.job}" if self.http_base else None  # files at <url>/blobs/<sha256>
         return messages.UpdateOffer(job=member.job, metadata=metadata, roots=roots, probe=probe_bytes, url=url,
-                                    base_sha256=device.active_sha256 if deltas else None)
+                                    base_sha256=base if deltas else None)
 
     def chunks(self, job: str, files: dict, request: messages.ChunkRequest, *, binary: bool = False) -> list[bytes]:
         """The requested chunks of one of the job's files, as wire bytes (nothing for a file the job does not list):

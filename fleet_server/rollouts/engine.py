@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from sqlalchemy import text, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from fleet_protocol import messages, topics
 from fleet_protocol.windows import Window
@@ -36,7 +36,16 @@ from fleet_server.models import (
     utcnow,
 )
 from fleet_server.rollouts.delivery import Delivery, DeliveryError
-from fleet_server.rollouts.gates import Evidence, Gates, LatencyHistogram, evaluate, failure_counts, merge
+from fleet_server.rollouts.gates import (
+    Evidence,
+    Gates,
+    LatencyHistogram,
+    Side,
+    evaluate,
+    failure_counts,
+    merge,
+    window_side,
+)
 from fleet_server.rollouts.planner import (
     IN_FLIGHT,
     Member,
@@ -274,17 +283,21 @@ class RolloutEngine:
         requests = errors = 0
         before: list[LatencyHistogram] = []
         after: list[LatencyHistogram] = []
-        if installed and (gates.max_error_rate is not None or gates.max_p99_ratio is not None):
+        if mv and installed and (gates.max_error_rate is not None or gates.max_p99_ratio is not None):
+            # only this model's windows are read (each device reports one window per model); window_side decides
             windows = s.exec(select(TelemetryWindow).where(
-                TelemetryWindow.device_id.in_(list(installed)))).all()  # type: ignore[attr-defined]
+                TelemetryWindow.device_id.in_(list(installed)),  # type: ignore[attr-defined]
+                col(TelemetryWindow.model_version).startswith(f"{mv.name} ", autoescape=True))).all()
             for w in windows:
                 m = installed[w.device_id]
+                side = window_side(w.model_version, w.window_end, model=mv.name, version_label=label,
+                                   offered_at=m.offered_at, finished_at=m.finished_at)
                 h = latency_histogram(w)
-                if w.model_version == label and m.finished_at and w.window_end >= m.finished_at:
+                if side is Side.AFTER:
                     requests, errors = requests + w.requests, errors + w.errors
                     if h:
                         after.append(h)
-                elif h and w.model_version != label and m.offered_at and w.window_end <= m.offered_at:
+                elif side is Side.BEFORE and h:
                     before.append(h)
         fidelities = [a.fidelity for a in artifacts.values() if a.fidelity is not None]
         ev = Evidence(finished=finished, failed=failed, requests_after=requests, errors_after=errors,

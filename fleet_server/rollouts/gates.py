@@ -3,7 +3,8 @@
 - update failures: failed / finished, judged once at least ``min_finished`` devices finished;
 - error rate after the update (errors / requests in the updated devices' telemetry on the new version);
 - p99 latency ratio: the updated cohort's p99 on the new version over the same devices' p99 before the update
-  (their own baseline, so a slow device class does not trip the gate by itself);
+  (their own baseline, so a slow device class does not trip the gate by itself), on other versions of the same model
+  only (a device serves several named models; another model's latency is no baseline);
 - fidelity floor: the artifact's measured fidelity from conversion.
 
 Each gate needs evidence: a gate with too few samples says WAIT, not PASS, unless the rollout has nothing left to
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
+from fleet_server.labels import is_version_of
 from fleet_server.rollouts.planner import Verdict
 
 
@@ -61,6 +64,25 @@ def quantile(h: LatencyHistogram, q: float) -> float | None:
             return lo + (hi - lo) * max(0.0, min(1.0, (rank - seen) / c))
         seen += c
     return h.edges[-1]
+
+
+class Side(StrEnum):
+    BEFORE = "before"
+    AFTER = "after"
+
+
+def window_side(label: str | None, window_end: float, *, model: str, version_label: str, offered_at: float | None,
+                finished_at: float | None) -> Side | None:
+    """Which side of a device's update a telemetry window is evidence for: AFTER (the new version, from the install
+    on), BEFORE (another version of the same model, up to the offer: the device's own baseline), or neither.
+
+    Windows of the device's other models are neither: with a fast model and a slow one on each device, counting the
+    other model's windows as the baseline judged the slow one's latency against the fast one's."""
+    if label == version_label:
+        return Side.AFTER if finished_at and window_end >= finished_at else None
+    if is_version_of(label, model) and offered_at and window_end <= offered_at:
+        return Side.BEFORE
+    return None
 
 
 @dataclass(frozen=True)

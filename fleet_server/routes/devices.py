@@ -39,6 +39,8 @@ from fleet_server.models import (
     DesiredConfig,
     Device,
     DeviceConfig,
+    DeviceModel,
+    DeviceModelPublic,
     DevicePatch,
     DevicePublic,
     EnrollmentToken,
@@ -191,12 +193,16 @@ def _fleet_ca(folder, *, required: bool) -> FleetCA | None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from e
 
 
-_PUBLIC = list(DevicePublic.model_fields)
+_PUBLIC = [name for name in DevicePublic.model_fields if name != "models"]  # models: from device_model
 _DATETIMES = {"enrolled_at", "decommissioned_at", "last_seen"}
 # The driver's own values, no SQLAlchemy result processing: its SQLite JSON and DateTime processors cost more than
 # the query. SQLite then gives text (converted below); psycopg gives lists and datetimes.
 _RAW_COLUMNS = [type_coerce(Device.__table__.c[name], NullType()).label(name)  # type: ignore[attr-defined]
                 for name in _PUBLIC]
+_MODEL_FIELDS = list(DeviceModelPublic.model_fields)  # name first: the table's ``model`` column
+_MODEL_TABLE = DeviceModel.__table__  # type: ignore[attr-defined]
+_RAW_MODEL_COLUMNS = [_MODEL_TABLE.c.device_id, _MODEL_TABLE.c.model,
+                      *(type_coerce(_MODEL_TABLE.c[name], NullType()) for name in _MODEL_FIELDS[1:])]
 
 
 def _iso(value: datetime | str | None) -> str | None:
@@ -217,6 +223,48 @@ def _public(row) -> dict:
     return d
 
 
+def models_by_device(conn, device_ids: list[str]) -> dict[str, list[dict]]:
+    """Each device's named models (as DevicePublic.models answers them), by name: one query for a page of devices."""
+    out: dict[str, list[dict]] = {}
+    if not device_ids:
+        return out
+    for device_id, *values in conn.execute(sa_select(*_RAW_MODEL_COLUMNS)
+                                           .where(_MODEL_TABLE.c.device_id.in_(device_ids))
+                                           .order_by(_MODEL_TABLE.c.device_id, _MODEL_TABLE.c.model)):
+        model = dict(zip(_MODEL_FIELDS, values, strict=True))
+        model["updated_at"] = _iso(model["updated_at"])
+        out.setdefault(device_id, []).append(model)
+    return out
+
+
+def with_models(conn, items: list[dict]) -> list[dict]:
+    """A page's items with their ``models`` (an empty list for a device that reported none)."""
+    models = models_by_device(conn, [d["id"] for d in items])
+    for d in items:
+        d["models"] = models.get(d["id"], [])
+    return items
+
+
+def runs(table, *, label: str | None = None, model: str | None = None):
+    """EXISTS over a device's models (``table``: the device table in the outer query): one of them runs ``label``,
+    or is named ``model``; with neither, one of them runs any version at all."""
+    which = [_MODEL_TABLE.c.device_id == table.c.id]
+    if label is not None:
+        which.append(_MODEL_TABLE.c.active_version == label)
+    if model is not None:
+        which.append(_MODEL_TABLE.c.model == model)
+    if label is None and model is None:
+        which.append(_MODEL_TABLE.c.active_version.is_not(None))
+    return sa_select(_MODEL_TABLE.c.device_id).where(*which).exists()
+
+
+def model_conditions(table, *, model_version: str | None = None, model: str | None = None) -> list:
+    """The device list's model filters: a device matches when ANY of its models runs ``model_version`` (a label),
+    and when one is named ``model``."""
+    return [*([runs(table, label=model_version)] if model_version else []),
+            *([runs(table, model=model)] if model else [])]
+
+
 def _item_json(d: dict) -> str:
     """One device as JSON. SQLite's tags are already JSON text (written by us, from a validated list): spliced in
     as they are rather than parsed and re-encoded."""
@@ -229,7 +277,8 @@ def _dumps(value) -> str:
 
 
 def _device_page(engine: Engine, *, profile: str | None, tags: list[str] | None, online: bool | None,
-                 model_version: str | None, include_decommissioned: bool, offset: int, limit: int) -> bytes:
+                 model_version: str | None, model: str | None, include_decommissioned: bool, offset: int,
+                 limit: int) -> bytes:
     """One page of devices as JSON bytes: a Core select of the public columns (no ORM objects), serialised once.
 
     This is the hottest read of the API; hydrating 100 ORM rows and re-validating them through the response model
@@ -240,8 +289,7 @@ def _device_page(engine: Engine, *, profile: str | None, tags: list[str] | None,
         conditions.append(table.c.profile == profile)
     if online is not None:
         conditions.append(table.c.online == online)
-    if model_version:
-        conditions.append(table.c.active_version == model_version)
+    conditions += model_conditions(table, model_version=model_version, model=model)
     if not include_decommissioned:
         conditions.append(table.c.decommissioned_at.is_(None))
     with engine.connect() as conn:
@@ -255,21 +303,29 @@ def _device_page(engine: Engine, *, profile: str | None, tags: list[str] | None,
             total = conn.execute(sa_select(func.count()).select_from(table).where(*conditions)).scalar_one()
             items = [_public(r) for r in conn.execute(sa_select(*_RAW_COLUMNS).where(*conditions)
                                                      .order_by(table.c.id).offset(offset).limit(limit))]
+        with_models(conn, items)
     return (f'{{"total":{total},"offset":{offset},"limit":{limit},"items":['
             + ",".join(map(_item_json, items)) + "]}").encode()
+
+
+LABEL_FILTER = Query(max_length=128, description='devices any of whose models runs this label: "detector 1.2.0"')
+MODEL_FILTER = Query(max_length=64, description="devices that run a model of this name")
 
 
 @router.get("/devices", response_model=Page)
 async def list_devices(_: Viewer, request: Request,
                        profile: str | None = None, tag: Annotated[list[str] | None, Query()] = None,
-                       online: bool | None = None, model_version: str | None = None,
+                       online: bool | None = None,
+                       model_version: Annotated[str | None, LABEL_FILTER] = None,
+                       model: Annotated[str | None, MODEL_FILTER] = None,
                        include_decommissioned: bool = False,
                        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                        limit: Annotated[int, Query(ge=1, le=500)] = 100) -> Response:
-    """Devices, filtered, ordered by id. Tags filter with AND (every given tag must be present)."""
+    """Devices, filtered, ordered by id, each with its named models. Tags filter with AND (every given tag must be
+    present)."""
     body = await run_in_threadpool(_device_page, request.app.state.engine, profile=profile, tags=tag, online=online,
-                                   model_version=model_version, include_decommissioned=include_decommissioned,
-                                   offset=offset, limit=limit)
+                                   model_version=model_version, model=model,
+                                   include_decommissioned=include_decommissioned, offset=offset, limit=limit)
     return Response(body, media_type="application/json")
 
 
@@ -280,9 +336,14 @@ def _device(session, device_id: str) -> Device:
     return d
 
 
+def _device_public(session, d: Device) -> DevicePublic:
+    models = models_by_device(session.connection(), [d.id]).get(d.id, [])
+    return DevicePublic.model_validate({**d.model_dump(include=set(_PUBLIC)), "models": models})
+
+
 @router.get("/devices/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, session: SessionDep, _: Viewer):
-    return _device(session, device_id)
+    return _device_public(session, _device(session, device_id))
 
 
 @router.patch("/devices/{device_id}", response_model=DevicePublic)
@@ -296,7 +357,7 @@ def patch_device(device_id: str, body: DevicePatch, request: Request, session: S
     session.refresh(d)
     if retag and (remote_config.effective(session, d) or session.get(DeviceConfig, d.id)):
         send_config(request, session, [d])  # its tags' settings changed with its tags
-    public = DevicePublic.model_validate(d, from_attributes=True)
+    public = _device_public(session, d)
     audit(session, actor=op.name, action="device.update", target=f"device:{device_id}")
     return public
 
@@ -313,7 +374,7 @@ def decommission(device_id: str, request: Request, session: SessionDep, admin: A
         session.commit()
         session.refresh(d)
         request.app.state.broker_sync.sync(session)  # locked out of the broker now, not at the next reload
-    public = DevicePublic.model_validate(d, from_attributes=True)
+    public = _device_public(session, d)
     audit(session, actor=admin.name, action="device.decommission", target=f"device:{device_id}")
     return public
 

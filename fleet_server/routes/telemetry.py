@@ -1,4 +1,4 @@
-"""Telemetry: per device and per cohort (rollout, model version, profile) — latency percentiles over time, error
+"""Telemetry: per device and per cohort (rollout, model, model version, profile) — latency percentiles over time, error
 rates, resource use, update timings; and the ingest's own counters."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet_server.auth import SessionDep, Viewer
 from fleet_server.insights import latency_histogram
@@ -27,13 +27,24 @@ def _percentiles(hists) -> dict:
     return {f"p{int(q * 100)}_ms": round(quantile(h, q) or 0.0, 4) for q in (0.5, 0.95, 0.99)}
 
 
+# a device sends one window per named model and telemetry interval, each labelled "<model> <version>"
+MODEL = Query(max_length=64, description="only windows of this model's versions (its name, e.g. \"detector\")")
+
+
+def _of_model(q, model: str | None):
+    if model is None:
+        return q
+    return q.where(col(TelemetryWindow.model_version).startswith(f"{model} ", autoescape=True))
+
+
 @router.get("/devices/{device_id}/telemetry")
 def device_telemetry(device_id: str, session: SessionDep, _: Viewer,
                      since: Annotated[float | None, Query(description="epoch seconds")] = None,
+                     model: Annotated[str | None, MODEL] = None,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 500) -> dict:
     if session.get(Device, device_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id}")
-    q = select(TelemetryWindow).where(TelemetryWindow.device_id == device_id)
+    q = _of_model(select(TelemetryWindow).where(TelemetryWindow.device_id == device_id), model)
     if since is not None:
         q = q.where(TelemetryWindow.window_end >= since)
     rows = session.exec(q.order_by(TelemetryWindow.window_end.desc()).limit(limit)).all()  # type: ignore[union-attr]
@@ -49,6 +60,7 @@ def cohort_telemetry(session: SessionDep, _: Viewer,
                      model_version: Annotated[str | None, Query(max_length=200,
                                                                 description='e.g. "classifier 1.1.0"')] = None,
                      profile: Annotated[str | None, Query(max_length=64)] = None,
+                     model: Annotated[str | None, MODEL] = None,
                      since: Annotated[float | None, Query(description="epoch seconds; default: the last hour")] = None,
                      bucket_s: Annotated[float, Query(ge=1, le=86_400)] = 60.0) -> dict:
     """Latency percentiles (merged histograms, not averages of percentiles), error rate, CPU and memory per time
@@ -65,6 +77,7 @@ def cohort_telemetry(session: SessionDep, _: Viewer,
         q = q.where(TelemetryWindow.device_id.in_(devices))  # type: ignore[attr-defined]
     if model_version is not None:
         q = q.where(TelemetryWindow.model_version == model_version)
+    q = _of_model(q, model)
     rows = session.exec(q.order_by(TelemetryWindow.window_end.desc()).limit(MAX_WINDOWS)).all()  # type: ignore[union-attr]
     buckets: dict[int, list[TelemetryWindow]] = {}
     for w in rows:

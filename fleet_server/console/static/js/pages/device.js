@@ -1,5 +1,6 @@
-// Device: identity and slots, update history with reason codes and timings, telemetry charts over a chosen range,
-// and drift per input against the calibration data of the version it runs.
+// Device: identity and slots, its named models (each with its own slots and update), update history with reason
+// codes and timings, telemetry charts over a chosen range, and drift per input against the calibration data of the
+// version it runs.
 import { api } from "../api.js";
 import { lineChart } from "../charts.js";
 import { badge, empty, field, fmtAgo, fmtBytes, fmtNum, fmtTime, h, select, table } from "../ui.js";
@@ -9,11 +10,12 @@ const RANGES = [["3600", "last hour"], ["86400", "last day"], ["604800", "last w
 export async function render(main, [id, initialRange], ctx) {
   const t0 = performance.now();
   const identity = h("div", { class: "panel" });
+  const models = h("div");
   const charts = h("div", { class: "grid2", "aria-busy": "true" });
   const history = h("div");
   const drift = h("div");
   const range = select("range", RANGES, RANGES.some(([v]) => v === initialRange) ? initialRange : "86400");
-  main.append(h("h1", {}, `Device ${id}`), identity,
+  main.append(h("h1", {}, `Device ${id}`), identity, h("h2", {}, "Models"), models,
     h("h2", {}, "Telemetry"), h("div", { class: "row" }, field("Time range", range)), charts,
     h("h2", {}, "Update history"), history, h("h2", {}, "Drift per input"), drift);
   range.addEventListener("change", () => loadCharts());
@@ -30,14 +32,19 @@ export async function render(main, [id, initialRange], ctx) {
     const [d, hist] = await Promise.all([api(`/v1/devices/${encodeURIComponent(id)}`),
       api(`/v1/console/devices/${encodeURIComponent(id)}/history`)]);
     identity.replaceChildren(identityList(d, hist));
+    models.replaceChildren(modelsTable(d));
     history.replaceChildren(historyTable(hist));
   }, 3000);
   ctx.poll(loadCharts, 10000);
-  ctx.poll(async () => drift.replaceChildren(driftTable(await api(`/v1/console/devices/${encodeURIComponent(id)}/drift`))), 15000);
+  ctx.poll(async () => {
+    const doc = await api(`/v1/console/devices/${encodeURIComponent(id)}/drift`);
+    drift.replaceChildren(...(doc.models && doc.models.length ? doc.models : [doc]).map(driftTable));  // one per model
+  }, 15000);
 }
 
 function identityList(d, hist) {
-  const running = (m) => d.active_version === m.version || d.active_version === `${m.model} ${m.version}`;
+  const labels = [d.active_version, ...(d.models || []).map((m) => m.active_version)];
+  const running = (m) => labels.includes(m.version) || labels.includes(`${m.model} ${m.version}`);
   const previous = hist.find((m) => (m.status === "installed" || m.status === "rolled_back") && !running(m));
   const rows = [["Profile", d.profile], ["Tags", d.tags.join(", ") || "—"], ["Agent", d.agent_version || "—"],
     ["Connection", badge(d.online ? "online" : "offline")], ["Last seen", `${fmtAgo(d.last_seen)} (${fmtTime(d.last_seen)})`],
@@ -47,6 +54,17 @@ function identityList(d, hist) {
     ["Enrolled", fmtTime(d.enrolled_at)]];
   if (d.decommissioned_at) rows.push(["Decommissioned", fmtTime(d.decommissioned_at)]);
   return h("dl", { class: "ident" }, rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+}
+
+// one row per named model (agents before several models per device report one, named by its label's first word)
+function modelsTable(d) {
+  return table([
+    { label: "Model", value: (m) => m.name },
+    { label: "Version", value: (m) => m.active_version || "—" },
+    { label: "Slot", value: (m) => m.active_slot ? `${m.active_slot} (${(m.active_sha256 || "").slice(0, 12)}…)` : "—" },
+    { label: "Update", value: (m) => m.job ? h("span", {}, badge(m.update_state), ` job ${m.job}`) : badge(m.update_state) },
+    { label: "Reported", value: (m) => fmtAgo(m.updated_at) },
+  ], d.models || [], { emptyText: "This device has not reported any model yet." });
 }
 
 function drawCharts(box, doc) {

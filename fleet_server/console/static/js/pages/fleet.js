@@ -86,10 +86,16 @@ function devicesTable(page, filters) {
     { label: "Device", value: (d) => h("a", { href: `#/devices/${encodeURIComponent(d.id)}` }, d.id) },
     { label: "Profile", value: (d) => d.profile },
     { label: "Tags", value: (d) => d.tags.join(", ") },
-    { label: "Running", value: (d) => d.active_version || "—" },
+    { label: "Running", value: running },
     { label: "Connection", value: (d) => badge(d.online ? "online" : "offline") },
     { label: "Last seen", value: (d) => fmtAgo(d.last_seen) },
   ], page.items, { emptyText: none, caption: `${page.total.toLocaleString()} device(s)` });
+}
+
+// every model's label (a device serves several named models); the device's own label when it listed no model
+function running(d) {
+  const labels = (d.models || []).map((m) => m.active_version).filter(Boolean);
+  return labels.length ? labels.join(", ") : d.active_version || "—";
 }
 
 function pager(page, go) {
