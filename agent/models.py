@@ -145,15 +145,21 @@ class ModelSet:
     def lane(self, name: str, *, create: bool = False) -> ModelLane | None:
         with self._lock:
             found = self._lanes.get(name)
-            if found is not None or not create:
-                return found
-            if not MODEL_NAME.match(name):
-                raise ValueError(f"model name {name!r} is not a valid name")
-            slots = SlotStore(self.root / name)
-            serving, telemetry = Serving(), Telemetry()
-            updater = self._make_updater(name, slots, serving, telemetry, self._fits(name))
-            lane = ModelLane(name, slots, serving, telemetry, updater, had_active=slots.pointer()["slot"] is not None)
-            self._lanes[name] = lane
+        if found is not None or not create:
+            return found
+        if not MODEL_NAME.match(name):
+            raise ValueError(f"model name {name!r} is not a valid name")
+        # Built outside the lock. Lock order is the trust state's, then this set's: an updater admitting an offer
+        # holds the trust lock and asks this set what is loaded (``_fits``), and building an updater takes the
+        # trust lock (its model's version), so building under this set's lock deadlocked the link thread.
+        slots = SlotStore(self.root / name)
+        serving, telemetry = Serving(), Telemetry()
+        updater = self._make_updater(name, slots, serving, telemetry, self._fits(name))
+        lane = ModelLane(name, slots, serving, telemetry, updater, had_active=slots.pointer()["slot"] is not None)
+        with self._lock:
+            found = self._lanes.setdefault(name, lane)
+        if found is not lane:  # another thread made it first (lanes are made by the link thread and at start)
+            return found
         lane.updater.start()  # loads its active model (outside the lock: a load takes a while)
         if self._connected:  # a lane made while the link is up (a new model's first offer) hears it is
             lane.updater.submit("connected")
