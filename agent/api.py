@@ -273,6 +273,9 @@ class LocalApi:
         if name is not None:
             return _describe(*self.endpoint(name))
         endpoints = self.models()
+        installed = {k: e for k, e in endpoints.items() if e.installed}
+        if len(installed) == 1:  # one model serves (a second one's first install may be under way)
+            endpoints = installed
         if len(endpoints) > 1:
             listed = self.list_models()
             return {"loaded": all(m["loaded"] for m in listed), **self.status(), "models": listed}

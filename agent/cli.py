@@ -72,10 +72,10 @@ def status(config: Path | None) -> None:
                        | {k[len(JOURNAL_PREFIX):] for k in store.keys(JOURNAL_PREFIX)})
         for name in names:
             snap, _ = store.load_journal(name)
-            models[name] = _model_status(SlotStore(state / MODELS_DIR / name), snap)
+            models[name] = _model_status(SlotStore(state / MODELS_DIR / name, create=False), snap)
         if (state / "slots").exists():  # not migrated yet (the daemon migrates on its next start)
             raw = store.get(LEGACY_JOURNAL)
-            legacy = SlotStore(state)
+            legacy = SlotStore(state, create=False)
             active = legacy.active()
             snap = Snapshot() if raw is None else _legacy_snapshot(raw)
             models[active.model if active else "(unmigrated)"] = _model_status(legacy, snap)

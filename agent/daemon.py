@@ -29,7 +29,7 @@ from agent.remote_config import RemoteConfig
 from agent.report import Reporter
 from agent.settings import AgentSettings
 from agent.slots import SlotStore
-from agent.store import Store
+from agent.store import LEGACY_VERSION, Store
 from agent.telemetry import Telemetry
 from agent.updater import StepHook, Updater, UpdaterConfig, no_hook
 from fleet_protocol import config, messages, topics
@@ -63,7 +63,7 @@ class Agent:
         # shared by the models: one trust state, one link (and its daily ledger), one reporter
         self.offers = Offers(Scope(settings.device_id, settings.profile, settings.cohort),
                              root=self.store.get("root") or Path(settings.trust_root).read_bytes(),
-                             versions={})
+                             seen=int(self.store.get(LEGACY_VERSION) or b"0"))  # an agent of one model's
         (state / "work").mkdir(exist_ok=True)
         self.meter = Metering(settings.link_policy(), state / "work" / "link-ledger.json")
         self.reporter = Reporter(settings.device_id, outbox=self.outbox, send=self._send, offers=self.offers,
@@ -96,9 +96,7 @@ class Agent:
 
     def _make_updater(self, name: str, slots: SlotStore, serving: Serving, telemetry: Telemetry,
                       fits: Callable[[VerifiedUpdate], None]) -> Updater:
-        raw = self.store.get(version_key(name))
-        with self.offers.lock:
-            self.offers.versions.setdefault(name, int(raw or b"0"))
+        self.offers.know(name, int(self.store.get(version_key(name)) or b"0"))
         prefer = None if self.s.tflite_runtime == "auto" else self.s.tflite_runtime
         return Updater(self._updater_config, model=name, store=self.store, slots=slots, serving=serving,
                        telemetry=telemetry, offers=self.offers, reporter=self.reporter, meter=self.meter,

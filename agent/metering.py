@@ -144,21 +144,25 @@ class Metering:
         """Why the integrator says the link is metered now, or None (also when the condition cannot be read:
         logged, so a broken hook never holds updates forever)."""
         try:
-            with self._lock:
-                return self._metered_now()
+            return self._metered_now()
         except (OSError, ValueError) as e:
             log.warning("metered-link condition unreadable (%s): taken as not metered", e)
             return None
 
     def _metered_now(self) -> str | None:
-        p = self.policy
+        """The command runs outside the lock: the models' downloads wait for no one's command."""
+        with self._lock:
+            p = self.policy
+            last = self._metered
         if p.metered_file is not None and p.metered_file.exists():
             return f"metered link ({p.metered_file} exists)"
         if p.metered_command:
             now = self._mono()
-            if self._metered is None or now - self._metered[0] >= p.check_every_s:
-                self._metered = (now, self._run(shlex.split(p.metered_command), p.command_timeout_s) == 0)
-            if self._metered[1]:
+            if last is None or now - last[0] >= p.check_every_s:
+                last = (now, self._run(shlex.split(p.metered_command), p.command_timeout_s) == 0)
+                with self._lock:
+                    self._metered = last
+            if last[1]:
                 return f"metered link ({p.metered_command!r} says so)"
         return None
 

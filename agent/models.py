@@ -32,6 +32,7 @@ import re
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from agent.machine import State
 from agent.offers import MODEL_NAME, REFUSALS, Offers, reason_for, version_key
 from agent.report import Reporter
 from agent.slots import SLOTS, SlotStore, atomic_write, fsync_dir
-from agent.store import JOURNAL_PREFIX, LEGACY_JOURNAL, Store, journal_key
+from agent.store import JOURNAL_PREFIX, LEGACY_JOURNAL, LEGACY_VERSION, Store, journal_key
 from agent.telemetry import Telemetry
 from agent.updater import Updater
 from fleet_protocol.messages import MAX_MODELS, ChunkData, ModelState, RollbackOrder, UpdateOffer
@@ -65,6 +66,7 @@ class ModelLane:
     telemetry: Telemetry
     updater: Updater
     had_active: bool  # the slot pointer named a model at start: the lane is listed even if it failed to load
+    reserved: int = 0  # estimated bytes of the version being installed (counted while its update runs)
 
     def listed(self) -> bool:
         """Shown by the local API: it serves, or should (a first install in progress is not listed yet)."""
@@ -75,14 +77,20 @@ class ModelLane:
         was refused holds nothing and is not shown)."""
         return self.listed() or self.updater.snap.state is not State.IDLE
 
+    def holds_nothing(self) -> bool:
+        return not self.present() and self.slots.pointer()["slot"] is None
+
     def footprint(self) -> int:
-        """Estimated resident bytes of the model it serves."""
+        """Estimated resident bytes: the model it serves, and the one its update admitted (loaded beside it to be
+        probed, then instead of it)."""
         current = self.serving.current
-        return estimated_bytes(current.info.length) if current is not None else 0
+        loaded = estimated_bytes(current.info.length) if current is not None else 0
+        return loaded + (self.reserved if self.updater.snap.state is not State.IDLE else 0)
 
     def state(self) -> ModelState:
         current = self.serving.current
-        info = current.info if current is not None else None
+        # a model that fails to load is still what the slot pointer names (and the server must not offer it again)
+        info = current.info if current is not None else self.slots.active() if self.had_active else None
         snap = self.updater.snap
         return ModelState(name=self.name, active_version=info.version_label if info else None,
                           active_sha256=info.sha256 if info else None,
@@ -96,11 +104,16 @@ def estimated_bytes(model_file_bytes: int) -> int:
 
 
 UpdaterFactory = Callable[[str, SlotStore, Serving, Telemetry, Callable[[VerifiedUpdate], None]], Updater]
+ROUTED_JOBS = 256  # job → model routes remembered for chunks and rollback orders
 
 
 class ModelSet:
     """The device's models by name. ``make_updater`` builds a model's updater around its slots, serving reference
-    and telemetry (the daemon wires the shared trust state, meter, reporter and loader into it)."""
+    and telemetry (the daemon wires the shared trust state, meter, reporter and loader into it).
+
+    Lock order: the trust state's lock (``Offers.lock``), then this set's. An updater admitting an offer holds the
+    trust lock and asks this set what is loaded (``_fits``), and building an updater takes the trust lock, so lanes
+    are built outside this set's lock (building one under it deadlocked the link thread)."""
 
     def __init__(self, state_dir: Path, *, store: Store, offers: Offers, make_updater: UpdaterFactory,
                  budget_bytes: int | None = None):
@@ -109,6 +122,7 @@ class ModelSet:
         self.budget_bytes = budget_bytes
         self.reporter: Reporter | None = None  # set by the daemon (the reporter asks this set for the states)
         self._lanes: dict[str, ModelLane] = {}
+        self._jobs: OrderedDict[str, str] = OrderedDict()  # job → model, in the order offers arrived
         self._lock = threading.Lock()
         self._connected = False
 
@@ -123,12 +137,12 @@ class ModelSet:
         names |= {k[len(JOURNAL_PREFIX):] for k in self.store.keys(JOURNAL_PREFIX)
                   if MODEL_NAME.match(k[len(JOURNAL_PREFIX):])}
         for name in sorted(names):
-            if self._holds_nothing(name):  # made for an offer that was refused: no lane, no thread
+            if self._held_nothing(name):  # made for an offer that was refused: no lane, no thread
                 shutil.rmtree(self.root / name, ignore_errors=True)
                 continue
             self.lane(name, create=True)
 
-    def _holds_nothing(self, name: str) -> bool:
+    def _held_nothing(self, name: str) -> bool:
         slots = self.root / name / "slots"
         if any((slots / s / "slot.json").exists() for s in SLOTS) or (self.root / name / "active.json").exists():
             return False
@@ -143,22 +157,26 @@ class ModelSet:
             return [self._lanes[n] for n in sorted(self._lanes)]
 
     def lane(self, name: str, *, create: bool = False) -> ModelLane | None:
+        """The model's lane; with ``create``, made and started when missing (None when the device already has
+        ``MAX_MODELS``)."""
         with self._lock:
             found = self._lanes.get(name)
         if found is not None or not create:
             return found
         if not MODEL_NAME.match(name):
             raise ValueError(f"model name {name!r} is not a valid name")
-        # Built outside the lock. Lock order is the trust state's, then this set's: an updater admitting an offer
-        # holds the trust lock and asks this set what is loaded (``_fits``), and building an updater takes the
-        # trust lock (its model's version), so building under this set's lock deadlocked the link thread.
         slots = SlotStore(self.root / name)
         serving, telemetry = Serving(), Telemetry()
         updater = self._make_updater(name, slots, serving, telemetry, self._fits(name))
         lane = ModelLane(name, slots, serving, telemetry, updater, had_active=slots.pointer()["slot"] is not None)
+        updater.on_refused = lambda: self._retire(name)
         with self._lock:
-            found = self._lanes.setdefault(name, lane)
-        if found is not lane:  # another thread made it first (lanes are made by the link thread and at start)
+            found = self._lanes.get(name)
+            if found is None and len(self._lanes) >= MAX_MODELS:
+                return None
+            if found is None:
+                self._lanes[name] = lane
+        if found is not None:  # another thread made it first (lanes are made by the link thread and at start)
             return found
         lane.updater.start()  # loads its active model (outside the lock: a load takes a while)
         if self._connected:  # a lane made while the link is up (a new model's first offer) hears it is
@@ -166,10 +184,21 @@ class ModelSet:
         log.info("model %s: %s", name, "serving" if lane.serving.current else "no model yet")
         return lane
 
+    def _retire(self, name: str) -> None:
+        """A model's offer was refused and the lane holds nothing: it goes (its thread ends; the empty folder is
+        removed on the next start), unless something else for it is already queued."""
+        with self._lock:
+            lane = self._lanes.get(name)
+            if lane is None or not lane.holds_nothing() or lane.updater.queued():
+                return
+            del self._lanes[name]
+        lane.updater.stop(join=False)  # (called on that lane's own thread)
+        log.info("model %s: no model and no update; lane closed", name)
+
     # ------------------------------------------------------------------ what the device reports and serves
 
     def states(self) -> list[ModelState]:
-        return [lane.state() for lane in self.lanes() if lane.present()]
+        return [lane.state() for lane in self.lanes() if lane.present()][:MAX_MODELS]
 
     def endpoints(self) -> dict[str, Endpoint]:
         return {lane.name: Endpoint(lane.serving, lane.telemetry, rollback=self._local_rollback(lane),
@@ -187,33 +216,46 @@ class ModelSet:
 
     def offer(self, offer: UpdateOffer) -> None:
         """To the updater of the model the signed metadata names (its lane made on first sight); an offer whose
-        metadata does not verify is refused here and reported."""
+        metadata does not verify, or that is older than one seen before, is refused here and reported."""
         try:
             name = self.offers.model_of(offer)
         except REFUSALS as e:
             log.warning("offer %s refused: %s", offer.job, e)
             self._reject(offer.job, reason_for(e), str(e))
             return
-        present = [ln.name for ln in self.lanes() if ln.present()]
-        if name not in present and len(present) >= MAX_MODELS:
-            self._reject(offer.job, Reason.MEMORY_BUDGET, f"this device serves at most {MAX_MODELS} models "
-                                                          f"({', '.join(present)})")
-            return
-        lane = self.lane(name, create=True)
-        assert lane is not None
-        lane.updater.submit("message", offer)
+        for _ in range(3):  # (a lane may retire between its lookup and the lock below: then once more)
+            lane = self.lane(name, create=True)
+            if lane is None:
+                present = ", ".join(ln.name for ln in self.lanes())
+                self._reject(offer.job, Reason.MEMORY_BUDGET,
+                             f"this device serves at most {MAX_MODELS} models ({present})")
+                return
+            with self._lock:  # routed and queued together, so the lane cannot retire in between
+                if self._lanes.get(name) is not lane:
+                    continue  # it just retired: make it again
+                self._jobs[offer.job] = name
+                while len(self._jobs) > ROUTED_JOBS:
+                    self._jobs.popitem(last=False)
+                lane.updater.submit("message", offer)
+                return
+
+    def _lane_of_job(self, job: str) -> ModelLane | None:
+        with self._lock:
+            name = self._jobs.get(job)
+            return self._lanes.get(name) if name else None
 
     def chunk(self, chunk: ChunkData) -> None:
-        for lane in self.lanes():
-            if lane.updater.snap.job == chunk.job:
-                lane.updater.submit("message", chunk)
-                return  # else late or foreign: dropped
+        lane = self._lane_of_job(chunk.job)
+        if lane is not None:
+            lane.updater.submit("message", chunk)  # else late or foreign: dropped
 
     def rollback(self, order: RollbackOrder) -> None:
-        """To the model whose update ``order.job`` is, or whose active model that job installed; a device with one
-        model takes any rollback order (as it always did)."""
-        lanes = self.lanes()
-        lane = next((ln for ln in lanes if ln.updater.snap.job == order.job), None)
+        """To the model whose offer had the job ``order`` names (queued behind it, if it is not yet taken), or whose
+        active model that job installed; a device with one model takes any rollback order (as it always did)."""
+        lane = self._lane_of_job(order.job)
+        lanes = [ln for ln in self.lanes() if ln.present()]
+        if lane is None:
+            lane = next((ln for ln in lanes if ln.updater.snap.job == order.job), None)
         if lane is None:
             lane = next((ln for ln in lanes if (c := ln.serving.current) is not None and c.info.job == order.job),
                         None)
@@ -237,18 +279,24 @@ class ModelSet:
     # ------------------------------------------------------------------ memory
 
     def _fits(self, name: str) -> Callable[[VerifiedUpdate], None]:
+        """The admission check of ``name``'s updater (run under the trust lock, so two models' admissions are
+        judged one after the other, each counting what the other reserved)."""
         def check(verified: VerifiedUpdate) -> None:
-            if self.budget_bytes is None:
-                return
-            loaded = {lane.name: lane.footprint() for lane in self.lanes()}
             new = estimated_bytes(verified.spec.artifact.length)
-            need = sum(loaded.values()) + new
-            if need > self.budget_bytes:
-                others = ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in loaded.items() if b) or "none"
-                raise StepFailed(Reason.MEMORY_BUDGET,
-                                 f"{name} {verified.spec.artifact.model_version} needs ~{new / 2**20:.1f} MB beside "
-                                 f"the models loaded ({others}): {need / 2**20:.1f} MB exceeds the memory budget "
-                                 f"of {self.budget_bytes / 2**20:.0f} MB")
+            lanes = self.lanes()
+            if self.budget_bytes is not None:
+                held = {lane.name: lane.footprint() for lane in lanes}
+                need = sum(held.values()) + new
+                if need > self.budget_bytes:
+                    others = ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in held.items() if b) or "none"
+                    raise StepFailed(Reason.MEMORY_BUDGET,
+                                     f"{name} {verified.spec.artifact.model_version} needs ~{new / 2**20:.1f} MB "
+                                     f"beside the models loaded or being installed ({others}): "
+                                     f"{need / 2**20:.1f} MB exceeds the memory budget of "
+                                     f"{self.budget_bytes / 2**20:.0f} MB")
+            for lane in lanes:
+                if lane.name == name:
+                    lane.reserved = new
         return check
 
 
@@ -275,13 +323,19 @@ def migrate_single_model(state_dir: Path, store: Store) -> str | None:
         atomic_write(marker, name.encode())
     target = models / name
     target.mkdir(parents=True, exist_ok=True)
-    if old_slots.exists() and not (target / "slots").exists():
-        os.replace(old_slots, target / "slots")
-    if (state_dir / "active.json").exists():
+    if old_slots.exists():
+        if (target / "slots").exists() and not any((target / "slots" / s / "slot.json").exists() for s in SLOTS):
+            shutil.rmtree(target / "slots")  # empty slot folders made meanwhile (a slot store opened on them)
+        if not (target / "slots").exists():
+            os.replace(old_slots, target / "slots")
+    if (state_dir / "active.json").exists() and not (target / "active.json").exists():
         os.replace(state_dir / "active.json", target / "active.json")
     fsync_dir(target)
     fsync_dir(state_dir)
-    store.rename({LEGACY_JOURNAL: journal_key(name), "update_version": version_key(name)})
+    version = store.get(LEGACY_VERSION)  # kept as well: the floor of every model's first offer (agent.offers)
+    if version is not None and store.get(version_key(name)) is None:
+        store.put(**{version_key(name): version})
+    store.rename({LEGACY_JOURNAL: journal_key(name)})
     marker.unlink(missing_ok=True)
     fsync_dir(models)
     log.info("migrated the single-model state directory to %s", target)

@@ -5,12 +5,13 @@ python-tuf's rule: a verifier works on a candidate, and the trusted state is rep
 check and after the driver journaled the job together with the new trust state (``Admission.trust_record`` goes
 into the same transaction as the journal).
 
-A device serves several named models, each with its own updater thread. The root is the device's; the highest
-update version is kept **per model**: offers for two models are built by the server in one order and may be admitted
-by their two threads in the other, and one shared counter would refuse the older of two good offers as a rollback.
-Per model, the guarantee is the one a single-model device had: metadata no newer than what that model last admitted
-is refused. ``lock`` serialises admission, journaling and adoption across the models' threads, so the root only
-moves forward.
+A device serves several named models, each with its own updater thread. The root is the device's. Versions are
+checked twice: in arrival order, on the link's thread, against the highest version this device has seen for any
+model (``model_of``: an old offer replayed for any model, even one the device does not have yet, is refused); and
+by the model's updater against the highest version that model admitted. The server signs a device's offers in the
+order it publishes them, but the models' threads may admit two of them in the other order: one shared counter
+there refused the older of two good offers as a rollback. ``lock`` serialises admission, journaling and adoption
+across the models' threads, so the root only moves forward.
 """
 
 from __future__ import annotations
@@ -100,12 +101,20 @@ class Offers:
     """The device's trust state and the checks every offer passes before it becomes a job. Shared by the models'
     updaters (``lock``)."""
 
-    def __init__(self, scope: Scope, *, root: bytes, versions: dict[str, int] | None = None):
+    def __init__(self, scope: Scope, *, root: bytes, versions: dict[str, int] | None = None, seen: int = 0):
         self.scope = scope
         self.lock = threading.RLock()
         self._root = self._verifier(root, 0)
         self.versions: dict[str, int] = dict(versions or {})
+        # the highest version routed to any model (arrival order): a floor for every model, new ones included
+        self.seen = max(seen, *self.versions.values(), 0)
         self._verified: dict[str, VerifiedUpdate] = {}
+
+    def know(self, model: str, version: int) -> None:
+        """A model's highest admitted version, read from the store at start."""
+        with self.lock:
+            self.versions.setdefault(model, version)
+            self.seen = max(self.seen, version)
 
     def _verifier(self, root: bytes, update_version: int) -> UpdateVerifier:
         return UpdateVerifier(root, device_id=self.scope.device_id, profile=self.scope.profile,
@@ -115,15 +124,20 @@ class Offers:
     def verifier(self) -> UpdateVerifier:
         """The trusted root, with the highest update version any model admitted (what the device state reports;
         remote configuration verifies against this root)."""
-        return self._verifier(self._root.root_bytes, max(self.versions.values(), default=0))
+        with self.lock:
+            return self._verifier(self._root.root_bytes, max(self.versions.values(), default=0))
 
     def model_of(self, offer: UpdateOffer) -> str:
-        """Which of the device's models ``offer`` is for: its signed metadata verified (rotations, signature, scope)
-        on a candidate, nothing adopted and no version checked (that is the model's own updater's, in ``admit``)."""
-        candidate = self._candidate(offer, update_version=0)
-        model = candidate.verify_update(offer.metadata).spec.artifact.model
-        if not MODEL_NAME.match(model):
-            raise StepFailed(Reason.MALFORMED, f"model name {model[:80]!r} is not a valid name")
+        """Which of the device's models ``offer`` is for: its signed metadata verified (rotations, signature, scope,
+        and a version above any this device has seen, in arrival order) on a candidate; nothing is adopted but the
+        version seen. The model's own updater checks it again (``admit``)."""
+        with self.lock:
+            candidate = self._candidate(offer, update_version=self.seen)
+            verified = candidate.verify_update(offer.metadata)
+            model = verified.spec.artifact.model
+            if not MODEL_NAME.match(model):
+                raise StepFailed(Reason.MALFORMED, f"model name {model[:80]!r} is not a valid name")
+            self.seen = verified.version
         return model
 
     def _candidate(self, offer: UpdateOffer, *, update_version: int) -> UpdateVerifier:
@@ -138,7 +152,9 @@ class Offers:
               fits: Callable[[VerifiedUpdate], None] = lambda verified: None) -> Admission:
         """Check ``offer`` for ``model`` on a copy of the trust state; raises (ProtocolError, ProbeDataError,
         StepFailed) and changes nothing when any check fails. ``fits`` refuses what the device cannot hold."""
-        candidate = self._candidate(offer, update_version=self.versions.get(model, 0))
+        with self.lock:
+            floor = self.versions.get(model, 0)
+        candidate = self._candidate(offer, update_version=floor)
         verified = candidate.verify_update(offer.metadata)
         if verified.spec.artifact.model != model:
             raise StepFailed(Reason.MALFORMED, f"the offer is for model {verified.spec.artifact.model!r}, "

@@ -71,9 +71,10 @@ def sha256_file(path: Path) -> str:
 
 
 class SlotStore:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, *, create: bool = True):
+        """``create=False`` reads what is there and makes no folder (``fleet-agent status``)."""
         self.root = Path(state_dir)
-        for s in SLOTS:
+        for s in SLOTS if create else ():
             (self.root / "slots" / s).mkdir(parents=True, exist_ok=True)
         self._pointer = self.root / "active.json"
 

@@ -57,6 +57,7 @@ class StepContext:
     """What the handlers work with. ``staged`` carries the model the probe loaded to the switch (same process)."""
 
     device_id: str
+    model: str  # the lane's: a journaled job for another model (from before the migration) is not installed here
     work_dir: Path
     device_key: bytes | None  # X25519 private key for encrypted delivery
     slots: SlotStore
@@ -145,6 +146,8 @@ def downloaded(job: Job, path: Path) -> Outcome:
 def stage(ctx: StepContext, snap: Snapshot, job: Job) -> Outcome:
     """Verify the payload again (it sat on disk), decrypt, patch, check the target hash, write the inactive slot."""
     spec = ctx.offers.verified(job).spec
+    if spec.artifact.model != ctx.model:
+        raise StepFailed(Reason.MALFORMED, f"the job installs model {spec.artifact.model!r}, not {ctx.model!r}")
     p = job.payload
     if p is None:
         raise StepFailed(Reason.INTERNAL, "the journaled job has no downloaded payload")
@@ -187,6 +190,8 @@ def _staged_info(ctx: StepContext, job: Job) -> SlotInfo:
     info = ctx.slots.verified(job.target_slot)
     if info is None or info.job != job.id:
         raise StepFailed(Reason.INTERNAL, "the staged slot no longer holds this job's model")
+    if info.model != ctx.model:
+        raise StepFailed(Reason.MALFORMED, f"the staged slot holds model {info.model!r}, not {ctx.model!r}")
     return info
 
 

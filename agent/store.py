@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 JOURNAL_PREFIX = "journal:"
 LEGACY_JOURNAL = "journal"  # the single model's journal before several models per device (agent.models migrates)
+LEGACY_VERSION = "update_version"  # its highest admitted version: kept, the floor for every model's first offer
 
 
 def journal_key(model: str) -> str:

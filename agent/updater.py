@@ -92,10 +92,12 @@ class Updater:
         self.offers, self.reporter, self.meter, self._fits = offers, reporter, meter, fits
         config.work_dir.mkdir(parents=True, exist_ok=True)
         self.window = ChunkWindow(config.window, request=self._request_chunks, meter=self.meter)
-        self.steps = StepContext(device_id=config.device_id, work_dir=config.work_dir, device_key=config.device_key,
+        self.steps = StepContext(device_id=config.device_id, model=model, work_dir=config.work_dir,
+                                 device_key=config.device_key,
                                  slots=slots, serving=serving, telemetry=telemetry, loader=loader,
                                  offers=self.offers, reporter=self.reporter, window=self.window, meter=self.meter)
         self._reported_hold: tuple[str, str] | None = None
+        self.on_refused: Callable[[], None] = lambda: None  # an offer was refused (the lane may hold nothing)
         self.snap, record = store.load_journal(model)
         self.job = Job.from_record(record)
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -113,10 +115,14 @@ class Updater:
         self._thread.start()
         self.submit("outcome", Outcome(Event.RESTART))
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, join: bool = True) -> None:
         self.submit("stop")
-        if self._thread is not None:
+        if join and self._thread is not None:
             self._thread.join(timeout)
+
+    def queued(self) -> int:
+        """Inputs waiting to be handled."""
+        return self._inbox.qsize()
 
     def set_chunk_window(self, window: int) -> None:
         self.window.config = replace(self.window.config, window=window)
@@ -267,6 +273,7 @@ class Updater:
                 self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, Reason.INTERNAL,
                                     f"busy with job {self.snap.job} ({self.snap.state.value})")
             return  # else a redelivery of the offer being worked on
+        s: Step | None = None
         with self.offers.lock:  # admit, journal and adopt as one against the other models' updaters
             try:
                 admission = self._admit(offer)
@@ -274,9 +281,13 @@ class Updater:
                 log.warning("offer %s for %s refused: %s", offer.job, self.model, e)
                 self.reporter.event(offer.job, UpdateState.REJECTED, UpdateResult.FAILED, reason_for(e),
                                     str(e)[:900])
-                return
-            s = self._journal(Outcome(Event.OFFER), job_id=offer.job, admission=admission)
-        if s is not None:
+                refused = True
+            else:
+                refused = False
+                s = self._journal(Outcome(Event.OFFER), job_id=offer.job, admission=admission)
+        if refused:
+            self.on_refused()
+        elif s is not None:
             self._act(s)
 
     def _admit(self, offer: UpdateOffer) -> Admission:

@@ -186,8 +186,8 @@ def test_multimodel_offers_are_versioned_per_model(trust, monkeypatch):
     monkeypatch.setattr("agent.offers._check_probe", lambda offer, verified: None)
     for_m = signed_offer(online, job="j1", version=10)
     for_k = signed_offer(online, job="j2", version=11, model="k")
-    assert offers.model_of(for_k) == "k" and offers.model_of(for_m) == "m"
-    offers.adopt(offers.admit(for_k, model="k", previous_slot=None))
+    assert offers.model_of(for_m) == "m" and offers.model_of(for_k) == "k"  # routed in the order they were signed
+    offers.adopt(offers.admit(for_k, model="k", previous_slot=None))  # admitted in the other
     offers.adopt(offers.admit(for_m, model="m", previous_slot="a"))  # older than k's, newer than m's: admitted
     assert offers.versions == {"m": 10, "k": 11} and offers.verifier.update_version == 11
     with pytest.raises(RollbackError):
@@ -195,6 +195,16 @@ def test_multimodel_offers_are_versioned_per_model(trust, monkeypatch):
     with pytest.raises(StepFailed) as e:  # signed for k: the updater of m refuses it
         offers.admit(signed_offer(online, job="j3", version=12, model="k"), model="m", previous_slot="a")
     assert e.value.reason is Reason.MALFORMED
+
+
+def test_multimodel_an_old_offer_is_refused_in_arrival_order_even_for_a_model_the_device_lacks(trust):
+    """Routing checks every offer against the highest version the device has seen for any model, so a captured old
+    offer cannot install a model the device does not have yet."""
+    offers, online = trust
+    assert offers.model_of(signed_offer(online, job="j1", version=200, model="k")) == "k"
+    with pytest.raises(RollbackError):
+        offers.model_of(signed_offer(online, job="j0", version=5, model="new"))
+    assert offers.model_of(signed_offer(online, job="j2", version=201, model="new")) == "new"
 
 
 def test_multimodel_an_offer_that_does_not_fit_the_memory_budget_is_refused_and_trusts_nothing(trust, monkeypatch):
