@@ -243,6 +243,9 @@ def test_console_device_page_charts_the_version_and_resources_devices_report(con
     page.wait_for_selector("svg.chart > title:text('Resident memory over time')", state="attached")
     ident = page.locator("dl.ident").inner_text()
     assert re.search(r"Active slot\s+classifier 1\.[01]\.0 \(", ident), ident
+    page.wait_for_selector("h2:text('Models') + div table tbody tr")  # its models, as its state report lists them
+    models = page.locator("h2:text('Models') + div").inner_text()
+    assert re.search(r"classifier\s+classifier 1\.[01]\.0\s+[ab] \(", models), models
     titles = page.evaluate("[...document.querySelectorAll('svg.chart > title')].map(t => t.textContent)")
     assert {"CPU over time", "Resident memory over time", "Temperature over time"} <= set(titles)
     assert page.locator("main .grid2 .empty").count() == 0  # no chart left empty
