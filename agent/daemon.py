@@ -63,15 +63,15 @@ class Agent:
         # shared by the models: one trust state, one link (and its daily ledger), one reporter
         self.offers = Offers(Scope(settings.device_id, settings.profile, settings.cohort),
                              root=self.store.get("root") or Path(settings.trust_root).read_bytes(),
-                             seen=int(self.store.get(LEGACY_VERSION) or b"0"))  # an agent of one model's
+                             # the version a single-model agent had admitted: a floor for every model's offers
+                             seen=int(self.store.get(LEGACY_VERSION) or b"0"))
         (state / "work").mkdir(exist_ok=True)
         self.meter = Metering(settings.link_policy(), state / "work" / "link-ledger.json")
         self.reporter = Reporter(settings.device_id, outbox=self.outbox, send=self._send, offers=self.offers,
                                  models=lambda: self.models.states())
         self._updater_config = UpdaterConfig(
             device_id=settings.device_id, work_dir=state / "work", device_key=settings.device_key(),
-            window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s),
-            link=settings.link_policy())
+            window=WindowConfig(window=settings.chunk_window, timeout_s=settings.chunk_timeout_s))
         self._on_step = on_step
         self.models = ModelSet(state, store=self.store, offers=self.offers, make_updater=self._make_updater,
                                budget_bytes=settings.memory_budget_bytes())

@@ -26,7 +26,7 @@ from agent.api import Serving
 from agent.download import ChunkWindow, WindowConfig
 from agent.job import Job, StepFailed
 from agent.machine import Action, Event, Snapshot, State, Step, step
-from agent.metering import Hold, LinkPolicy, Metering
+from agent.metering import Hold, Metering
 from agent.offers import REFUSALS, Admission, Offers, reason_for
 from agent.report import Reporter
 from agent.slots import SlotStore
@@ -73,7 +73,6 @@ class UpdaterConfig:
     work_dir: Path  # shared by the models: each job works in its own folder under it
     window: WindowConfig = field(default_factory=WindowConfig)
     device_key: bytes | None = None  # X25519 private key for encrypted delivery
-    link: LinkPolicy = field(default_factory=LinkPolicy)  # bandwidth cap, daily budget, metered condition
 
 
 def fits_anything(verified: VerifiedUpdate) -> None:
