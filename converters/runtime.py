@@ -38,6 +38,30 @@ def session(path: Path, *, threads: int = 2, exact: bool = False) -> ort.Inferen
         raise QuantizationError(f"{path.name}: ONNX Runtime refuses to load it: {str(e).splitlines()[0]}") from e
 
 
+# The least cosine between what ONNX Runtime's optimized (fused) kernels and the artifact's own QDQ arithmetic answer
+# for an artifact with 16-bit activations. Loose on purpose: a CPU without VNNI legitimately costs INT8 some (0.988
+# measured on a MobileNet-like classifier); what it catches is a fused path that computes something else entirely.
+OPTIMIZED_PATH_MIN_COSINE = 0.9
+
+
+def optimized_path_cosine(path: Path, samples: list[Sample], *, threads: int = 2) -> float:
+    """The worst cosine, over outputs, between the artifact run as a device runs it (full graph optimizations) and
+    its exact QDQ arithmetic (``session(exact=True)``); -1 when the optimized path answers NaN or infinity.
+    Measured on ONNX Runtime 1.32: a Gemm whose INT8 inputs feed a 16-bit output, with an INT32 bias, answered all
+    zeros fused (the QDQ selector's fusion) and the right values unfused, so the search's exact scoring passed it
+    and a device would have served zeros."""
+    exact = run_all(session(path, threads=threads, exact=True), samples)
+    fused = run_all(session(path, threads=threads), samples)
+    worst = 1.0
+    for name, want in exact.items():
+        a, b = np.asarray(want, np.float64).ravel(), np.asarray(fused[name], np.float64).ravel()
+        if not np.isfinite(b).all():
+            return -1.0
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        worst = min(worst, 1.0 if na == nb == 0 else float(a @ b) / max(na * nb, 1e-30))
+    return worst
+
+
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 

@@ -85,7 +85,10 @@ def check_feeds(model: Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 class OnnxModel:
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int = 2, providers: list[str] | None = None):
+    def __init__(self, path: Path, *, threads: int = 2, providers: list[str] | None = None, exact: bool = False):
+        """``exact``: basic graph optimizations only, so QDQ pairs run as written (the artifact's own arithmetic,
+        the same on every host) rather than fused into the host's integer kernels; for golden answers, not
+        serving."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -94,6 +97,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if exact:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=chosen)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
@@ -177,10 +182,11 @@ def _logical(d: dict) -> str:
     return np.dtype(d["dtype"]).name
 
 
-def load(path: Path, *, threads: int = 2, providers: list[str] | None = None, tflite: str | None = None) -> Model:
+def load(path: Path, *, threads: int = 2, providers: list[str] | None = None, tflite: str | None = None,
+         exact: bool = False) -> Model:
     suffix = Path(path).suffix
     if suffix == ".onnx":
-        return OnnxModel(path, threads=threads, providers=providers)
+        return OnnxModel(path, threads=threads, providers=providers, exact=exact)
     if suffix == ".tflite":
         return TfliteModel(path, threads=threads, prefer=tflite)
     raise RuntimeLoadError(f"{Path(path).name}: no runtime serves {suffix or 'this file'} (.onnx, .tflite)")

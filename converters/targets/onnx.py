@@ -141,6 +141,12 @@ class OnnxInt8Pass:
             quantized = onnx_int8.quantize(work.prepared, work.calibration.samples, scheme, out, choice=choice,
                                            exclude=exclude, external_data=work.source.external_data,
                                            cache=onnx_int8.calibration_cache(folder, scheme, choice), wide=wide)
+            if wide:  # a device runs the fused kernels: they must compute what the exact scoring below judges
+                agree = runtime.optimized_path_cosine(out, work.search_samples[:4], threads=work.options.threads)
+                if agree < runtime.OPTIMIZED_PATH_MIN_COSINE:
+                    raise QuantizationError(f"ONNX Runtime's optimized kernels answer otherwise for 16-bit "
+                                            f"activations here (cosine {agree:.3f} against the artifact's own "
+                                            "arithmetic): not shipped")
             session = runtime.session(out, threads=work.options.threads, exact=True)
             search = fidelity(work.tasks, work.search_fp32, runtime.run_all(session, work.search_samples))
             size = sum(p.stat().st_size for p in model_files(out))
