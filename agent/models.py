@@ -216,7 +216,14 @@ class ModelSet:
 
     def offer(self, offer: UpdateOffer) -> None:
         """To the updater of the model the signed metadata names (its lane made on first sight); an offer whose
-        metadata does not verify, or that is older than one seen before, is refused here and reported."""
+        metadata does not verify, or that is older than one seen before, is refused here and reported. The offer of
+        a job a model already has (a QoS 1 redelivery, after a restart too) goes straight to it: its updater knows a
+        redelivery from a new offer, where the version check here would call it a replay."""
+        known = self._lane_of_job(offer.job) or next(
+            (ln for ln in self.lanes() if ln.updater.snap.job == offer.job), None)
+        if known is not None:
+            known.updater.submit("message", offer)
+            return
         try:
             name = self.offers.model_of(offer)
         except REFUSALS as e:
@@ -238,6 +245,7 @@ class ModelSet:
                     self._jobs.popitem(last=False)
                 lane.updater.submit("message", offer)
                 return
+        self._reject(offer.job, Reason.INTERNAL, f"model {name}: its lane kept closing; offer not taken")
 
     def _lane_of_job(self, job: str) -> ModelLane | None:
         with self._lock:

@@ -326,6 +326,12 @@ def test_multimodel_a_device_takes_at_most_max_models(tmp_path, monkeypatch):
         assert (f"j{MAX_MODELS}", Reason.MEMORY_BUDGET) in events
         agent.models.offer(signed_offer(online, job="again", version=99, model="m00"))  # a model it has: routed
         assert len(agent.models.lanes()) == MAX_MODELS and ("again", Reason.MEMORY_BUDGET) not in events
+        # a redelivery of an offer (same job, same version) reaches its model's updater, not the replay check
+        agent.models.offer(signed_offer(online, job="j3", version=4, model="m03"))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len([e for e in events if e[0] == "j3"]) < 2:
+            time.sleep(0.02)
+        assert [reason for job, reason in events if job == "j3"] == [Reason.HASH_MISMATCH] * 2  # (its probe data)
     finally:
         agent.models.stop()
         agent.store.close()
