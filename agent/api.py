@@ -119,7 +119,8 @@ class Endpoint:
     telemetry: Telemetry
     rollback: Callable[[], None] | None = None
     status: Callable[[], dict] = dict
-    installed: bool = True  # False while its first version is being installed: listed, not served nor awaited
+    # False while its first version is being installed: listed, not served nor awaited (asked at each use)
+    installed: Callable[[], bool] = lambda: True
 
 
 class Metrics:
@@ -205,7 +206,7 @@ class LocalApi:
         """The named model (None: the device's one model); ApiError when there is no such model, or no one."""
         endpoints = self.models()
         if name is None:
-            endpoints = {k: e for k, e in endpoints.items() if e.installed}
+            endpoints = {k: e for k, e in endpoints.items() if e.installed()}
             if len(endpoints) > 1:
                 raise ApiError(HTTPStatus.CONFLICT, f"this device serves several models ({', '.join(endpoints)}): "
                                                     "use /v1/models/{name}/…")
@@ -273,7 +274,7 @@ class LocalApi:
         if name is not None:
             return _describe(*self.endpoint(name))
         endpoints = self.models()
-        installed = {k: e for k, e in endpoints.items() if e.installed}
+        installed = {k: e for k, e in endpoints.items() if e.installed()}
         if len(installed) == 1:  # one model serves (a second one's first install may be under way)
             endpoints = installed
         if len(endpoints) > 1:
@@ -290,7 +291,7 @@ class LocalApi:
 
     def ready(self) -> bool:
         """Every installed model is loaded (and there is one)."""
-        installed = [e for e in self.models().values() if e.installed]
+        installed = [e for e in self.models().values() if e.installed()]
         return bool(installed) and all(e.serving.current is not None for e in installed)
 
 

@@ -57,7 +57,6 @@ def run(config: Path | None, log_level: str = "INFO") -> None:
 def status(config: Path | None) -> None:
     """Per model: the active slot and model, the update journal; the outbox (from the state directory). A device
     with one model also shows its fields at the top level, as before several models per device."""
-    from agent.machine import Snapshot
     from agent.models import MODELS_DIR
     from agent.offers import MODEL_NAME
     from agent.slots import SlotStore
@@ -74,10 +73,9 @@ def status(config: Path | None) -> None:
             snap, _ = store.load_journal(name)
             models[name] = _model_status(SlotStore(state / MODELS_DIR / name, create=False), snap)
         if (state / "slots").exists():  # not migrated yet (the daemon migrates on its next start)
-            raw = store.get(LEGACY_JOURNAL)
             legacy = SlotStore(state, create=False)
             active = legacy.active()
-            snap = Snapshot() if raw is None else _legacy_snapshot(raw)
+            snap, _ = store.read_journal(LEGACY_JOURNAL)
             models[active.model if active else "(unmigrated)"] = _model_status(legacy, snap)
         out: dict = {"device_id": s.device_id, "profile": s.profile}
         if len(models) == 1:
@@ -95,13 +93,6 @@ def _model_status(slots, snap) -> dict:
                                                    "version": active.model_version, "sha256": active.sha256,
                                                    "format": active.format},
             "update": {"state": snap.state.value, "job": snap.job, "reason": snap.reason, "detail": snap.detail}}
-
-
-def _legacy_snapshot(raw: bytes):
-    from agent.machine import Snapshot, State
-
-    data = json.loads(raw)["snapshot"]
-    return Snapshot(**{**data, "state": State(data["state"])})
 
 
 def _request(s, method: str, path: str, body: bytes = b"", content_type: str = "application/json"):

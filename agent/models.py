@@ -68,6 +68,14 @@ class ModelLane:
     had_active: bool  # the slot pointer named a model at start: the lane is listed even if it failed to load
     reserved: int = 0  # estimated bytes of the version being installed (counted while its update runs)
 
+    def __post_init__(self) -> None:
+        self.endpoint = Endpoint(self.serving, self.telemetry, rollback=self.local_rollback,
+                                 status=self.updater.status, installed=self.listed)
+
+    def local_rollback(self) -> None:
+        self.updater.submit("message", RollbackOrder(job=f"local-{self.name[:40]}-{int(time.time())}",
+                                                     reason="rollback requested on the device"))
+
     def listed(self) -> bool:
         """Shown by the local API: it serves, or should (a first install in progress is not listed yet)."""
         return self.serving.current is not None or self.had_active
@@ -201,16 +209,8 @@ class ModelSet:
         return [lane.state() for lane in self.lanes() if lane.present()][:MAX_MODELS]
 
     def endpoints(self) -> dict[str, Endpoint]:
-        return {lane.name: Endpoint(lane.serving, lane.telemetry, rollback=self._local_rollback(lane),
-                                    status=lane.updater.status, installed=lane.listed())
-                for lane in self.lanes() if lane.present()}
-
-    @staticmethod
-    def _local_rollback(lane: ModelLane) -> Callable[[], None]:
-        def order() -> None:
-            lane.updater.submit("message", RollbackOrder(job=f"local-{lane.name[:40]}-{int(time.time())}",
-                                                         reason="rollback requested on the device"))
-        return order
+        """Asked on every request: each lane's endpoint is made once, with the lane."""
+        return {lane.name: lane.endpoint for lane in self.lanes() if lane.present()}
 
     # ------------------------------------------------------------------ routing (the link's thread)
 

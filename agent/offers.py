@@ -39,7 +39,7 @@ from fleet_protocol.errors import (
     ThresholdError,
     UntrustedKeyError,
 )
-from fleet_protocol.messages import UpdateOffer
+from fleet_protocol.messages import NAME, UpdateOffer
 from fleet_protocol.metadata import UpdateVerifier, VerifiedUpdate
 from fleet_protocol.vocabulary import Reason
 from fleet_runtime.runtimes import RuntimeLoadError
@@ -58,8 +58,8 @@ REASONS: list[tuple[type[Exception], Reason]] = [
 
 # What an offer's checks raise for bad data (anything else is a bug, logged by the driver).
 REFUSALS = (ProtocolError, probing.ProbeDataError, StepFailed)
-# A model's name is a directory name on the device: the registry's pattern, checked again here.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A model's name is a directory name on the device: the protocol's pattern (the registry's), checked again here.
+MODEL_NAME = re.compile(NAME)
 VERIFIED_CACHE = 8  # jobs whose metadata stays verified in memory (one per model updating at once)
 
 

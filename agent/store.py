@@ -97,7 +97,11 @@ class Store:
     # ------------------------------------------------------------------ journal (one per model)
 
     def load_journal(self, model: str) -> tuple[Snapshot, dict]:
-        raw = self.get(journal_key(model))
+        return self.read_journal(journal_key(model))
+
+    def read_journal(self, key: str) -> tuple[Snapshot, dict]:
+        """The journal under ``key`` (``LEGACY_JOURNAL``: a single-model agent's, not migrated yet)."""
+        raw = self.get(key)
         if raw is None:
             return Snapshot(), {}
         data = json.loads(raw)

@@ -31,7 +31,8 @@ from fleet_protocol.vocabulary import Reason, UpdateResult, UpdateState
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
-ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # ids, jobs and model names: also a directory name on a device
+ID = Annotated[str, Field(pattern=NAME)]
 Sha = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 INT32_MAX = 2**31 - 1  # PostgreSQL's ``integer`` (telemetry counts are stored in such columns)
 INT64_MAX = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's ``bigint``

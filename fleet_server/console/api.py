@@ -23,6 +23,7 @@ from sqlmodel import Session, select
 from fleet_server import drift
 from fleet_server.artifacts import ArtifactError
 from fleet_server.auth import SessionDep, Viewer
+from fleet_server.labels import model_of
 from fleet_server.limits import MAX_OFFSET
 from fleet_server.models import (
     ConversionJob,
@@ -222,8 +223,8 @@ def device_drift(device_id: str, session: SessionDep, _: Viewer,
                            .order_by(TelemetryWindow.window_end.desc()).limit(5000)).all()  # type: ignore[union-attr]
     newest: dict[str, str] = {}  # model name → the newest label it reported (windows come newest first)
     for w in windows:
-        if w.model_version and " " in w.model_version:
-            newest.setdefault(w.model_version.rsplit(" ", 1)[0], w.model_version)
+        if (name := model_of(w.model_version)) is not None and " " in w.model_version:
+            newest.setdefault(name, w.model_version)
     models = [_drift_of(session, label, windows) for _, label in sorted(newest.items())]
     first = models[0] if models else {"model_version": None, "windows": 0, "inputs": {}}
     return {**first, "windows": len(windows), "models": models}

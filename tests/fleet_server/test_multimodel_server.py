@@ -37,21 +37,13 @@ from fleet_server.models import (
 from fleet_server.rollouts.delivery import Delivery
 from fleet_server.rollouts.engine import RolloutEngine, new_job_id
 from fleet_server.rollouts.gates import Side, window_side
+from tests.fleet_server.live_fleet import LiveFleet
 
 A1, A2, B1, B2 = (hashlib.sha256(x.encode()).hexdigest() for x in ("a1", "a2", "b1", "b2"))
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def add_devices(engine, *ids: str, **fields) -> None:
@@ -85,7 +77,7 @@ def ingest_states(engine, reports: list[tuple[str, bytes]]) -> Ingest:
     try:
         for n, (device_id, payload) in enumerate(reports, 1):
             ingest.submit(topics.topic(device_id, "state"), payload)
-            wait_for(lambda n=n: ingest.counts["state"] + ingest.counts["invalid"] >= n, 10, "the report written")
+            LiveFleet.wait(lambda n=n: ingest.counts["state"] + ingest.counts["invalid"] >= n, 10, "the report written")
     finally:
         ingest.stop()
     return ingest
