@@ -133,6 +133,8 @@ def run(names: list[str], targets: list[str], search_seconds: float, checkpoint:
                              size_ratio=(r.get("size") or {}).get("ratio"),
                              latency_ratio=(r.get("latency") or {}).get("ratio"), peak_rss_mb=r.get("peak_rss_mb"),
                              float_nodes=len((r.get("mixed_precision") or {}).get("float_nodes", [])),
+                             sixteen_bit_nodes=len((r.get("mixed_precision") or {}).get("sixteen_bit_nodes", [])),
+                             smoothing=(r.get("quantization") or {}).get("smoothing"),
                              choice=(r.get("search") or {}).get("choice"))
                 if r.get("tflite"):
                     entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0, r["tflite"]["conversion_peak_rss_mb"])

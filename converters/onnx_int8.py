@@ -221,16 +221,19 @@ class Choice:
     ops: str = "weighted"  # "weighted" (Conv, MatMul, Gemm) or "all" (every op ONNX Runtime can quantize)
     method: ProfileCalibration = ProfileCalibration.MINMAX
     percentile: float = 99.999
+    smooth: float = 0.0  # SmoothQuant's α on the model first (``converters.smoothing``); 0: the model as prepared
 
     def label(self) -> str:
         ops = "weight-bearing ops (Conv, MatMul, Gemm, Gather of a table)" if self.ops == "weighted" else \
             "every quantizable op"
         calib = f"percentile {self.percentile:g}" if self.method is ProfileCalibration.PERCENTILE else \
             self.method.value
-        return f"{ops}, {calib} calibration"
+        smooth = f", SmoothQuant α={self.smooth:g}" if self.smooth else ""
+        return f"{ops}, {calib} calibration{smooth}"
 
     def key(self) -> str:
-        return f"{self.ops}-{self.method.value}-{self.percentile:g}"
+        smooth = f"-smooth{self.smooth:g}" if self.smooth else ""
+        return f"{self.ops}-{self.method.value}-{self.percentile:g}{smooth}"
 
 
 def profile_choice(scheme: QuantizationScheme) -> Choice:
@@ -247,7 +250,8 @@ def calibration_cache(folder: Path, scheme: QuantizationScheme, choice: Choice) 
     symmetric = "sym" if scheme.activation_symmetric else "asym"
     method = f"percentile-{choice.percentile:g}" if choice.method is ProfileCalibration.PERCENTILE else \
         choice.method.value
-    return folder / f"calibration-{choice.ops}-{method}-{symmetric}.json"
+    smooth = f"-smooth{choice.smooth:g}" if choice.smooth else ""  # another model: other tensors, other ranges
+    return folder / f"calibration-{choice.ops}-{method}-{symmetric}{smooth}.json"
 
 
 def calibrate(prepared: Prepared, samples: list[Sample], scheme: QuantizationScheme, choice: Choice,
@@ -290,7 +294,7 @@ def _calibrate(prepared: Prepared, samples: list[Sample], scheme: QuantizationSc
         save_tensors_data(calibrator.compute_data(), cache)
         if choice.method is ProfileCalibration.PERCENTILE:
             for p in SHARED_PERCENTILES:
-                sibling = calibration_cache(cache.parent, scheme, Choice(choice.ops, choice.method, p))
+                sibling = calibration_cache(cache.parent, scheme, Choice(choice.ops, choice.method, p, choice.smooth))
                 if p != choice.percentile and not sibling.is_file():
                     calibrator.collector.percentile = p
                     save_tensors_data(calibrator.compute_data(), sibling)

@@ -47,6 +47,7 @@ class QuantizationInfo(BaseModel):
     calibration_method: str
     percentile: float | None = None
     op_types: str = "all"  # which ops were quantized: the weight-bearing ones, or every quantizable op
+    smoothing: str | None = None  # SmoothQuant applied before quantizing, and where
     quantized_weight_tensors: int
     float_weight_tensors: int
     quantized_weight_fraction: float

@@ -122,6 +122,52 @@ def transformer_block(path: Path, *, tokens: int = 16, d: int = 64, seed: int = 
                   output_names=["logits"])
 
 
+def outlier_encoder(path: Path, *, width: int = 64, tokens: int = 16, outlier: float = 20.0, seed: int = 0) -> Path:
+    """Two post-norm blocks (LayerNorm → MatMul → Add → Relu → MatMul → + the LayerNorm's output) and a head, whose
+    LayerNorm scales carry two channels ``outlier``× the others, as trained transformers' do (all-MiniLM-L6-v2:
+    18-20× after every attention block). The weights reading those channels are small, so the output depends on
+    the ordinary channels that one INT8 scale per tensor rounds away."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+
+    def weight(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    x = "x"
+    for b in range(2):
+        gamma = np.ones(width)
+        gamma[[3, 17]] = outlier
+        w1 = rng.normal(0, 1 / np.sqrt(width), (width, 2 * width))
+        w1[[3, 17]] *= 0.05
+        nodes += [
+            helper.make_node("LayerNormalization", [x, weight(f"gamma{b}", gamma),
+                                                    weight(f"beta{b}", rng.normal(0, 0.1, width))], [f"ln{b}"],
+                             name=f"ln{b}", axis=-1),
+            helper.make_node("MatMul", [f"ln{b}", weight(f"w1_{b}", w1)], [f"h{b}"], name=f"fc1_{b}"),
+            helper.make_node("Add", [f"h{b}", weight(f"b1_{b}", rng.normal(0, 0.05, 2 * width))], [f"hb{b}"],
+                             name=f"bias1_{b}"),
+            helper.make_node("Relu", [f"hb{b}"], [f"r{b}"], name=f"relu{b}"),
+            helper.make_node("MatMul", [f"r{b}", weight(f"w2_{b}", rng.normal(0, 1 / np.sqrt(2 * width),
+                                                                                 (2 * width, width)))],
+                             [f"o{b}"], name=f"fc2_{b}"),
+            helper.make_node("Add", [f"o{b}", f"ln{b}"], [f"res{b}"], name=f"residual{b}"),
+        ]
+        x = f"res{b}"
+    head = rng.normal(0, 1 / np.sqrt(width), (width, 32))
+    head[[3, 17]] *= 0.01
+    nodes.append(helper.make_node("MatMul", [x, weight("head", head)], ["y"], name="head"))
+    graph = helper.make_graph(nodes, "outlier_encoder",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 # ---------------------------------------------------------------- recurrent
 
 
