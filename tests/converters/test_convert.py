@@ -325,7 +325,9 @@ def test_slowest_int8_kernels_measured_and_kept_in_float_until_int8_is_faster(tm
     r = reports[0]
     assert r.status is Status.SHIPPABLE, r.reasons
     mp = r.mixed_precision
-    assert "slowest INT8 kernel" in mp.why and any("latency ratio" in f for f in mp.full_int8_failed)
+    assert any("latency ratio" in f for f in mp.full_int8_failed)
+    # the grouped convolutions first (no fast INT8 path on x86), or the slowest kernels measured
+    assert "grouped convolution" in mp.why or "slowest INT8 kernel" in mp.why, mp.why
     assert "/features/features.6/Conv" in mp.float_nodes  # the widest grouped conv: by far the slowest kernel
     assert r.latency.ratio <= 3.0 and mp.latency_cost_ms < 0  # faster than the all-INT8 attempt
     assert r.quantization.quantized_weight_tensors >= 1  # never every kernel: that would be a float model

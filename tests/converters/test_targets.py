@@ -32,6 +32,22 @@ def test_latency_plans_float_the_fewest_slowest_kernels(case):
         assert why.startswith(f"{len(nodes)} slowest INT8 kernel(s), ") and "measured per node" in why
 
 
+def test_latency_plans_start_with_grouped_convolutions_and_keep_to_the_float_budget():
+    times = {"a": 5.0, "b": 3.0, "c": 1.0, "d": 1.0}
+    weights = {"a": 0.6, "b": 0.1, "c": 0.05, "d": 0.05}  # "a" alone is over a 0.25 budget
+
+    def share(nodes):
+        return sum(weights[n] for n in nodes)
+
+    plans = latency_plans(times, KNOWN, 6, grouped=frozenset({"c", "d"}), weight_share=share, budget=0.25)
+    assert [set(nodes) for _, nodes in plans] == [{"c", "d"}, {"b", "c", "d"}]  # "a" never, one kernel stays INT8
+    assert plans[0][0].startswith("2 grouped convolution(s) kept in float")
+    assert "1 slower one(s) over the float budget passed over" in plans[1][0]
+    assert all(share(nodes) <= 0.25 for _, nodes in plans)
+    # grouped convolutions that are every integer kernel: floating them would ship a float model
+    assert latency_plans({"c": 1.0, "d": 1.0}, KNOWN, 6, grouped=frozenset({"c", "d"}))[0][0].startswith("1 slowest")
+
+
 def test_latency_plan_says_how_much_time_it_covers():
     [(why, _)] = latency_plans({"a": 3.0, "b": 1.0}, {"a", "b"}, 6)
     assert "75% of integer-kernel time" in why
