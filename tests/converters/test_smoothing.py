@@ -122,4 +122,4 @@ def test_smoothquant_ships_a_transformer_that_plain_int8_breaks_for_tensorrt(tmp
     cosines = cosine_per_sample(fp32, ours.reshape(len(ev.samples), -1))
     assert cosines.mean() > 0.999 and cosines.min() > 0.995
     smoothing_scored = [t for t in r.search.tried if "SmoothQuant" in t.what and t.split == "calibration"]
-    assert len(smoothing_scored) == len(smoothing.ALPHAS)  # each α scored on the calibration split first
+    assert len(smoothing_scored) >= len(smoothing.ALPHAS)  # each α scored on the calibration split first
