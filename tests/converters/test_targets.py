@@ -69,3 +69,38 @@ def test_the_result_artifact_is_the_attempt_it_settled_on(tmp_path: Path):
     attempt = Attempt(Quantized(tmp_path / "attempt3.onnx", True, ["n1"]), WeightStats(1, 10, 0, 0, 0, 0), 10, [])
     result = TargetResult(attempt, checks=[])
     assert result.artifact == tmp_path / "attempt3.onnx" and result.notes == [] and result.quantization is None
+
+
+def test_a_search_result_that_fails_on_evaluation_is_searched_again_with_the_calibration_gap_as_margin(monkeypatch):
+    """The block search's result held on the calibration split (task score 1.010) and missed on the evaluation set
+    (1.004): the next pass must beat it there by that gap (1.016); its result ships."""
+    from types import SimpleNamespace
+
+    from converters.gate import Check
+    from converters.targets import onnx as onnx_target
+
+    def candidate(search: float, evaluation: float):
+        attempt = SimpleNamespace(outputs=[evaluation], quantized=SimpleNamespace(excluded=[]))
+        return SimpleNamespace(search=[search], attempt=attempt)
+
+    results = [candidate(1.010, 1.004), candidate(1.020, 1.012)]
+    targets = []
+
+    class Pass(onnx_target.OnnxInt8Pass):
+        def _block_search(self, profile, scheme, base, tried, deadline, *, wide, target=None):
+            targets.append(target)
+            return results[len(targets) - 1], "why"
+
+        def _judge(self, profile, attempt, *, with_latency):
+            ok = attempt.outputs[0] >= 1.01
+            return [Check(name="cosine", value=attempt.outputs[0], bound=1.01, passed=ok, fixable=True)]
+
+    monkeypatch.setattr(onnx_target, "task_score", lambda outputs: outputs[0])
+    monkeypatch.setattr(onnx_target.onnx_int8, "sixteen_bit_supported", lambda *a: False)
+    target = SimpleNamespace(quantization=None, runtime="onnxruntime-gpu", runtime_versions=">=1.17",
+                             execution_providers=[])
+    tried = []
+    found = Pass(SimpleNamespace())._fidelity_search(None, target, None, tried, onnx_target.SearchClock(60))
+    assert targets == [None, pytest.approx(1.016)]
+    assert found[0] is results[1] and not [c for c in found[2] if not c.passed]
+    assert [t.passed for t in tried] == [False, True]
