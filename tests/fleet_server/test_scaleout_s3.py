@@ -62,13 +62,15 @@ def leftovers(store: S3ArtifactStore) -> tuple[list, list]:
 
 
 def test_scaleout_s3_uploads_stream_through_a_hash_in_parts_and_reads_are_ranged(store):
-    data = os.urandom(2 * store.PART + 12345)  # three parts
+    data = os.urandom(5 * store.PART + 12345)  # six parts
     tracemalloc.start()
     sha, size = asyncio.run(store.put_stream(chunks(data), max_bytes=1 << 30))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert (sha, size) == (hashlib.sha256(data).hexdigest(), len(data))
-    assert peak < 3 * store.PART  # one part buffered (and its copy on the way out), never the whole file
+    # One part buffered, its copy on the way out and the client's own: about 3 parts (a loaded host measured 3.02),
+    # bounded by 4, well below the 5.0-part file a buffering upload would hold.
+    assert peak < 4 * store.PART < len(data)
     assert store.exists(sha) and store.size(sha) == len(data) and store.read_bytes(sha) == data
     assert store.read_range(sha, store.PART - 10, 20) == data[store.PART - 10:store.PART + 10]
     assert store.read_range(sha, len(data) - 5, 100) == data[-5:]  # a range past the end is cut, as on disk
