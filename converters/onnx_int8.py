@@ -301,6 +301,11 @@ def _calibrate(prepared: Prepared, samples: list[Sample], scheme: QuantizationSc
         del calibrator
 
 
+def int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute of a node (``group`` of a Conv, ``transB`` of a Gemm), or its ONNX default."""
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 def activation_gathers(model: onnx.ModelProto) -> list[str]:
     """Gather nodes whose data is an activation, not a weight table: they only move values."""
     weights = {i.name for i in model.graph.initializer}

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from converters.calibration import Sample
+from converters.onnx_int8 import int_attribute
 from converters.source import save_model
 
 # Smoothing is worth a candidate only where some tensor's largest channel is this many times its median channel.
@@ -64,7 +65,7 @@ def groups(model: onnx.ModelProto) -> list[Group]:
             continue
         if len(weights[node.input[1]].dims) != 2:
             continue
-        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transA", 0)):
+        if node.op_type == "MatMul" or (node.op_type == "Gemm" and not int_attribute(node, "transA", 0)):
             found.setdefault(node.input[0], []).append(node.name)
     return [Group(t, tuple(nodes)) for t, nodes in found.items()]
 
@@ -134,9 +135,9 @@ class Smoother:
             return None
         found, maxima, largest = self.measure()
         model = onnx.load(str(self.path))
-        apply(model, found, maxima, alpha)
+        applied = apply(model, found, maxima, alpha)
         save_model(model, out)
-        return Smoothed(out, len(found), largest)
+        return Smoothed(out, applied, largest)
 
 
 def smooth(path: Path, samples: list[Sample], out: Path, *, alpha: float = ALPHA) -> Smoothed | None:
@@ -144,11 +145,13 @@ def smooth(path: Path, samples: list[Sample], out: Path, *, alpha: float = ALPHA
     return Smoother(path, samples).write(out, alpha)
 
 
-def apply(model: onnx.ModelProto, found: list[Group], maxima: dict[str, np.ndarray], alpha: float) -> None:
-    """Insert ``Mul(X, 1/s)`` before each group's nodes and scale their weights' input channels by ``s``."""
+def apply(model: onnx.ModelProto, found: list[Group], maxima: dict[str, np.ndarray], alpha: float) -> int:
+    """Insert ``Mul(X, 1/s)`` before each group's nodes and scale their weights' input channels by ``s``; returns how
+    many groups were smoothed."""
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     nodes = {n.name: n for n in graph.node}
+    position = {n.name: i for i, n in enumerate(graph.node)}  # the Muls go in at the end, so these stay valid
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -180,26 +183,22 @@ def apply(model: onnx.ModelProto, found: list[Group], maxima: dict[str, np.ndarr
             else:
                 weight.CopyFrom(numpy_helper.from_array(_from_input_channels(scaled, node), weight.name))
             node.input[0] = smoothed
-        first = min(i for i, n in enumerate(graph.node) if n.name in set(group.nodes))
-        inserts.append((first, mul))
-    for position, mul in sorted(inserts, key=lambda p: p[0], reverse=True):
-        graph.node.insert(position, mul)
+        inserts.append((min(position[n] for n in group.nodes), mul))
+    for index, mul in sorted(inserts, key=lambda p: p[0], reverse=True):
+        graph.node.insert(index, mul)
+    return len(inserts)
 
 
 def _input_channels(weight: onnx.TensorProto, node: onnx.NodeProto) -> np.ndarray:
     """The weight as [input channels, outputs]."""
     array = numpy_helper.to_array(weight).astype(np.float32)
-    transposed = node.op_type == "Gemm" and _attribute(node, "transB", 0)
+    transposed = node.op_type == "Gemm" and int_attribute(node, "transB", 0)
     return array.T if transposed else array
 
 
 def _from_input_channels(array: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
-    transposed = node.op_type == "Gemm" and _attribute(node, "transB", 0)
+    transposed = node.op_type == "Gemm" and int_attribute(node, "transB", 0)
     return np.ascontiguousarray(array.T if transposed else array)
-
-
-def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -399,7 +399,8 @@ class OnnxInt8Pass:
                                            threads=self.work.options.threads)
         graph = self.work.prepared.graph.graph
         known = {n.name for n in graph.node}
-        grouped = frozenset(n.name for n in graph.node if n.op_type == "Conv" and _group(n) > 1)
+        grouped = frozenset(n.name for n in graph.node
+                            if n.op_type == "Conv" and onnx_int8.int_attribute(n, "group", 1) > 1)
         choice = base.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
         budget = profile.fidelity.max_float_weight_fraction
         for why, nodes in latency_plans(times, known, self.work.options.max_rounds, grouped=grouped,
@@ -533,10 +534,6 @@ def latency_plans(times: dict[str, float], known: set[str], max_rounds: int, *,
             plans.append((f"{len(nodes)} slowest INT8 kernel(s), {covered / total:.0%} of integer-kernel time, kept "
                           f"in float (measured per node{within})", nodes))
     return plans[:max_rounds]
-
-
-def _group(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def quantization_info(scheme: QuantizationScheme, attempt: Attempt) -> QuantizationInfo:
