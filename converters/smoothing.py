@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from converters.calibration import Sample
+from converters.errors import QuantizationError
 from converters.onnx_int8 import int_attribute
 from converters.source import save_model
 
@@ -120,7 +121,11 @@ class Smoother:
     def measure(self) -> tuple[list[Group], dict[str, np.ndarray], float]:
         if self._measured is None:
             found = groups(onnx.load(str(self.path), load_external_data=False))
-            maxima = channel_maxima(self.path, [g.tensor for g in found], self._samples) if found else {}
+            try:
+                maxima = channel_maxima(self.path, [g.tensor for g in found], self._samples) if found else {}
+            except Exception as e:  # ONNX Runtime raises anything from InvalidArgument to RuntimeException
+                raise QuantizationError(f"SmoothQuant could not measure channel ranges: "
+                                        f"{str(e).splitlines()[0][:200]}") from e
             largest = max((outlier_ratio(m) for m in maxima.values()), default=0.0)
             self._measured = (found, maxima, largest)
         return self._measured

@@ -216,7 +216,14 @@ class OnnxInt8Pass:
         best, if it beats the unsmoothed choice there, is the next choice to judge. None when nothing has outlier
         channels or nothing beat it."""
         base = best.attempt.quantized.choice or onnx_int8.profile_choice(scheme)
-        if base.ops != "weighted" or self.smoothed(smoothing.ALPHA) is None:
+        if base.ops != "weighted":
+            return None
+        try:
+            if self.smoothed(smoothing.ALPHA) is None:
+                return None
+        except QuantizationError as e:  # the search goes on without it
+            tried.append(Tried(what="SmoothQuant", float_nodes=0, split="calibration", score=0.0, passed=False,
+                               failed=[str(e)]))
             return None
         winner, top = None, task_score(best.search)
         for alpha in smoothing.ALPHAS:

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from converters import onnx_int8, smoothing
 from converters.calibration import DataSet
+from converters.errors import QuantizationError
 from converters.fidelity import cosine_per_sample
 from converters.report import Status
 from firmware_profiles import load_profile
@@ -95,6 +96,13 @@ def test_smoothquant_scales_a_transposed_gemm_weight_and_copies_a_shared_one(tmp
     after = ort.InferenceSession(model.SerializeToString()).run(None, x)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_that_cannot_run_the_model_says_why(tmp_path):
+    model = zoo.outlier_encoder(tmp_path / "enc.onnx")
+    with pytest.raises(QuantizationError, match="SmoothQuant could not measure channel ranges"):
+        smoothing.smooth(model, [{"wrong_input": np.zeros((1, 16, 64), np.float32)}], tmp_path / "smoothed.onnx")
+    assert not (tmp_path / "smoothed.onnx").exists()
 
 
 def test_smoothing_scales_balance_activation_and_weight_ranges():
